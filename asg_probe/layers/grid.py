@@ -1,0 +1,55 @@
+"""Patch-grid geometry shared by positional mechanisms, guidance and analyses.
+
+Patches are numbered row-major: token ``i`` of a ``(gh, gw)`` grid sits at
+row ``i // gw`` and column ``i % gw``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def grid_coords(grid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Integer (row, col) of every patch, shape ``(gh*gw, 2)``, row-major.
+
+    Examples
+    --------
+    >>> grid_coords((2, 3)).tolist()
+    [[0.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [1.0, 1.0], [1.0, 2.0]]
+    """
+    gh, gw = int(grid[0]), int(grid[1])
+    rows = torch.arange(gh, device=device, dtype=dtype)
+    cols = torch.arange(gw, device=device, dtype=dtype)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=-1)
+
+
+def axis_offsets(grid, device=None, dtype=torch.float32):
+    """Absolute row and column offsets between every pair of patches, each ``(N, N)``."""
+    coords = grid_coords(grid, device=device, dtype=dtype)
+    d_row = (coords[:, None, 0] - coords[None, :, 0]).abs()
+    d_col = (coords[:, None, 1] - coords[None, :, 1]).abs()
+    return d_row, d_col
+
+
+def manhattan_distances(grid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``|Δrow| + |Δcol|`` between every pair of patches, ``(N, N)`` in patch units."""
+    d_row, d_col = axis_offsets(grid, device=device, dtype=dtype)
+    return d_row + d_col
+
+
+def euclidean_distances(grid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Euclidean distance between patch centres, ``(N, N)`` in patch units."""
+    d_row, d_col = axis_offsets(grid, device=device, dtype=dtype)
+    return torch.sqrt(d_row ** 2 + d_col ** 2)
+
+
+def pad_prefix(bias: torch.Tensor, num_prefix_tokens: int, value: float = 0.0) -> torch.Tensor:
+    """Extend a patch-to-patch bias ``(..., N, N)`` to the full sequence with prefix tokens.
+
+    Prefix tokens (cls, registers) have no position, so every pair involving one
+    gets ``value`` (0: no bias), as in ALiBi-style mechanisms.
+    """
+    if num_prefix_tokens == 0:
+        return bias
+    p = num_prefix_tokens
+    return torch.nn.functional.pad(bias, (p, 0, p, 0), value=value)
