@@ -53,3 +53,30 @@ def pad_prefix(bias: torch.Tensor, num_prefix_tokens: int, value: float = 0.0) -
         return bias
     p = num_prefix_tokens
     return torch.nn.functional.pad(bias, (p, 0, p, 0), value=value)
+
+
+def permute_patches(images: torch.Tensor, patch_size: int, perm: torch.Tensor) -> torch.Tensor:
+    """Rearrange the non-overlapping patches of ``images`` ``(B, C, H, W)``.
+
+    Slot ``s`` of the output holds input patch ``perm[s]`` (row-major numbering), so for
+    a model with no positional injection, output token ``s`` equals the unshuffled
+    output token ``perm[s]``. ``perm`` is ``(N,)`` (same for every image) or ``(B, N)``.
+
+    Examples
+    --------
+    >>> x = torch.arange(16.).reshape(1, 1, 4, 4)
+    >>> permute_patches(x, 2, torch.tensor([3, 2, 1, 0]))[0, 0, :2, :2].tolist()
+    [[10.0, 11.0], [14.0, 15.0]]
+    """
+    B, C, H, W = images.shape
+    p = int(patch_size)
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+    gh, gw = H // p, W // p
+    patches = images.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C, p, p)
+    perm = perm.to(images.device)
+    if perm.dim() == 1:
+        patches = patches[:, perm]
+    else:
+        patches = torch.gather(patches, 1, perm[:, :, None, None, None].expand(-1, -1, C, p, p))
+    return patches.reshape(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
