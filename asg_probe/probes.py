@@ -19,7 +19,7 @@ coordinates of another slot under one fixed random permutation.
 Examples
 --------
 >>> import torch
->>> from asg_probe.probes import CoordinateProbe
+>>> from asg_probe.probes import CoordinateProbe, coordinate_targets
 >>> g = torch.Generator().manual_seed(0)
 >>> coords = coordinate_targets((4, 5))                       # (20, 2)
 >>> X = coords @ torch.randn(2, 8, generator=g) + 0.01 * torch.randn(10, 20, 8, generator=g)
@@ -237,7 +237,9 @@ class RidgeStats:
         self.target_names = None if target_names is None else tuple(target_names)
         self.n_features = None
         self.n_targets = None
-        if n_features is not None and n_targets is not None:
+        if (n_features is None) != (n_targets is None):
+            raise ValueError("pass both n_features and n_targets, or neither (inferred at the first update)")
+        if n_features is not None:
             self._allocate(int(n_features), int(n_targets), self.device or torch.device("cpu"))
 
     def _allocate(self, d: int, t: int, device) -> None:
@@ -665,9 +667,11 @@ class CellAccuracy:
     def all_reduce(self, group=None) -> "CellAccuracy":
         """Sum counts over ``torch.distributed`` ranks (no-op when not distributed)."""
         if _dist_ready():
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            # counts live on the CPU; NCCL only reduces CUDA tensors
+            nccl = torch.distributed.get_backend(group) == "nccl"
+            dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
             tensors = [getattr(self, k) for k in ("correct", "within_one", "total", "cell_correct", "cell_total")]
-            moved = [t.to(dev) if dev is not None else t for t in tensors]
+            moved = [t.to(dev) for t in tensors]
             _all_reduce_sum(moved, group)
             for t, m in zip(tensors, moved):
                 t.copy_(m.cpu())
@@ -793,15 +797,15 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         F, bs = int(self.n_folds), int(self.batch_size)
         device = self.device if self.device is not None else X.device
         # 1-D targets predict 1-D, as in scikit-learn
-        self._y_1d = y is not None and len(np.shape(y)) == 1
-        self.grid_ = None
+        y_1d = y is not None and len(np.shape(y)) == 1
+        fit_grid = None
         if X.ndim == 3:
             n_images, N, _ = X.shape
             ids = torch.arange(n_images) if groups is None else _dense_ids(groups, n_images, "image")
             n_distinct = int(ids.unique().numel())
             if y is None:
-                self.grid_ = _resolve_grid(N, grid)
-                Y = probe_targets(self.grid_, control=bool(self.control), control_seed=self.control_seed)
+                fit_grid = _resolve_grid(N, grid)
+                Y = probe_targets(fit_grid, control=bool(self.control), control_seed=self.control_seed)
                 names = TARGET_NAMES if self.control else TARGET_NAMES[:2]
             else:
                 Y = _prepare_targets(y, n_images, N)
@@ -825,9 +829,9 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
             step = bs * 256  # tokens per chunk, about batch_size small images
             for s in range(0, M, step):
                 stats.update_tokens(X[s:s + step], Y[s:s + step], ids[s:s + step])
-        self.fit_stats(stats)
-        if self.grid_ is not None:
-            acc = CellAccuracy(self.cv_results_, self.grid_)
+        self._fit_stats(stats, fit_grid, y_1d)
+        if fit_grid is not None:
+            acc = CellAccuracy(self.cv_results_, fit_grid)
             for s in range(0, X.shape[0], bs):
                 acc.update(X[s:s + bs], ids[s:s + bs])
             self.cell_accuracy_ = acc.accuracy
@@ -839,12 +843,19 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         if n_distinct < n_folds:
             raise ValueError(f"image-level {n_folds}-fold CV needs at least {n_folds} images, got {n_distinct}")
 
-    def fit_stats(self, stats: RidgeStats):
+    def fit_stats(self, stats: RidgeStats, *, grid=None):
         """Set the learned attributes from streamed statistics (no data pass).
 
         Columns named :data:`TARGET_NAMES` are split into the probe (row, col) and
-        its control; any other layout is treated as plain targets.
+        its control; any other layout is treated as plain targets. ``grid`` is
+        only remembered as the default of :meth:`score`; ``cell_accuracy_`` stays
+        None (it needs a second pass: :class:`CellAccuracy`).
         """
+        return self._fit_stats(stats, None if grid is None else _check_grid(grid), False)
+
+    def _fit_stats(self, stats, grid, y_1d):
+        if int(self.n_folds) != stats.n_folds:
+            raise ValueError(f"the statistics have {stats.n_folds} folds but n_folds={self.n_folds}")
         res = solve_ridge_cv(stats, self.alphas)
         names = res.target_names
         if names == TARGET_NAMES:
@@ -862,8 +873,8 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         self.selectivity_ = self.cv_r2_ - self.control_cv_r2_ if ctrl else None
         self.n_features_in_ = int(stats.n_features)
         self.n_images_ = int(stats.n_images.sum())
-        if not hasattr(self, "grid_"):
-            self.grid_ = None
+        self.grid_ = grid
+        self._y_1d = y_1d
         self.cell_accuracy_ = None
         self.cell_accuracy_map_ = None
         return self
@@ -1041,7 +1052,8 @@ class MLPProbe(RegressorMixin, BaseEstimator):
     >>> g = torch.Generator().manual_seed(0)
     >>> c = coordinate_targets((4, 4))
     >>> X = torch.cat([torch.sin(3 * c), torch.cos(3 * c)], 1) @ torch.randn(4, 8, generator=g)
-    >>> mlp = MLPProbe(steps=200).fit(X.expand(10, 16, 8), grid=(4, 4))
+    >>> X = X + 0.01 * torch.randn(10, 16, 8, generator=g)
+    >>> mlp = MLPProbe(steps=200).fit(X, grid=(4, 4))
     >>> bool(mlp.heldout_r2_.min() > 0.9)
     True
     """

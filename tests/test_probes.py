@@ -305,3 +305,32 @@ def test_mlp_probe_learns_a_non_linear_code_on_held_out_images():
     assert mlp.heldout_r2_.min() > 0.95
     assert mlp.predict(X).shape == (15, N, 2)
     assert mlp.score(X, grid=GRID) > 0.95
+
+
+def test_a_grid_without_rows_gives_an_undefined_row_score():
+    grid = (1, 8)
+    g = torch.Generator().manual_seed(0)
+    X = coordinate_targets(grid) @ torch.randn(2, 6, generator=g) + 0.01 * torch.randn(6, 8, 6, generator=g)
+    probe = CoordinateProbe(n_folds=3, control=False).fit(X, grid=grid)
+    assert np.isnan(probe.cv_r2_[0]) and probe.cv_r2_[1] > 0.99
+    assert np.all(np.isfinite(probe.coef_))
+
+
+def test_all_reduce_runs_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    X = planted(n_images=8)
+    stats = stats_of(X, probe_targets(GRID), torch.arange(8), batch=8)
+    before = [t.clone() for t in stats._tensors()]
+    acc = CellAccuracy(solve_ridge_cv(stats), GRID)
+    acc.update(X, torch.arange(8))
+    correct = acc.correct.clone()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        stats.all_reduce()
+        acc.all_reduce()
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(before, stats._tensors()):
+        torch.testing.assert_close(a, b)  # one rank: the sum is itself
+    torch.testing.assert_close(acc.correct, correct)
