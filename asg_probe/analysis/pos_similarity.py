@@ -1,0 +1,108 @@
+"""Positional-embedding similarity (ViT paper, Fig. 7 left).
+
+Cosine similarity of each position's embedding with every other, drawn as a
+``g × g`` grid of ``g × g`` maps. Applies to models whose position lives in an
+embedding table: learned (``ape``, any timm ViT with ``pos_embed``) or fixed
+sin-cos (``sincos``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..results import AnalysisResult
+
+
+def position_embeddings(model, grid=None) -> tuple[torch.Tensor, tuple]:
+    """The patch position embeddings as ``(gh, gw, D)`` and the grid they live on.
+
+    Learned tables are read at their native grid (no interpolation), unless ``grid``
+    is given, in which case timm's resampling is used (what the model does at that size).
+    """
+    pos = getattr(model, "pos", None)
+    if pos == "sincos":
+        from ..models import sincos_2d
+
+        gh, gw = grid or tuple(model.patch_embed.grid_size)
+        return sincos_2d(gh, gw, model.embed_dim), (gh, gw)
+    table = getattr(model, "pos_embed", None)
+    if table is None or not isinstance(table, torch.Tensor):
+        raise ValueError(f"{type(model).__name__} (pos={pos!r}) has no absolute position embedding; "
+                         "pos-similarity applies to learned (ape) or sin-cos embeddings")
+    table = table.detach()[0]
+    native = tuple(model.patch_embed.grid_size)
+    n_patch = native[0] * native[1]
+    table = table[-n_patch:]  # prefix tokens' entries (if any) come first
+    emb = table.reshape(*native, -1)
+    if grid is not None and tuple(grid) != native:
+        from timm.layers import resample_abs_pos_embed
+
+        emb = resample_abs_pos_embed(table[None], new_size=tuple(grid), old_size=native,
+                                     num_prefix_tokens=0)[0].reshape(*grid, -1)
+        native = tuple(grid)
+    return emb, native
+
+
+class PosSimilarityResult(AnalysisResult):
+    """Cosine similarities ``(N, N)`` between the position embeddings of an ``(gh, gw)`` grid."""
+
+    name = "pos_similarity"
+
+    def __init__(self, similarity, grid, checkpoint=""):
+        self.similarity = similarity
+        self.grid = tuple(grid)
+        self.checkpoint = checkpoint
+
+    def distance_profile(self):
+        """Mean similarity as a function of Euclidean grid distance (rounded to 0.5)."""
+        from ..layers.grid import euclidean_distances
+
+        d = (euclidean_distances(self.grid) * 2).round() / 2
+        out = []
+        for value in torch.unique(d):
+            mask = d == value
+            out.append((float(value), float(self.similarity[mask].mean())))
+        return out
+
+    def to_dict(self):
+        return {"checkpoint": self.checkpoint, "grid": list(self.grid),
+                "similarity": self.similarity.tolist(),
+                "distance_profile": [{"distance": d, "mean_cos": s} for d, s in self.distance_profile()]}
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.distance_profile(), columns=["distance_grid", "mean_cos"])
+
+    def plot(self, ax=None):
+        import matplotlib.pyplot as plt
+
+        gh, gw = self.grid
+        sim = self.similarity.reshape(gh, gw, gh, gw)
+        fig, axes = plt.subplots(gh, gw, figsize=(min(1.0 * gw, 12), min(1.0 * gh, 12)), squeeze=False)
+        for r in range(gh):
+            for c in range(gw):
+                a = axes[r][c]
+                im = a.imshow(sim[r, c].numpy(), vmin=-1, vmax=1, cmap="viridis")
+                a.set_xticks([])
+                a.set_yticks([])
+        fig.suptitle(f"Position embedding similarity ({gh}×{gw}){' — ' + self.checkpoint if self.checkpoint else ''}",
+                     fontsize=9)
+        fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
+        return fig
+
+
+def pos_similarity(model, grid=None, checkpoint: str = "") -> PosSimilarityResult:
+    """Cosine similarity between every pair of position embeddings.
+
+    Examples
+    --------
+    >>> import asg_probe
+    >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="sincos")
+    >>> res = pos_similarity(m)
+    >>> res.grid, float(res.similarity[0, 0])
+    ((8, 8), 1.0)
+    """
+    emb, grid = position_embeddings(model, grid)
+    flat = F.normalize(emb.reshape(-1, emb.shape[-1]).float(), dim=-1)
+    return PosSimilarityResult(flat @ flat.T, grid, checkpoint=checkpoint)
