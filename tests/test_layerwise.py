@@ -1,0 +1,86 @@
+"""Layerwise probes and the shared extraction engine: known answers, hooks, invariances."""
+import pytest
+import torch
+
+import asg_probe
+from asg_probe.analysis.layerwise import layerwise_probes
+from asg_probe.extract import capture_tokens, forward_tokens
+
+
+def _all_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_ape_layer0_decodes_position_and_none_does_not(images):
+    ape = layerwise_probes(asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2), images,
+                           progress=False)
+    none = layerwise_probes(asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2), images,
+                            progress=False)
+    # APE adds a distinct vector per slot: position is linearly decodable from layer 0
+    assert ape.rows[0]["r2"] > 0.99
+    # Without injection, tokens of random-noise images carry no position at any layer
+    assert all(abs(r["r2"]) < 0.05 for r in none.rows)
+    assert [r["layer"] for r in none.rows] == [0, 1, 2]
+    d = ape.to_dict()
+    assert d["grid"] == [8, 8] and d["num_images"] == 20 and d["img_size"] == [32, 32]
+    assert set(d["layers"][0]) >= {"layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha"}
+
+
+def test_result_does_not_depend_on_batch_size(images):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="rope-axial", depth=2)
+    a = layerwise_probes(model, images, batch_size=20, progress=False)
+    b = layerwise_probes(model, images, batch_size=3, progress=False)
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra["r2"] == pytest.approx(rb["r2"], abs=1e-6)
+
+
+def test_cell_accuracy_and_layer_selection(images):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=3)
+    res = layerwise_probes(model, images, layers=[0, -1], cell_accuracy=True, progress=False)
+    assert [r["layer"] for r in res.rows] == [0, 3]
+    assert res.rows[0]["cell_accuracy"] > 0.9  # 64 cells, chance 1/64
+    with pytest.raises(ValueError, match="layers 0..3"):
+        layerwise_probes(model, images, layers=[7], progress=False)
+
+
+def test_too_few_images_is_a_clear_error():
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    with pytest.raises(ValueError, match="at least 5"):
+        layerwise_probes(model, torch.randn(3, 3, 32, 32), progress=False)
+
+
+def test_no_hook_stays_attached(images):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2)
+    before = _all_hooks(model)
+    layerwise_probes(model, images[:6], progress=False)
+    forward_tokens(model, images[:2], layers=[1])
+    assert _all_hooks(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_tokens(model, None):
+            raise RuntimeError("boom")
+    assert _all_hooks(model) == before
+    with pytest.raises(ValueError):
+        forward_tokens(model, images[:1], layers=[99])
+    assert _all_hooks(model) == before
+
+
+def test_stop_early_gives_the_same_tokens(images):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="sdt-decay", depth=3).eval()
+    early = forward_tokens(model, images[:2], layers=[1], stop_early=True)
+    full = forward_tokens(model, images[:2], layers=[1], stop_early=False)
+    torch.testing.assert_close(early[1], full[1], rtol=0, atol=0)
+
+
+def test_result_objects_render(images, tmp_path):
+    res = layerwise_probes(asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1), images[:10],
+                           progress=False, checkpoint="tiny-ape")
+    html = res._repr_html_()
+    assert "<table" in html and "data:image/png;base64" in html
+    paths = res.save(tmp_path)
+    assert [p.suffix for p in paths] == [".json", ".csv", ".png"] and all(p.stat().st_size > 0 for p in paths)
+    assert "last layer" in res.summary_line()
