@@ -1,0 +1,98 @@
+"""``asg-train`` / ``python -m train``: resolve the config, then train one run per seed.
+
+    asg-train --config train/configs/cpu_scenes_none.yaml out=runs/none max_steps=300 device=cpu seed=0
+    asg-train --config ... seeds=[0,1,2]           # one run dir per seed + summary.{csv,md,json}
+    asg-train --resume runs/none                   # continue from runs/none/train_state.pt
+    asg-train --config ... out=runs/none --resume  # the same, from the original command
+
+Configuration errors are one line on stderr and exit code 2, before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="asg-train", description="Train ViTs with a positional mechanism under the matched ASG protocol.",
+        epilog="Overrides: key=value, nested keys with dots (optim.lr=1e-4), lists as seeds=[0,1,2].")
+    p.add_argument("--config", help="recipe YAML (see train/configs/)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue a run: from RUN_DIR's saved config, or from out= of --config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def resolve_from_args(args) -> dict:
+    if isinstance(args.resume, str):
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise config_mod.ConfigError(f"--resume {run_dir}: no config.yaml there (is it a run directory?)")
+        base = config_mod.load_yaml(saved)
+        return config_mod.resolve(recipe=args.config, base=base, overrides=list(args.overrides) + [f"out={run_dir}"])
+    if args.config is None:
+        raise config_mod.ConfigError("pass --config train/configs/<recipe>.yaml (or --resume RUN_DIR)")
+    return config_mod.resolve(recipe=args.config, overrides=args.overrides)
+
+
+def seed_runs(cfg: dict) -> list[dict]:
+    """One config per seed: ``seeds=[0,1,2]`` → ``<out>/seed0``, ``<out>/seed1``, ..."""
+    if not cfg["seeds"]:
+        return [cfg]
+    runs = []
+    for seed in cfg["seeds"]:
+        one = config_mod.merge(cfg, {"seed": seed, "seeds": None, "out": str(Path(cfg["out"]) / f"seed{seed}")})
+        runs.append(one)
+    return runs
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    try:
+        cfg = resolve_from_args(args)
+    except config_mod.ConfigError as exc:
+        print(f"asg-train: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_mod.dump(cfg), end="")
+        return 0
+
+    from .trainer import EXIT_NONFINITE, NonFiniteLoss, run  # heavy imports only once the config is good
+    from .summary import write_seed_summary
+
+    command = "asg-train " + " ".join(shlex.quote(a) for a in argv)
+    summaries = []
+    try:
+        for one in seed_runs(cfg):
+            summaries.append(run(one, resume=args.resume is not None, command=command))
+    except config_mod.ConfigError as exc:
+        print(f"asg-train: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:
+        print(f"asg-train: stopped: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except KeyboardInterrupt:
+        print("asg-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        from .dist import cleanup
+
+        cleanup()
+    if cfg["seeds"] and summaries:
+        if int(os.environ.get("RANK", "0")) == 0:
+            table = write_seed_summary(cfg["out"], summaries)
+            print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

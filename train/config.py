@@ -1,0 +1,228 @@
+"""Configuration: packaged defaults ← recipe YAML (with ``base:`` inheritance) ← ``key=value``.
+
+Every key that a recipe or the command line sets must already exist in
+``configs/default.yaml``; a typo is a one-line :class:`ConfigError` naming the key and
+its close matches, raised before any data is touched or any model is built.
+``model.kwargs`` is the one free-form mapping (it is forwarded to ``create_model``).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULTS = CONFIG_DIR / "default.yaml"
+# Mappings whose sub-keys are not checked against the defaults.
+FREE_FORM = {"model.kwargs"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line that says what to change."""
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path) -> dict:
+    """A recipe with its ``base:`` chain resolved (paths relative to the file that names them)."""
+    path = Path(path)
+    data = load_yaml(path)
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = (path.parent / base).resolve()
+        if base_path == path.resolve():
+            raise ConfigError(f"{path}: a recipe cannot be its own base")
+        merged = merge(merged, load_recipe(base_path))
+    return merge(merged, data)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; ``update`` wins, neither input is modified."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; free-form mappings stay whole."""
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in FREE_FORM and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _unknown_key_error(name: str, known, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    # "max_step" should also find "max_steps" when the prefix is right but the tail differs.
+    tail = name.rsplit(".", 1)[-1]
+    close += [k for k in known if k.rsplit(".", 1)[-1] == tail and k not in close][:3 - len(close)]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {name!r} in {where}{hint}")
+
+
+def check_keys(cfg: dict, defaults: dict, where: str):
+    """Raise on the first key of ``cfg`` that ``defaults`` does not know."""
+    known = flatten(defaults)
+    known_sections = {k.rsplit(".", 1)[0] for k in known if "." in k} | FREE_FORM
+    for name in flatten(cfg):
+        if name in known or any(name.startswith(f + ".") for f in FREE_FORM):
+            continue
+        if name in known_sections:  # an empty mapping for a section, e.g. `guidance: {}`
+            continue
+        raise _unknown_key_error(name, list(known), where)
+
+
+def parse_value(text: str, default):
+    """Parse a command-line value, typed after the default it replaces.
+
+    YAML syntax (``[0,1,2]``, ``null``, ``true``) plus plain floats such as ``1e-4``
+    (which YAML 1.1 would read as a string). A string default keeps the text as is,
+    so ``guidance.target=true`` stays the string ``"true"``.
+    """
+    if isinstance(default, str) and not text.startswith(("[", "{")):
+        return text
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {text!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        if value != int(value):
+            raise ConfigError(f"expected an integer, got {text!r}")
+        return int(value)
+    return value
+
+
+def _set_dotted(cfg: dict, name: str, value):
+    node = cfg
+    parts = name.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _get_dotted(cfg: dict, name: str, default=None):
+    node = cfg
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def apply_overrides(cfg: dict, overrides, defaults: dict) -> dict:
+    """Apply ``["a.b=1", "seeds=[0,1]"]`` to ``cfg`` (a copy is returned)."""
+    cfg = copy.deepcopy(cfg)
+    known = flatten(defaults)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        name, text = item.split("=", 1)
+        name = name.strip()
+        free = any(name.startswith(f + ".") for f in FREE_FORM)
+        if name not in known and not free:
+            raise _unknown_key_error(name, list(known), "the command line")
+        try:
+            value = parse_value(text, known.get(name))
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+        _set_dotted(cfg, name, value)
+    return cfg
+
+
+def validate(cfg: dict):
+    """Checks that need more than a key name; all before any work starts."""
+    if cfg["guidance"]["target"] not in ("true", "random"):
+        raise ConfigError(f"guidance.target must be 'true' or 'random', got {cfg['guidance']['target']!r}")
+    if cfg["data"]["kind"] not in ("imagefolder", "scenes", "synthetic"):
+        raise ConfigError(f"data.kind must be imagefolder, scenes or synthetic, got {cfg['data']['kind']!r}")
+    if cfg["device"] not in ("auto", "cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {cfg['device']!r}")
+    if cfg["precision"] not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {cfg['precision']!r}")
+    for key in ("batch_size", "grad_accum", "log_every", "ckpt_every", "epochs"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg["max_steps"] is not None and (not isinstance(cfg["max_steps"], int) or cfg["max_steps"] < 1):
+        raise ConfigError(f"max_steps must be a positive integer or null, got {cfg['max_steps']!r}")
+    seeds = cfg["seeds"]
+    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds):
+        raise ConfigError(f"seeds must be a non-empty list of integers like [0,1,2], got {seeds!r}")
+    sizes = cfg["data"]["multires_sizes"]
+    if sizes is not None and (not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes)):
+        raise ConfigError(f"data.multires_sizes must be a list of positive integers, got {sizes!r}")
+    if cfg["data"]["kind"] == "imagefolder" and not cfg["data"]["root"]:
+        raise ConfigError("data.root is not set; pass data.root=/path/to/images")
+
+
+def resolve(recipe=None, overrides=(), base: dict | None = None) -> dict:
+    """Defaults ← recipe (or ``base``, a saved resolved config) ← overrides; validated.
+
+    Parameters
+    ----------
+    recipe : path or None
+        A recipe YAML file.
+    overrides : list of str
+        ``key=value`` items.
+    base : dict or None
+        A previously resolved config (``--resume``) used instead of the recipe.
+
+    Examples
+    --------
+    >>> cfg = resolve(overrides=["data.kind=synthetic", "optim.lr=1e-3", "seeds=[0,1]"])
+    >>> cfg["optim"]["lr"], cfg["seeds"]
+    (0.001, [0, 1])
+    """
+    defaults = load_yaml(DEFAULTS)
+    cfg = defaults
+    if recipe is not None:
+        layer = load_recipe(recipe)
+        check_keys(layer, defaults, str(recipe))
+        cfg = merge(cfg, layer)
+    if base is not None:
+        check_keys(base, defaults, "the saved run config")
+        cfg = merge(cfg, base)
+    cfg = apply_overrides(cfg, list(overrides), defaults)
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
