@@ -147,13 +147,13 @@ def run_analyses(model, batches, accumulators, layers=None, device="cpu", progre
     layers : list of int, optional
         Layers whose tokens are needed (default: all).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     patch, prefix, depth = model_geometry(model)
     layers = resolve_layers(layers, depth)
     want_attn = [a for a in accumulators if getattr(a, "needs_attention", False)]
     model.eval().to(device)
-    bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
     shuffled = [a for a in accumulators if getattr(a, "view", "original") == "shuffled"]
     for images, index in bar:
         images = images.to(device, non_blocking=True)

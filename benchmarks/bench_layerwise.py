@@ -1,0 +1,114 @@
+"""Layerwise probes: streamed statistics versus the hand-written way, side by side.
+
+The hand-written way collects every layer's patch tokens, then fits scikit-learn
+``RidgeCV`` with ``GroupKFold`` (split by image). asg_probe streams per-fold
+sufficient statistics during the forward pass. Each measurement runs in a fresh
+process so that peak RSS is its own. Images are random tensors generated batch by
+batch (same for every mode), so image storage does not blur the memory figures.
+
+Usage::
+
+    python benchmarks/bench_layerwise.py                       # ViT-S/16 @224, N = 128 256 512 1024
+    python benchmarks/bench_layerwise.py --num-images 128 --naive-max 128
+    python benchmarks/bench_layerwise.py --model vit_tiny_patch4_32 --img-size 32 --num-images 256 1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def batches(n, batch_size, img_size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        yield torch.randn(b, 3, img_size, img_size, generator=gen), torch.arange(start, start + b)
+
+
+def run_mode(mode, model_name, n, batch_size, img_size):
+    import asg_probe
+    from asg_probe.analysis.layerwise import LayerwiseAccumulator
+    from asg_probe.extract import forward_tokens, run_analyses
+
+    model = asg_probe.create_model(model_name, pos="ape", num_classes=0, img_size=img_size).eval()
+    t0 = time.perf_counter()
+    if mode == "forward":
+        for x, _ in batches(n, batch_size, img_size):
+            forward_tokens(model, x)  # every layer's tokens, discarded: the bare cost of looking
+        r2 = None
+    elif mode == "layerwise":
+        acc = LayerwiseAccumulator(n_folds=5)
+        res = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False)[0]
+        r2 = [round(r["r2"], 4) for r in res.rows]
+    else:  # the hand-written way
+        import numpy as np
+        from sklearn.linear_model import Ridge
+        from sklearn.model_selection import GridSearchCV, GroupKFold
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        from asg_probe.probes import DEFAULT_ALPHAS, coordinate_targets
+
+        tokens, groups = {}, []
+        for x, idx in batches(n, batch_size, img_size):
+            for layer, t in forward_tokens(model, x).items():
+                tokens.setdefault(layer, []).append(t.reshape(-1, t.shape[-1]).numpy())
+            groups.append(np.repeat(idx.numpy(), t.shape[1]))
+        groups = np.concatenate(groups)
+        grid = img_size // model.patch_embed.patch_size[0]
+        y = np.tile(coordinate_targets((grid, grid)).numpy(), (n, 1))
+        r2 = []
+        for layer in sorted(tokens):
+            X = np.concatenate(tokens.pop(layer))
+            # alpha chosen by 5-fold CV split by image, scored by held-out R² (no refit: generous)
+            search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": DEFAULT_ALPHAS},
+                                  cv=GroupKFold(n_splits=5), scoring="r2", refit=False)
+            search.fit(X, y, groups=groups)
+            r2.append(round(float(search.best_score_), 4))
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mode": mode, "n": n, "seconds": seconds, "peak_rss_mb": peak_mb, "r2": r2}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_small_patch16_dinov3")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-images", type=int, nargs="+", default=[128, 256, 512, 1024])
+    p.add_argument("--naive-max", type=int, default=128, help="largest N for the hand-written way")
+    p.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        run_mode(args.worker[0], args.model, int(args.worker[1]), args.batch_size, args.img_size)
+        return
+    print(f"# {args.model} @ {args.img_size}px, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
+          f"cpus {os.cpu_count()}")
+    print(f"{'N':>6} {'forward s':>10} {'layerwise s':>12} {'ratio':>6} {'RSS fwd MB':>11} {'RSS lw MB':>10} "
+          f"{'naive s':>8} {'RSS naive MB':>13}")
+    results = {}
+    for n in args.num_images:
+        row = {}
+        for mode in ("forward", "layerwise") + (("naive",) if n <= args.naive_max else ()):
+            cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
+                   "--batch-size", str(args.batch_size), "--worker", mode, str(n)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            row[mode] = json.loads(out)
+        results[n] = row
+        f, lw, nv = row["forward"], row["layerwise"], row.get("naive")
+        naive = f"{nv['seconds']:8.1f} {nv['peak_rss_mb']:13.0f}" if nv else f"{'-':>8} {'-':>13}"
+        print(f"{n:6d} {f['seconds']:10.1f} {lw['seconds']:12.1f} {lw['seconds'] / f['seconds']:6.2f} "
+              f"{f['peak_rss_mb']:11.0f} {lw['peak_rss_mb']:10.0f} {naive}", flush=True)
+        if nv:
+            print(f"       last-layer R²: streamed {lw['r2'][-1]:.4f}  hand-written {nv['r2'][-1]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
