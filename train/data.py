@@ -193,9 +193,10 @@ def find_split_dirs(root) -> tuple[list[Path], Path]:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images from class sub-folders; an unreadable file yields ``None`` (skipped and counted).
+    """Images from class sub-folders; an unreadable file is skipped and counted, never fatal.
 
-    ``dataset[(index, size, epoch)]`` returns ``(tensor, label)`` or ``None``.
+    ``dataset[(index, size, epoch)]`` returns ``(tensor, label)``, or ``(None, size)`` for a
+    file that cannot be decoded (the size lets the collate build a placeholder).
     """
 
     def __init__(self, folders, class_to_idx: dict, transform: ImageTransform, seed: int = 0):
@@ -216,7 +217,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except Exception:  # truncated, corrupt, not an image: skip, never stop the run
-            return None
+            return None, size
         rng = sample_rng(self.seed, epoch, index) if self.transform.train else None
         return self.transform(img, size, rng), label
 
@@ -227,10 +228,11 @@ def collate_skipping(items):
     A batch whose every image is unreadable becomes one zero image with label -1
     (ignored by the loss), so that every process still takes the step.
     """
-    good = [it for it in items if it is not None]
+    good = [it for it in items if it[0] is not None]
     skipped = len(items) - len(good)
     if not good:
-        return torch.zeros(1, 3, 1, 1), torch.full((1,), -1, dtype=torch.long), skipped
+        size = items[0][1]
+        return torch.zeros(1, 3, size, size), torch.full((1,), -1, dtype=torch.long), skipped
     x = torch.stack([g[0] for g in good])
     y = torch.tensor([g[1] for g in good], dtype=torch.long)
     return x, y, skipped

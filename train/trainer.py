@@ -161,6 +161,18 @@ class MetricsLog:
             csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore").writerow(row)
 
 
+@torch.no_grad()
+def ranks_in_sync(module) -> bool:
+    """True when every process holds bit-identical parameters (DDP's promise, checked)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return bool(torch.equal(hi, lo))
+
+
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -415,6 +427,8 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
         metrics["top1"] = next(r["top1"] for r in rows if r["size"] == train_size)
         metrics["transfer"] = {str(r["size"]): r["top1"] for r in rows}
 
+    if ctx.enabled:
+        metrics["ranks_in_sync"] = ranks_in_sync(module)
     summary = {"out": str(run_dir), "seed": cfg["seed"], "pos": cfg["model"]["pos"],
                "guidance": cfg["guidance"]["target"] if g["enabled"] else None, **metrics}
     if ctx.is_main:
