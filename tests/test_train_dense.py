@@ -1,0 +1,67 @@
+"""Segmentation / depth heads and metrics: shapes on a tiny ViT, known answers on planted tensors."""
+import math
+
+import pytest
+import torch
+
+import asg_probe
+from train.dense import (DPTDepthHead, UPerNetHead, confusion_matrix, depth_loss, depth_metrics, mean_iou,
+                         token_maps)
+
+
+@pytest.fixture(scope="module")
+def maps():
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="rope-mixed", num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 48)
+    return token_maps(model, x, layers=(0, 1, 2, 3))
+
+
+def test_token_maps_are_grids(maps):
+    assert [tuple(m.shape) for m in maps] == [(2, 128, 8, 12)] * 4
+
+
+def test_upernet_head_shape_and_gradient(maps):
+    head = UPerNetHead(128, num_classes=5, channels=32)
+    logits = head([m.detach().requires_grad_() for m in maps], out_size=(32, 48))
+    assert logits.shape == (2, 5, 32, 48)
+    logits.mean().backward()
+    assert head.classifier.weight.grad is not None
+
+
+def test_dpt_head_positive_depth(maps):
+    head = DPTDepthHead(128, features=32, reassemble_dims=(16, 32, 64, 128))
+    depth = head(maps, out_size=(32, 48))
+    assert depth.shape == (2, 32, 48) and (depth > 0).all()
+
+
+def test_miou_known_answers():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    assert mean_iou(confusion_matrix(target.clamp(max=2) * (target != 255), target, 3)) == 1.0
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
+    # class 0: TP 1, FP 1 (pos [1,1]), FN 1 → 1/3; class 1: TP 2, FP 1, FN 0 → 2/3; class 2: TP 1, FN 1 → 1/2
+    assert mean_iou(confusion_matrix(pred, target, 3)) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    cm = confusion_matrix(pred, target, 4)                 # class 3 never occurs: left out of the mean
+    assert mean_iou(cm) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_depth_metrics_known_answers():
+    g = torch.Generator().manual_seed(0)
+    target = 1 + 9 * torch.rand(2, 8, 8, generator=g)
+    exact = depth_metrics(target.clone(), target, align=None)
+    assert exact["abs_rel"] == 0 and exact["rmse"] == 0 and exact["delta1"] == 1
+    affine = depth_metrics(3 * target + 5, target)         # mean/std alignment removes scale and shift
+    assert affine["abs_rel"] == pytest.approx(0, abs=1e-6) and affine["delta1"] == 1
+    doubled = depth_metrics(2 * target, target, align=None)
+    assert doubled["abs_rel"] == pytest.approx(1.0) and doubled["delta1"] == 0 and doubled["delta3"] == 1
+    assert doubled["rmse"] == pytest.approx(math.sqrt((target ** 2).mean().item()))
+    holes = target.clone()
+    holes[:, 0] = 0                                        # invalid pixels (depth 0) are ignored
+    assert depth_metrics(target, holes, align=None)["abs_rel"] == 0
+
+
+def test_depth_loss_is_scale_shift_invariant_and_positive_otherwise():
+    g = torch.Generator().manual_seed(1)
+    target = 1 + torch.rand(2, 16, 16, generator=g)
+    mask = torch.ones_like(target, dtype=torch.bool)
+    assert depth_loss(4 * target + 2, target, mask) == pytest.approx(0, abs=1e-5)
+    assert depth_loss(torch.rand(2, 16, 16, generator=g), target, mask) > 0.1
