@@ -51,9 +51,10 @@ def test_depth_metrics_known_answers():
     assert exact["abs_rel"] == 0 and exact["rmse"] == 0 and exact["delta1"] == 1
     affine = depth_metrics(3 * target + 5, target)         # mean/std alignment removes scale and shift
     assert affine["abs_rel"] == pytest.approx(0, abs=1e-6) and affine["delta1"] == 1
-    doubled = depth_metrics(2 * target, target, align=None)
-    assert doubled["abs_rel"] == pytest.approx(1.0) and doubled["delta1"] == 0 and doubled["delta3"] == 1
-    assert doubled["rmse"] == pytest.approx(math.sqrt((target ** 2).mean().item()))
+    scaled = depth_metrics(1.5 * target, target, align=None)  # ratio 1.5: fails 1.25, passes 1.25²
+    assert scaled["abs_rel"] == pytest.approx(0.5) and scaled["delta1"] == 0
+    assert scaled["delta2"] == 1 and scaled["delta3"] == 1
+    assert scaled["rmse"] == pytest.approx(0.5 * math.sqrt((target.double() ** 2).mean().item()))
     holes = target.clone()
     holes[:, 0] = 0                                        # invalid pixels (depth 0) are ignored
     assert depth_metrics(target, holes, align=None)["abs_rel"] == 0
