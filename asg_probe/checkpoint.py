@@ -432,11 +432,11 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
                 inferred["pos"] = "given"
             kwargs = {**({k: v for k, v in (kw or {}).items()}), **model_kwargs}
         else:
+            # a plain timm model: pass what the weights reveal and timm's ViTs accept
             kwargs = dict(model_kwargs)
-            if kw and "num_classes" not in kwargs:
-                kwargs["num_classes"] = kw["num_classes"]
-            if kw and kw.get("img_size") and "img_size" not in kwargs:
-                kwargs["img_size"] = kw["img_size"]
+            for key in ("num_classes", "img_size", "depth"):
+                if kw and kw.get(key) is not None:
+                    kwargs.setdefault(key, kw[key])
         if args is not None and "num_classes" in args_d and kw and kw["num_classes"] == 0:
             kwargs.setdefault("num_classes", int(args_d["num_classes"]))
 

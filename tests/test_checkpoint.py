@@ -106,7 +106,7 @@ def test_timm_safetensors_export(tmp_path):
 def test_plain_timm_vit_with_arch(tmp_path):
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=5).eval()
     torch.save(ref.state_dict(), tmp_path / "vit.pt")
-    model = asg_probe.load_checkpoint(tmp_path / "vit.pt", arch="vit_tiny_patch16_224", depth=2)
+    model = asg_probe.load_checkpoint(tmp_path / "vit.pt", arch="vit_tiny_patch16_224")
     assert _same_outputs(ref, model)
 
 
