@@ -1,4 +1,5 @@
 """Segmentation / depth heads and metrics: shapes on a tiny ViT, known answers on planted tensors."""
+import json
 import math
 
 import pytest
@@ -66,3 +67,71 @@ def test_depth_loss_is_scale_shift_invariant_and_positive_otherwise():
     mask = torch.ones_like(target, dtype=torch.bool)
     assert depth_loss(4 * target + 2, target, mask) == pytest.approx(0, abs=1e-5)
     assert depth_loss(torch.rand(2, 16, 16, generator=g), target, mask) > 0.1
+
+
+# --------------------------------------------------------------------------- end to end on tiny trees
+
+def _ade20k_tree(root):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("training", 6), ("validation", 3)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            img = (torch.rand(40, 52, 3, generator=g) * 255).to(torch.uint8).numpy()
+            lab = torch.zeros(40, 52, dtype=torch.uint8)
+            lab[:20] = 1 + i % 3                          # top half: a class; bottom: "other" (ignored)
+            lab[20:, :10] = 4
+            Image.fromarray(img).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(lab.numpy()).save(root / "annotations" / split / f"{i}.png")
+    (root / "images" / "training" / "bad.jpg").write_bytes(b"broken")
+    Image.fromarray(lab.numpy()).save(root / "annotations" / "training" / "bad.png")
+
+
+def _hypersim_tree(root):
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("val", 3)):
+        d = root / split / "scene_000"
+        d.mkdir(parents=True)
+        for i in range(n):
+            img = (torch.rand(36, 44, 3, generator=g) * 255).to(torch.uint8).numpy()
+            depth = (1 + torch.linspace(0, 5, 36)[:, None].expand(36, 44)).numpy().copy()
+            depth[0, 0] = np.nan                                # invalid pixels are masked
+            Image.fromarray(img).save(d / f"frame{i}_rgb.png")
+            np.save(d / f"frame{i}_depth.npy", depth)
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_dense_training_end_to_end(tmp_path, task):
+    from train import trainer
+    from train.config import resolve
+
+    root = tmp_path / "data"
+    (_ade20k_tree if task == "segmentation" else _hypersim_tree)(root)
+    cfg = resolve(overrides=[
+        f"task={task}", f"data.kind={'ade20k' if task == 'segmentation' else 'hypersim'}", f"data.root={root}",
+        "model.name=vit_tiny_patch4_32", "model.img_size=32", "dense.layers=[0,1,2,3]", "dense.channels=32",
+        "dense.num_classes=5", "batch_size=2", "max_steps=3", "num_workers=0", "progress=false",
+        "guidance.enabled=true", "guidance.hidden_dim=16", "guidance.rc_lambda=30.0", "optim.warmup_steps=1",
+        f"out={tmp_path / 'run'}", "eval.batch_size=2"])
+    summary = trainer.run(cfg)
+    run = tmp_path / "run"
+    doc = json.loads((run / "eval.json").read_text())
+    assert doc["n"] == 3
+    if task == "segmentation":
+        assert 0 <= summary["miou"] <= 1 and summary["unreadable"] == 1
+    else:
+        assert summary["abs_rel"] >= 0 and 0 <= summary["delta1"] <= 1
+    assert (run / "dense_head.safetensors").is_file() and (run / "model.safetensors").is_file()
+    assert asg_probe.load_checkpoint(run).num_classes == 0
+
+
+def test_dense_task_needs_its_data_kind():
+    from train.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="task=segmentation takes data.kind"):
+        resolve(overrides=["task=segmentation", "data.kind=synthetic"])

@@ -20,17 +20,34 @@ def test_recipe_resolves_to_a_known_mechanism(recipe):
 
 
 @pytest.mark.parametrize("arch", ["vits16", "vitb16"])
-def test_imagenet100_recipes_are_matched(arch):
+def test_imagenet100_recipes_cover_every_mechanism(arch):
     base = resolve(CONFIG_DIR / f"in100_{arch}.yaml")
     assert base["optim"]["lr"] == 7e-5 and base["guidance"]["rc_lambda"] == 300 and base["epochs"] == 130
-    variants = sorted(CONFIG_DIR.glob(f"in100_{arch}_*.yaml"))
-    found = {resolve(v)["model"]["pos"] + ("+" + resolve(v)["guidance"]["target"] if resolve(v)["guidance"]["enabled"] else "")
-             for v in variants}
+    found = set()
+    for v in CONFIG_DIR.glob(f"in100_{arch}_*.yaml"):
+        cfg = resolve(v)
+        found.add(cfg["model"]["pos"] + ("+" + cfg["guidance"]["target"] if cfg["guidance"]["enabled"] else ""))
     assert found >= {"none", "ape", "rope-axial", "rope-mixed", "alibi2d", "relpos", "rmt-decay", "sdt-decay",
                      "none+true", "none+random"}
+
+
+@pytest.mark.parametrize("family", ["in100_vits16", "in100_vitb16", "ade20k_vits16", "ade20k_vitb16",
+                                    "hypersim_vits16", "hypersim_vitb16"])
+def test_mechanism_recipes_are_matched_to_their_base(family):
+    base = resolve(CONFIG_DIR / f"{family}.yaml")
+    variants = sorted(CONFIG_DIR.glob(f"{family}_*.yaml"))
+    assert len(variants) >= 4
     for v in variants:
         extra = set(changed_keys(base, resolve(v))) - MECHANISM_KEYS
         assert not extra, f"{v.name} changes {extra}: the comparison would not be matched"
+
+
+def test_dense_recipes_follow_spec():
+    ade, hyp = resolve(CONFIG_DIR / "ade20k_vits16.yaml"), resolve(CONFIG_DIR / "hypersim_vits16.yaml")
+    assert (ade["task"], ade["model"]["img_size"], ade["batch_size"], ade["epochs"]) == ("segmentation", 336, 16, 130)
+    assert (hyp["task"], hyp["model"]["img_size"], hyp["epochs"]) == ("depth", 224, 100)
+    assert ade["guidance"]["rc_lambda"] == 30 and hyp["guidance"]["rc_lambda"] == 70
+    assert ade["dense"]["layers"] == [2, 5, 8, 11] and ade["dense"]["num_classes"] == 150
 
 
 def test_imagenet100_recipe_runs_a_step_on_a_tiny_image_tree(tmp_path):

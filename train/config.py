@@ -165,8 +165,12 @@ def validate(cfg: dict):
     """Checks that need more than a key name; all before any work starts."""
     if cfg["guidance"]["target"] not in ("true", "random"):
         raise ConfigError(f"guidance.target must be 'true' or 'random', got {cfg['guidance']['target']!r}")
-    if cfg["data"]["kind"] not in ("imagefolder", "scenes", "synthetic"):
-        raise ConfigError(f"data.kind must be imagefolder, scenes or synthetic, got {cfg['data']['kind']!r}")
+    kinds = {"classification": ("imagefolder", "scenes", "synthetic"), "segmentation": ("ade20k",),
+             "depth": ("hypersim",)}
+    if cfg["task"] not in kinds:
+        raise ConfigError(f"task must be classification, segmentation or depth, got {cfg['task']!r}")
+    if cfg["data"]["kind"] not in kinds[cfg["task"]]:
+        raise ConfigError(f"task={cfg['task']} takes data.kind in {kinds[cfg['task']]}, got {cfg['data']['kind']!r}")
     if cfg["device"] not in ("auto", "cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg['device']!r}")
     if cfg["precision"] not in ("auto", "fp32", "bf16", "fp16"):
@@ -182,7 +186,7 @@ def validate(cfg: dict):
     sizes = cfg["data"]["multires_sizes"]
     if sizes is not None and (not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes)):
         raise ConfigError(f"data.multires_sizes must be a list of positive integers, got {sizes!r}")
-    if cfg["data"]["kind"] == "imagefolder" and not cfg["data"]["root"]:
+    if cfg["data"]["kind"] in ("imagefolder", "ade20k", "hypersim") and not cfg["data"]["root"]:
         raise ConfigError("data.root is not set; pass data.root=/path/to/images")
 
 

@@ -222,20 +222,34 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self.transform(img, size, rng), label
 
 
-def collate_skipping(items):
-    """Stack the readable samples; returns ``(images, labels, n_unreadable)``.
+class SkipCollate:
+    """Stack the readable samples; returns ``(images, targets, n_unreadable)``.
 
-    A batch whose every image is unreadable becomes one zero image with label -1
-    (ignored by the loss), so that every process still takes the step.
+    Targets are class labels (stacked into a vector) or per-pixel maps (stacked). A batch
+    whose every image is unreadable becomes one zero image whose target the loss ignores
+    (label -1, or the dataset's ``placeholder(size)``), so every process still takes the step.
     """
-    good = [it for it in items if it[0] is not None]
-    skipped = len(items) - len(good)
-    if not good:
-        size = items[0][1]
-        return torch.zeros(1, 3, size, size), torch.full((1,), -1, dtype=torch.long), skipped
-    x = torch.stack([g[0] for g in good])
-    y = torch.tensor([g[1] for g in good], dtype=torch.long)
-    return x, y, skipped
+
+    def __init__(self, placeholder=None):
+        self.placeholder = placeholder
+
+    def __call__(self, items):
+        good = [it for it in items if it[0] is not None]
+        skipped = len(items) - len(good)
+        if not good:
+            size = items[0][1]
+            target = (self.placeholder(size)[None] if self.placeholder is not None
+                      else torch.full((1,), -1, dtype=torch.long))
+            return torch.zeros(1, 3, size, size), target, skipped
+        x = torch.stack([g[0] for g in good])
+        if torch.is_tensor(good[0][1]):
+            y = torch.stack([g[1] for g in good])
+        else:
+            y = torch.tensor([g[1] for g in good], dtype=torch.long)
+        return x, y, skipped
+
+
+collate_skipping = SkipCollate()
 
 
 # --------------------------------------------------------------------------- in-memory data
@@ -305,6 +319,10 @@ def build_splits(cfg: dict) -> Splits:
     """Train and validation datasets for a resolved config; raises one-line errors on bad data."""
     d = cfg["data"]
     size = cfg["model"]["img_size"]
+    if d["kind"] in ("ade20k", "hypersim"):
+        from .dense import build_dense_splits
+
+        return build_dense_splits(cfg)
     if d["kind"] == "synthetic":
         n_cls = d["num_classes"] or 10
         return Splits(synthetic_images(d["num_train"], size, n_cls, 0, "train"),
@@ -340,7 +358,8 @@ def iterate_batches(dataset, batches, num_workers: int = 0, seed: int = 0, pin_m
     # A private generator: creating the loader must not draw from the global torch RNG,
     # or a resumed run would see different dropout/drop-path noise than an uninterrupted one.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_skipping,
+        dataset, batch_sampler=batches, num_workers=num_workers,
+        collate_fn=SkipCollate(getattr(dataset, "placeholder", None)),
         pin_memory=pin_memory, generator=torch.Generator().manual_seed(int(seed)),
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
     yield from loader

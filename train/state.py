@@ -57,6 +57,21 @@ def atomic_torch_save(obj, path: Path):
             os.remove(tmp)
 
 
+def atomic_safetensors_save(tensors: dict, path: Path, metadata: dict | None = None):
+    """A safetensors file written through a temp file + ``os.replace``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_train_state(run_dir, *, model, head, optimizer, scaler, step: int, epoch: int, batch_in_epoch: int,
                      total_steps: int, config: dict, extra: dict | None = None) -> Path:
     """Write everything ``--resume`` needs; returns the path."""

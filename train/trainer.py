@@ -27,7 +27,7 @@ from .schedule import guidance_lambda, lr_at
 from .state import STATE_FILE, load_train_state, save_train_state
 
 EXIT_NONFINITE = 3
-METRIC_FIELDS = ["step", "epoch", "lr", "lambda", "loss", "loss_cls", "loss_coord", "train_top1",
+METRIC_FIELDS = ["step", "epoch", "lr", "lambda", "loss", "loss_task", "loss_coord", "train_acc",
                  "grad_norm", "images_per_s", "unreadable", "elapsed_s"]
 
 
@@ -38,8 +38,9 @@ class NonFiniteLoss(RuntimeError):
 class TrainModule(nn.Module):
     """Model + optional guidance head as one module, so that one DDP wrapper syncs both.
 
-    ``forward`` returns the total loss and detached statistics; ``lam`` is a tensor so
-    that a changing λ does not recompile under ``torch.compile``.
+    ``forward(x, y, lam)`` returns ``(loss, loss_task, loss_coord, correct, n)``: the total
+    loss and detached statistics (the contract :class:`train.dense.DenseModule` shares).
+    ``lam`` is a tensor so that a changing λ does not recompile under ``torch.compile``.
     """
 
     def __init__(self, model, head=None):
@@ -105,11 +106,11 @@ def build_head(cfg, model):
     return GuidanceHead(embed_dim=model.embed_dim, hidden_dim=g["hidden_dim"], target=g["target"], seed=cfg["seed"])
 
 
-def param_groups(model, head, weight_decay: float) -> list[dict]:
+def param_groups(model, head, weight_decay: float, dense_head=None) -> list[dict]:
     """AdamW groups: decay only on ≥2-d weights not named by ``no_weight_decay()``.
 
     Biases, norms, other 1-d tensors, tokens/position tables (timm's list) and the whole
-    guidance head get weight decay 0 (SPEC §1).
+    guidance head get weight decay 0 (SPEC §1). A dense head decays its ≥2-d weights.
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
@@ -122,6 +123,9 @@ def param_groups(model, head, weight_decay: float) -> list[dict]:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if dense_head is not None:
+        for p in dense_head.parameters():
+            (decay if p.ndim > 1 else no_decay).append(p)
     if head is not None:
         groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "name": "guidance_head"})
     return [g for g in groups if g["params"]]
@@ -221,9 +225,18 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
     # Data before the model: a missing folder is reported before anything heavy happens.
     splits = build_splits(cfg)
     seed_everything(cfg["seed"])
-    model = build_model(cfg, splits.num_classes)
+    dense = cfg["task"] != "classification"
+    model = build_model(cfg, 0 if dense else splits.num_classes)
     head = build_head(cfg, model)
-    module = TrainModule(model, head).to(device)
+    dense_head = None
+    if dense:
+        from .dense import DenseModule, build_dense_head
+
+        dense_head = build_dense_head(cfg, model)
+        module = DenseModule(model, dense_head, cfg["task"], cfg["dense"]["layers"], head,
+                             cfg["dense"]["ignore_index"]).to(device)
+    else:
+        module = TrainModule(model, head).to(device)
     patch = model.patch_embed.patch_size[0]
     train_size = cfg["model"]["img_size"]
     sizes = cfg["data"]["multires_sizes"]
@@ -233,7 +246,7 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
 
     optim = cfg["optim"]
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, head, optim["weight_decay"]), lr=optim["lr"],
+    optimizer = torch.optim.AdamW(param_groups(model, head, optim["weight_decay"], dense_head), lr=optim["lr"],
                                   betas=tuple(optim["betas"]), fused=fused)
     scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16"))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -261,6 +274,8 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
         model.load_state_dict(saved["model"])
         if head is not None:
             head.load_state_dict(saved["guidance_head"])
+        if dense_head is not None:
+            dense_head.load_state_dict(saved["extra"]["dense_head"])
         optimizer.load_state_dict(saved["optimizer"])
         if saved["scaler"] is not None:
             scaler.load_state_dict(saved["scaler"])
@@ -293,7 +308,9 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
         if ctx.is_main:
             path = save_train_state(run_dir, model=model, head=head, optimizer=optimizer, scaler=scaler,
                                     step=at_step, epoch=at_epoch, batch_in_epoch=at_batch,
-                                    total_steps=total_steps, config=cfg, extra={"unreadable": unreadable})
+                                    total_steps=total_steps, config=cfg,
+                                    extra={"unreadable": unreadable,
+                                           **({"dense_head": dense_head.state_dict()} if dense else {})})
             last_good = (path, at_step)
         barrier()
 
@@ -304,7 +321,7 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
         bar = tqdm(total=total_steps, initial=step, desc=f"{cfg['model']['pos']} seed {cfg['seed']}",
                    dynamic_ncols=True, leave=False)
 
-    # Running sums on the device (no host sync per step): loss_cls·n, loss_coord·n, correct, n.
+    # Running sums on the device (no host sync per step): loss_task·n, loss_coord·n, correct, n.
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     unreadable = int(saved["extra"].get("unreadable", 0)) if saved is not None else 0
@@ -343,10 +360,10 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
             sync = contextlib.nullcontext() if (last_micro or not ctx.enabled) else train_module.no_sync()
             with sync:
                 with autocast():
-                    loss, loss_cls, loss_coord, correct, n = train_module(
+                    loss, loss_task, loss_coord, correct, n = train_module(
                         x, y, torch.tensor(lam, device=device))
                 scaler.scale(loss / accum).backward()
-            sums += torch.stack([loss_cls * n, loss_coord * n, correct, n]).double()
+            sums += torch.stack([loss_task * n, loss_coord * n, correct, n]).double()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
             images_window += int(x.shape[0])
             batch_in_epoch += 1
@@ -369,18 +386,18 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
             at_end = step >= total_steps
             if step % cfg["log_every"] == 0 or at_end:
                 check_finite()
-                s_cls, s_coord, s_correct, s_n, s_bad = all_reduce_sum(sums.tolist() + [unreadable_window], device)
+                s_task, s_coord, s_correct, s_n, s_bad = all_reduce_sum(sums.tolist() + [unreadable_window], device)
                 unreadable += int(s_bad)
                 now = time.perf_counter()
                 imgs = all_reduce_sum([images_window], device)[0]
                 last_row = {
                     "step": step, "epoch": epoch, "lr": lr, "lambda": lam if head is not None else 0.0,
-                    "loss_cls": s_cls / max(s_n, 1), "loss_coord": s_coord / max(s_n, 1),
-                    "train_top1": s_correct / max(s_n, 1), "grad_norm": float(grad_norm),
+                    "loss_task": s_task / max(s_n, 1), "loss_coord": s_coord / max(s_n, 1),
+                    "train_acc": s_correct / max(s_n, 1), "grad_norm": float(grad_norm),
                     "images_per_s": imgs / max(now - t_window, 1e-9), "unreadable": unreadable,
                     "elapsed_s": now - t_start,
                 }
-                last_row["loss"] = last_row["loss_cls"] + last_row["lambda"] * last_row["loss_coord"]
+                last_row["loss"] = last_row["loss_task"] + last_row["lambda"] * last_row["loss_coord"]
                 log.write(last_row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_row['loss']:.3f}", lr=f"{lr:.2e}")
@@ -400,7 +417,7 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
         if batch_in_epoch >= n_micro:
             epoch += 1
             batch_in_epoch = 0
-            if cfg["eval"]["every_epochs"] and epoch % cfg["eval"]["every_epochs"] == 0 and not done:
+            if cfg["eval"]["every_epochs"] and epoch % cfg["eval"]["every_epochs"] == 0 and not done and not dense:
                 rows = evaluate(model, splits.val, [train_size], train_size=train_size,
                                 base_batch=cfg["eval"]["batch_size"], device=device, ctx=ctx, amp=autocast,
                                 num_workers=cfg["num_workers"])
@@ -413,7 +430,16 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
     metrics = {"steps": step, "train_time_s": round(train_time, 2), "unreadable": unreadable,
                "final_loss": last_row.get("loss"), "final_loss_coord": last_row.get("loss_coord")}
     eval_doc = None
-    if cfg["eval"]["enabled"]:
+    if cfg["eval"]["enabled"] and dense:
+        from .dense import evaluate_dense
+
+        row = evaluate_dense(module, splits.val, train_size, base_batch=cfg["eval"]["batch_size"], device=device,
+                             ctx=ctx, amp=autocast, num_workers=cfg["num_workers"])
+        if ctx.is_main:
+            eval_doc = {"train_size": train_size, **row}
+            (run_dir / "eval.json").write_text(json.dumps(eval_doc, indent=2))
+        metrics.update({k: v for k, v in row.items() if k not in ("size", "n", "unreadable")})
+    elif cfg["eval"]["enabled"]:
         eval_sizes = cfg["eval"]["sizes"] or transfer_sizes(train_size, patch)
         if train_size not in eval_sizes:
             eval_sizes = sorted(set(eval_sizes) | {train_size})
@@ -436,8 +462,16 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
 
         save_checkpoint(run_dir / "model.safetensors", model, config=cfg, metrics=metrics,
                         train={"command": command, "eval": eval_doc})
+        if dense:
+            from .state import atomic_safetensors_save
+
+            atomic_safetensors_save(dense_head.state_dict(), run_dir / "dense_head.safetensors",
+                                    {"task": cfg["task"], "layers": json.dumps(cfg["dense"]["layers"])})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        top1 = f"top1@{train_size} {metrics['top1']:.4f}" if "top1" in metrics else "no eval"
+        top1 = (f"top1@{train_size} {metrics['top1']:.4f}" if "top1" in metrics
+                else f"mIoU {metrics['miou']:.4f}" if "miou" in metrics
+                else f"AbsRel {metrics['abs_rel']:.4f} δ1 {metrics['delta1']:.4f}" if "abs_rel" in metrics
+                else "no eval")
         loss = f"loss {metrics['final_loss']:.4f}" if metrics["final_loss"] is not None else ""
         extra = f", {unreadable} unreadable images skipped" if unreadable else ""
         print(f"[asg-train] {cfg['model']['name']} pos={cfg['model']['pos']} "
