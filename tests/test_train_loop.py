@@ -44,6 +44,7 @@ def test_run_dir_holds_config_state_metrics_eval_and_inference_model(tmp_path):
     assert model.pos == "none" and model.num_classes == 10
     assert not any("row_head" in k or "col_head" in k for k in model.state_dict())
     assert model.asg_meta["config"]["guidance"]["enabled"] is True
+    assert model.asg_meta["data_config"]["mean"] == [0.0, 0.0, 0.0]  # the training normalisation
     state = load_train_state(run)                            # weights_only=True inside
     assert state["step"] == 6 and state["guidance_head"] is not None
     assert set(state["rng"]) >= {"python", "numpy", "torch"}

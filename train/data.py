@@ -257,10 +257,12 @@ collate_skipping = SkipCollate()
 class TensorImages:
     """Images already in memory ``(N, 3, H, W)`` (normalised) with labels; resized per batch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
         self.images = images
         self.labels = labels
         self.num_classes = num_classes
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     def __len__(self):
         return len(self.labels)
@@ -303,7 +305,8 @@ def scene_images(num: int, size: int, task: str, split: str) -> TensorImages:
         images = images.permute(0, 3, 1, 2)
     mean = torch.as_tensor(ds.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.as_tensor(ds.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return TensorImages((images - mean) / std, torch.tensor(ys), int(ds.num_classes))
+    return TensorImages((images - mean) / std, torch.tensor(ys), int(ds.num_classes),
+                        mean.flatten().tolist(), std.flatten().tolist())
 
 
 # --------------------------------------------------------------------------- building
@@ -313,6 +316,8 @@ class Splits:
     train: object
     val: object
     num_classes: int
+    mean: tuple = (0.485, 0.456, 0.406)   # the normalisation the model is trained with,
+    std: tuple = (0.229, 0.224, 0.225)    # recorded in the exported checkpoint
 
 
 def build_splits(cfg: dict) -> Splits:
@@ -326,11 +331,11 @@ def build_splits(cfg: dict) -> Splits:
     if d["kind"] == "synthetic":
         n_cls = d["num_classes"] or 10
         return Splits(synthetic_images(d["num_train"], size, n_cls, 0, "train"),
-                      synthetic_images(d["num_val"], size, n_cls, 0, "val"), n_cls)
+                      synthetic_images(d["num_val"], size, n_cls, 0, "val"), n_cls, (0.0,) * 3, (1.0,) * 3)
     if d["kind"] == "scenes":
         train = scene_images(d["num_train"], size, d["task"], "train")
         val = scene_images(d["num_val"], size, d["task"], "val")
-        return Splits(train, val, train.num_classes)
+        return Splits(train, val, train.num_classes, train.mean, train.std)
     train_dirs, val_dir = find_split_dirs(d["root"])
     classes = sorted({p.name for t in train_dirs for p in t.iterdir() if p.is_dir()})
     if not classes:
@@ -344,7 +349,7 @@ def build_splits(cfg: dict) -> Splits:
     if len(train) == 0:
         raise ConfigError(f"no images found under {', '.join(map(str, train_dirs))}")
     n_cls = d["num_classes"] or len(classes)
-    return Splits(train, val, n_cls)
+    return Splits(train, val, n_cls, tuple(d["mean"]), tuple(d["std"]))
 
 
 def iterate_batches(dataset, batches, num_workers: int = 0, seed: int = 0, pin_memory: bool = False):

@@ -423,4 +423,4 @@ def build_dense_splits(cfg):
     train = DenseFolder(pairs[splits[0]], train=True, scale_range=cfg["dense"]["scale_range"], seed=cfg["seed"],
                         **common)
     val = DenseFolder(pairs[splits[1]], train=False, **common)
-    return Splits(train, val, cfg["dense"]["num_classes"] if kind == "ade20k" else 0)
+    return Splits(train, val, cfg["dense"]["num_classes"] if kind == "ade20k" else 0, tuple(d["mean"]), tuple(d["std"]))

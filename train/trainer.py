@@ -460,8 +460,14 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
     if ctx.is_main:
         from asg_probe import save_checkpoint
 
+        # The normalisation the model was trained with travels with it (probes need it to
+        # feed images the way the model saw them, e.g. the scenes' own mean/std).
+        data_config = {"mean": list(splits.mean), "std": list(splits.std), "img_size": train_size,
+                       "interpolation": cfg["data"]["interpolation"], "crop_pct": 1 / cfg["data"]["eval_crop_ratio"]}
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": tuple(splits.mean),
+                                "std": tuple(splits.std)}
         save_checkpoint(run_dir / "model.safetensors", model, config=cfg, metrics=metrics,
-                        train={"command": command, "eval": eval_doc})
+                        data_config=data_config, train={"command": command, "eval": eval_doc})
         if dense:
             from .state import atomic_safetensors_save
 
