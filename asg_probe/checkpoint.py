@@ -442,6 +442,14 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
 
     model = _build(arch, pos, kwargs)
     _load_weights(model, state, path, arch, pos)
+    data_config = (meta or {}).get("data_config")
+    if isinstance(data_config, dict):
+        # the normalisation the model was trained with (e.g. a data set's own mean/std)
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        for key in ("mean", "std", "interpolation", "crop_pct"):
+            if key in data_config:
+                cfg[key] = tuple(data_config[key]) if isinstance(data_config[key], list) else data_config[key]
+        model.pretrained_cfg = cfg
     model.to(map_location).eval()
     model.asg_meta = {**(meta or {}), "checkpoint": str(path), "checkpoint_format": fmt, "inferred": inferred}
     if args is not None:

@@ -41,6 +41,14 @@ def test_round_trip_is_bit_exact(tmp_path, pos):
     assert loaded.asg_meta["code_version"] == asg_probe.__version__
 
 
+def test_training_normalisation_travels_with_the_model(tmp_path):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    path = asg_probe.save_checkpoint(tmp_path / "m", model, data_config={"mean": [0.5, 0.4, 0.3],
+                                                                         "std": [0.2, 0.2, 0.2]})
+    loaded = asg_probe.load_checkpoint(path)
+    assert loaded.pretrained_cfg["mean"] == (0.5, 0.4, 0.3) and loaded.pretrained_cfg["std"] == (0.2, 0.2, 0.2)
+
+
 def test_decay_form_survives_round_trip(tmp_path):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="rmt-decay", depth=2, decay_form="decomposed")
     loaded = asg_probe.load_checkpoint(asg_probe.save_checkpoint(tmp_path / "m", model))
