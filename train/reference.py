@@ -1,0 +1,117 @@
+"""Train the CPU reference models and probe them: one command from recipes to a results table.
+
+    python -m train.reference --out runs/reference                 # train (skips finished runs), probe, tabulate
+    python -m train.reference --out runs/reference --seeds 0 1 2   # several seeds, mean ± std in the table
+    python -m train.reference --out runs/reference --probe-only
+
+For each recipe (``cpu_scenes_{none,ape,rope-mixed,sdt-decay,guidance,guidance_random}``) it
+runs ``asg-train`` in this process, then fits the probes of ``asg_probe`` on held-out scene
+images: last-layer coordinate R² (row, col), the control-task R² and selectivity, and the
+patch-shuffle test (is position read from content or from an injected signal?). Results go to
+``<out>/results.{json,md}``; each run dir keeps its own ``command.txt`` (the exact command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from .config import CONFIG_DIR
+
+RECIPES = ["cpu_scenes_none", "cpu_scenes_ape", "cpu_scenes_rope-mixed", "cpu_scenes_sdt-decay",
+           "cpu_scenes_guidance", "cpu_scenes_guidance_random"]
+
+
+def train_all(out: Path, seeds, overrides=()) -> list[tuple[str, int, Path]]:
+    from . import cli
+
+    runs = []
+    for recipe in RECIPES:
+        for seed in seeds:
+            run_dir = out / recipe.removeprefix("cpu_scenes_") / f"seed{seed}"
+            if not (run_dir / "model.safetensors").is_file():
+                args = ["--config", str(CONFIG_DIR / f"{recipe}.yaml"), f"out={run_dir}", f"seed={seed}",
+                        *overrides]
+                if (run_dir / "train_state.pt").is_file():
+                    args.append("--resume")
+                rc = cli.main(args)
+                if rc != 0:
+                    raise SystemExit(f"training {recipe} seed {seed} failed (exit {rc})")
+            runs.append((recipe, seed, run_dir))
+    return runs
+
+
+def probe_run(run_dir: Path, num_images: int) -> dict:
+    import asg_probe
+    from asg_probe.analysis.shuffle import shuffle_test
+
+    from .config import load_yaml
+    from .data import scene_images
+
+    model = asg_probe.load_checkpoint(run_dir).eval()
+    cfg = load_yaml(run_dir / "config.yaml")
+    # Held-out scenes, normalised exactly as in training (a float tensor is used as is).
+    val = scene_images(num_images, cfg["model"]["img_size"], cfg["data"]["task"], "val")
+    layer = asg_probe.layerwise_probes(model, images=val.images, progress=False)
+    last = layer.rows[-1]
+    shuffle = shuffle_test(model, images=val.images, progress=False).rows[-1]
+    eval_doc = json.loads((run_dir / "eval.json").read_text())
+    sweep = {r["size"]: r["top1"] for r in eval_doc["sweep"]}
+    size = eval_doc["train_size"]
+    return {"top1": eval_doc["top1"], "top1_half": sweep.get(size // 2), "top1_double": sweep.get(size * 2),
+            "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_control": last.get("r2_control"),
+            "selectivity": last.get("selectivity"), "shuffle_r2_original": shuffle["r2_original"],
+            "shuffle_r2_slot": shuffle["r2_slot"], "shuffle_source": shuffle["source"],
+            "layers_r2": [r["r2"] for r in layer.rows]}
+
+
+COLUMNS = ["top1", "top1_half", "top1_double", "r2_row", "r2_col", "r2_control", "selectivity",
+           "shuffle_r2_original", "shuffle_r2_slot"]
+
+
+def tabulate(results: dict) -> str:
+    """Markdown table: one row per recipe, mean ± std over seeds where there are several."""
+    head = "| run | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for recipe, per_seed in results.items():
+        cells = []
+        for col in COLUMNS:
+            values = [r[col] for r in per_seed.values() if r.get(col) is not None]
+            if not values:
+                cells.append("–")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3f}")
+            else:
+                cells.append(f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}")
+        lines.append(f"| {recipe.removeprefix('cpu_scenes_')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.reference", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/reference")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--probe-images", type=int, default=500)
+    p.add_argument("--probe-only", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every training run")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.probe_only:
+        runs = [(r, s, out / r.removeprefix("cpu_scenes_") / f"seed{s}") for r in RECIPES for s in args.seeds]
+    else:
+        runs = train_all(out, args.seeds, args.overrides)
+    results: dict = {}
+    for recipe, seed, run_dir in runs:
+        results.setdefault(recipe, {})[seed] = probe_run(run_dir, args.probe_images)
+        print(f"probed {recipe} seed {seed}", file=sys.stderr)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = tabulate(results)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
