@@ -1,0 +1,20 @@
+"""train.reference: the recipe list matches the bundled reference set; the table aggregates seeds."""
+from train import reference
+from train.config import CONFIG_DIR, resolve
+
+
+def test_reference_recipes_exist_and_differ_only_in_mechanism():
+    cfgs = [resolve(CONFIG_DIR / f"{r}.yaml") for r in reference.RECIPES]
+    described = {(c["model"]["pos"], c["guidance"]["target"] if c["guidance"]["enabled"] else None) for c in cfgs}
+    assert described == {("none", None), ("ape", None), ("rope-mixed", None), ("sdt-decay", None),
+                         ("none", "true"), ("none", "random")}
+    assert len({(c["optim"]["lr"], c["max_steps"], c["batch_size"], c["data"]["num_train"]) for c in cfgs}) == 1
+
+
+def test_tabulate_mean_std_over_seeds():
+    row = {c: 0.5 for c in reference.COLUMNS}
+    table = reference.tabulate({"cpu_scenes_ape": {0: {**row, "top1": 0.4}, 1: {**row, "top1": 0.6}},
+                                "cpu_scenes_none": {0: {**row, "r2_control": None}}})
+    lines = table.splitlines()
+    assert lines[2].startswith("| ape | 0.500 ± 0.141 |")
+    assert lines[3].startswith("| none | 0.500 |") and "–" in lines[3]
