@@ -54,6 +54,9 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
     # evaluation covered the whole validation set once, split across the two processes
     sweep = json.loads((out / "eval.json").read_text())["sweep"]
     assert [r["n"] for r in sweep] == [30, 30]
+    # the resumable state holds each process's own RNG state (drop-path noise differs per rank)
+    rng = torch.load(out / "train_state.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     # only rank 0 wrote the metrics, one row per step
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 5

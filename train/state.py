@@ -73,8 +73,11 @@ def atomic_safetensors_save(tensors: dict, path: Path, metadata: dict | None = N
 
 
 def save_train_state(run_dir, *, model, head, optimizer, scaler, step: int, epoch: int, batch_in_epoch: int,
-                     total_steps: int, config: dict, extra: dict | None = None) -> Path:
-    """Write everything ``--resume`` needs; returns the path."""
+                     total_steps: int, config: dict, extra: dict | None = None, rng: list | None = None) -> Path:
+    """Write everything ``--resume`` needs; returns the path.
+
+    ``rng``: the RNG states of every process in rank order (default: this process's only).
+    """
     state = {
         "format": "asg_train_state",
         "version": 1,
@@ -86,7 +89,7 @@ def save_train_state(run_dir, *, model, head, optimizer, scaler, step: int, epoc
         "scheduler": {"step": int(step), "total_steps": int(total_steps)},
         "sampler": {"epoch": int(epoch), "batch_in_epoch": int(batch_in_epoch)},
         "step": int(step),
-        "rng": rng_state(),
+        "rng": rng if rng is not None else [rng_state()],
         "config": config,
         "extra": extra or {},
     }

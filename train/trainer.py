@@ -165,6 +165,20 @@ class MetricsLog:
             csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore").writerow(row)
 
 
+def gather_rng_states(ctx) -> list:
+    """Every process's RNG state, in rank order (rank 0 saves them all)."""
+    from .state import rng_state
+
+    mine = rng_state()
+    if not ctx.enabled:
+        return [mine]
+    import torch.distributed as dist
+
+    states = [None] * ctx.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
 @torch.no_grad()
 def ranks_in_sync(module) -> bool:
     """True when every process holds bit-identical parameters (DDP's promise, checked)."""
@@ -237,12 +251,19 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
                              cfg["dense"]["ignore_index"]).to(device)
     else:
         module = TrainModule(model, head).to(device)
+    # Initial weights are the same on every process (seeded above); from here on drop-path and
+    # other noise differ per process, as they would with independent GPUs.
+    torch.manual_seed(cfg["seed"] * 1000 + ctx.rank)
     patch = model.patch_embed.patch_size[0]
     train_size = cfg["model"]["img_size"]
     sizes = cfg["data"]["multires_sizes"]
-    for s in [train_size] + list(sizes or []):
+    eval_sizes = cfg["eval"]["sizes"] or transfer_sizes(train_size, patch)
+    if train_size not in eval_sizes:
+        eval_sizes = sorted(set(eval_sizes) | {train_size})
+    for s in [train_size] + list(sizes or []) + list(eval_sizes):
         if s % patch:
-            raise config_mod.ConfigError(f"image size {s} is not a multiple of the patch size {patch}")
+            raise config_mod.ConfigError(f"image size {s} (model.img_size, data.multires_sizes or eval.sizes) "
+                                         f"is not a multiple of the patch size {patch}")
 
     optim = cfg["optim"]
     fused = device.type == "cuda"
@@ -283,7 +304,9 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
         epoch, batch_in_epoch = saved["sampler"]["epoch"], saved["sampler"]["batch_in_epoch"]
         from .state import set_rng_state
 
-        set_rng_state(saved["rng"])
+        rng = saved["rng"]
+        set_rng_state(rng[ctx.rank] if isinstance(rng, list) and len(rng) == ctx.world_size else
+                      rng[0] if isinstance(rng, list) else rng)
     last_good = (run_dir / STATE_FILE, step) if saved is not None else (None, None)
 
     train_module = module
@@ -305,8 +328,9 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
 
     def save(at_step, at_epoch, at_batch):
         nonlocal last_good
+        rngs = gather_rng_states(ctx)
         if ctx.is_main:
-            path = save_train_state(run_dir, model=model, head=head, optimizer=optimizer, scaler=scaler,
+            path = save_train_state(run_dir, rng=rngs, model=model, head=head, optimizer=optimizer, scaler=scaler,
                                     step=at_step, epoch=at_epoch, batch_in_epoch=at_batch,
                                     total_steps=total_steps, config=cfg,
                                     extra={"unreadable": unreadable,
@@ -440,12 +464,6 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
             (run_dir / "eval.json").write_text(json.dumps(eval_doc, indent=2))
         metrics.update({k: v for k, v in row.items() if k not in ("size", "n", "unreadable")})
     elif cfg["eval"]["enabled"]:
-        eval_sizes = cfg["eval"]["sizes"] or transfer_sizes(train_size, patch)
-        if train_size not in eval_sizes:
-            eval_sizes = sorted(set(eval_sizes) | {train_size})
-        bad_sizes = [s for s in eval_sizes if s % patch]
-        if bad_sizes:
-            raise config_mod.ConfigError(f"eval.sizes {bad_sizes} are not multiples of the patch size {patch}")
         rows = evaluate(model, splits.val, eval_sizes, train_size=train_size, base_batch=cfg["eval"]["batch_size"],
                         device=device, ctx=ctx, amp=autocast, num_workers=cfg["num_workers"])
         if ctx.is_main:
