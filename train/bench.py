@@ -179,6 +179,9 @@ def bench_data(workers: list[int], images: int, img_size: int, batch_size: int, 
     classes = sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
     transform = ImageTransform(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], train=True)
     ds = ImageFolderDataset([folder], {c: i for i, c in enumerate(classes)}, transform)
+    # Untimed warm-up in this process: lazy imports, decoder initialisation, the page cache.
+    for _ in iterate_batches(ds, BatchPlan(len(ds), batch_size, seed=1, base_size=img_size).batches(0)[:2]):
+        pass
     rows = []
     for n in workers:
         plan = BatchPlan(len(ds), batch_size, seed=0, base_size=img_size)
