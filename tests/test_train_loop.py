@@ -160,3 +160,15 @@ def test_several_seeds_give_run_dirs_and_a_mean_std_table(tmp_path, capsys):
     a = asg_probe.load_checkpoint(tmp_path / "multi" / "seed0").state_dict()["head.weight"]
     b = asg_probe.load_checkpoint(tmp_path / "multi" / "seed1").state_dict()["head.weight"]
     assert not torch.equal(a, b)
+
+
+def test_embedded_photos_recipe_runs(tmp_path):
+    from train.config import CONFIG_DIR
+
+    cfg = resolve(CONFIG_DIR / "cpu_photos.yaml", [
+        f"out={tmp_path / 'run'}", "max_steps=2", "batch_size=8", "data.num_train=40", "data.num_val=20",
+        "eval.sizes=[32]", "progress=false", "model.kwargs.depth=1"])
+    summary = trainer.run(cfg)
+    model = asg_probe.load_checkpoint(tmp_path / "run")
+    assert summary["steps"] == 2 and model.num_classes >= 10     # one class per bundled photograph
+    assert model.asg_meta["data_config"]["mean"] == pytest.approx([0.485, 0.456, 0.406])

@@ -165,7 +165,7 @@ def validate(cfg: dict):
     """Checks that need more than a key name; all before any work starts."""
     if cfg["guidance"]["target"] not in ("true", "random"):
         raise ConfigError(f"guidance.target must be 'true' or 'random', got {cfg['guidance']['target']!r}")
-    kinds = {"classification": ("imagefolder", "scenes", "synthetic"), "segmentation": ("ade20k",),
+    kinds = {"classification": ("imagefolder", "scenes", "photos", "synthetic"), "segmentation": ("ade20k",),
              "depth": ("hypersim",)}
     if cfg["task"] not in kinds:
         raise ConfigError(f"task must be classification, segmentation or depth, got {cfg['task']!r}")

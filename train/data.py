@@ -309,6 +309,27 @@ def scene_images(num: int, size: int, task: str, split: str) -> TensorImages:
                         mean.flatten().tolist(), std.flatten().tolist())
 
 
+def photo_images(num: int, size: int, split: str, class_names=None) -> TensorImages:
+    """Random crops of the photographs bundled with scikit-image/scikit-learn; label = source photo.
+
+    Train and validation crops come from different seeds of ``asg_probe.data.embedded_images``.
+    Random crops leave little correlation between content and position (a useful contrast to scenes).
+    """
+    from asg_probe.data import IMAGENET_MEAN, IMAGENET_STD, embedded_images
+
+    crops = embedded_images(num_images=num, img_size=size, seed=0 if split == "train" else 1)
+    names = [n.split("[")[0] for n in crops.names]
+    class_names = class_names or sorted(set(names))
+    index = {c: i for i, c in enumerate(class_names)}
+    labels = torch.tensor([index[n] for n in names])
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = (crops.images.float() / 255.0 - mean) / std
+    out = TensorImages(images, labels, len(class_names), IMAGENET_MEAN, IMAGENET_STD)
+    out.class_names = class_names
+    return out
+
+
 # --------------------------------------------------------------------------- building
 
 @dataclass
@@ -332,6 +353,10 @@ def build_splits(cfg: dict) -> Splits:
         n_cls = d["num_classes"] or 10
         return Splits(synthetic_images(d["num_train"], size, n_cls, 0, "train"),
                       synthetic_images(d["num_val"], size, n_cls, 0, "val"), n_cls, (0.0,) * 3, (1.0,) * 3)
+    if d["kind"] == "photos":
+        train = photo_images(d["num_train"], size, "train")
+        val = photo_images(d["num_val"], size, "val", class_names=train.class_names)
+        return Splits(train, val, train.num_classes, train.mean, train.std)
     if d["kind"] == "scenes":
         train = scene_images(d["num_train"], size, d["task"], "train")
         val = scene_images(d["num_val"], size, d["task"], "val")
