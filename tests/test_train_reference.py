@@ -13,8 +13,19 @@ def test_reference_recipes_exist_and_differ_only_in_mechanism():
 
 def test_tabulate_mean_std_over_seeds():
     row = {c: 0.5 for c in reference.COLUMNS}
-    table = reference.tabulate({"cpu_scenes_ape": {0: {**row, "top1": 0.4}, 1: {**row, "top1": 0.6}},
-                                "cpu_scenes_none": {0: {**row, "r2_control": None}}})
+    table = reference.tabulate({"ape": {0: {**row, "top1": 0.4}, 1: {**row, "top1": 0.6}},
+                                "none": {0: {**row, "r2_control": None}}})
     lines = table.splitlines()
     assert lines[2].startswith("| ape | 0.500 ± 0.141 |")
     assert lines[3].startswith("| none | 0.500 |") and "–" in lines[3]
+
+
+def test_variants_map_to_recipe_files_or_overrides():
+    assert reference.variant_args("cpu_scenes", "ape")[-1].endswith("cpu_scenes_ape.yaml")
+    args = reference.variant_args("cpu_photos", "guidance_random")
+    assert args[1].endswith("cpu_photos.yaml") and args[2:] == ["guidance.enabled=true", "guidance.target=random"]
+    for variant in reference.VARIANTS:  # the recipe files say the same as the overrides
+        from_file = resolve(CONFIG_DIR / f"cpu_scenes_{variant}.yaml")
+        from_overrides = resolve(CONFIG_DIR / "cpu_scenes.yaml", reference.VARIANTS[variant])
+        assert {k: v for k, v in from_file.items() if k != "out"} == \
+            {k: v for k, v in from_overrides.items() if k != "out"}

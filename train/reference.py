@@ -3,10 +3,12 @@
     python -m train.reference --out runs/reference                 # train (skips finished runs), probe, tabulate
     python -m train.reference --out runs/reference --seeds 0 1 2   # several seeds, mean ± std in the table
     python -m train.reference --out runs/reference --probe-only
+    python -m train.reference --base cpu_photos --out runs/photos     # the same six on the photo crops
 
-For each recipe (``cpu_scenes_{none,ape,rope-mixed,sdt-decay,guidance,guidance_random}``) it
-runs ``asg-train`` in this process, then fits the probes of ``asg_probe`` on held-out scene
-images: last-layer coordinate R² (row, col), the control-task R² and selectivity, and the
+For each variant (none, ape, rope-mixed, sdt-decay, guidance, guidance random control) it runs
+``asg-train`` in this process (the recipe file ``<base>_<variant>.yaml`` where one exists, else
+``<base>.yaml`` plus the variant's overrides), then fits the probes of ``asg_probe`` on held-out
+images of the run's own validation split: last-layer coordinate R² (row, col), the control-task R² and selectivity, and the
 patch-shuffle test (is position read from content or from an injected signal?). Results go to
 ``<out>/results.{json,md}``; each run dir keeps its own ``command.txt`` (the exact command).
 """
@@ -20,26 +22,39 @@ from pathlib import Path
 
 from .config import CONFIG_DIR
 
-RECIPES = ["cpu_scenes_none", "cpu_scenes_ape", "cpu_scenes_rope-mixed", "cpu_scenes_sdt-decay",
-           "cpu_scenes_guidance", "cpu_scenes_guidance_random"]
+VARIANTS = {
+    "none": [],
+    "ape": ["model.pos=ape"],
+    "rope-mixed": ["model.pos=rope-mixed"],
+    "sdt-decay": ["model.pos=sdt-decay"],
+    "guidance": ["guidance.enabled=true"],
+    "guidance_random": ["guidance.enabled=true", "guidance.target=random"],
+}
+RECIPES = [f"cpu_scenes_{v}" for v in VARIANTS]  # the bundled reference set
 
 
-def train_all(out: Path, seeds, overrides=()) -> list[tuple[str, int, Path]]:
+def variant_args(base: str, variant: str) -> list[str]:
+    recipe = CONFIG_DIR / f"{base}_{variant}.yaml"
+    if recipe.is_file():
+        return ["--config", str(recipe)]
+    return ["--config", str(CONFIG_DIR / f"{base}.yaml"), *VARIANTS[variant]]
+
+
+def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes") -> list[tuple[str, int, Path]]:
     from . import cli
 
     runs = []
-    for recipe in RECIPES:
+    for variant in VARIANTS:
         for seed in seeds:
-            run_dir = out / recipe.removeprefix("cpu_scenes_") / f"seed{seed}"
+            run_dir = out / variant / f"seed{seed}"
             if not (run_dir / "model.safetensors").is_file():
-                args = ["--config", str(CONFIG_DIR / f"{recipe}.yaml"), f"out={run_dir}", f"seed={seed}",
-                        *overrides]
+                args = [*variant_args(base, variant), f"out={run_dir}", f"seed={seed}", *overrides]
                 if (run_dir / "train_state.pt").is_file():
                     args.append("--resume")
                 rc = cli.main(args)
                 if rc != 0:
-                    raise SystemExit(f"training {recipe} seed {seed} failed (exit {rc})")
-            runs.append((recipe, seed, run_dir))
+                    raise SystemExit(f"training {variant} seed {seed} failed (exit {rc})")
+            runs.append((variant, seed, run_dir))
     return runs
 
 
@@ -47,16 +62,18 @@ def probe_run(run_dir: Path, num_images: int) -> dict:
     import asg_probe
     from asg_probe.analysis.shuffle import shuffle_test
 
-    from .config import load_yaml
-    from .data import scene_images
+    from .config import load_yaml, merge
+    from .data import build_splits
 
     model = asg_probe.load_checkpoint(run_dir).eval()
     cfg = load_yaml(run_dir / "config.yaml")
-    # Held-out scenes, normalised exactly as in training (a float tensor is used as is).
-    val = scene_images(num_images, cfg["model"]["img_size"], cfg["data"]["task"], "val")
-    layer = asg_probe.layerwise_probes(model, images=val.images, progress=False)
+    # Held-out images of the run's own data, normalised exactly as in training
+    # (a float tensor is used as is by the probes).
+    cfg = merge(cfg, {"data": {"num_train": 1, "num_val": num_images}})
+    images = build_splits(cfg).val.images[:num_images]
+    layer = asg_probe.layerwise_probes(model, images=images, progress=False)
     last = layer.rows[-1]
-    shuffle = shuffle_test(model, images=val.images, progress=False).rows[-1]
+    shuffle = shuffle_test(model, images=images, progress=False).rows[-1]
     eval_doc = json.loads((run_dir / "eval.json").read_text())
     sweep = {r["size"]: r["top1"] for r in eval_doc["sweep"]}
     size = eval_doc["train_size"]
@@ -85,13 +102,14 @@ def tabulate(results: dict) -> str:
                 cells.append(f"{values[0]:.3f}")
             else:
                 cells.append(f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}")
-        lines.append(f"| {recipe.removeprefix('cpu_scenes_')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/reference")
+    p.add_argument("--base", default="cpu_scenes", help="recipe family in train/configs (cpu_scenes, cpu_photos)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--probe-images", type=int, default=500)
     p.add_argument("--probe-only", action="store_true")
@@ -99,9 +117,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.probe_only:
-        runs = [(r, s, out / r.removeprefix("cpu_scenes_") / f"seed{s}") for r in RECIPES for s in args.seeds]
+        runs = [(v, s, out / v / f"seed{s}") for v in VARIANTS for s in args.seeds]
     else:
-        runs = train_all(out, args.seeds, args.overrides)
+        runs = train_all(out, args.seeds, args.overrides, base=args.base)
     results: dict = {}
     for recipe, seed, run_dir in runs:
         results.setdefault(recipe, {})[seed] = probe_run(run_dir, args.probe_images)
