@@ -132,15 +132,6 @@ def _set_dotted(cfg: dict, name: str, value):
     node[parts[-1]] = value
 
 
-def _get_dotted(cfg: dict, name: str, default=None):
-    node = cfg
-    for part in name.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def apply_overrides(cfg: dict, overrides, defaults: dict) -> dict:
     """Apply ``["a.b=1", "seeds=[0,1]"]`` to ``cfg`` (a copy is returned)."""
     cfg = copy.deepcopy(cfg)
