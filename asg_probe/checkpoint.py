@@ -327,7 +327,12 @@ def _build(arch, pos, kwargs):
 
 
 def _load_weights(model, state, path, arch, pos):
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches are raised even with strict=False
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), _first_line(exc))
+        raise CheckpointError(f"{path}: weights do not fit arch={arch!r} pos={pos!r} ({detail[:200]}); "
+                              "pass the right arch=/pos= (--arch/--pos) or model arguments") from None
     missing = [k for k in result.missing_keys if not k.endswith(("k_bias",))]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:
@@ -421,6 +426,15 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
         else:
             inferred["arch"] = "given"
         if arch in list_models():
+            from .models import _MODEL_CONFIGS
+
+            ref = _MODEL_CONFIGS[arch]
+            if kw and "num_heads" not in model_kwargs and (
+                    kw["embed_dim"], kw["patch_size"]) != (ref["embed_dim"], ref["patch_size"]):
+                # the head count is not in the weights: a different width would be a silent guess
+                raise CheckpointError(
+                    f"{path}: weights have width {kw['embed_dim']} and patch {kw['patch_size']}, but {arch} has "
+                    f"{ref['embed_dim']} and {ref['patch_size']}; pass the matching --arch (or num_heads=)")
             if pos is None:
                 pos, why = _infer_pos(state, args_d)
                 if pos is None:
@@ -434,7 +448,7 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
         else:
             # a plain timm model: pass what the weights reveal and timm's ViTs accept
             kwargs = dict(model_kwargs)
-            for key in ("num_classes", "img_size", "depth"):
+            for key in ("num_classes", "img_size", "depth", "patch_size"):
                 if kw and kw.get(key) is not None:
                     kwargs.setdefault(key, kw[key])
         if args is not None and "num_classes" in args_d and kw and kw["num_classes"] == 0:

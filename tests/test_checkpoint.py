@@ -162,6 +162,11 @@ def test_wrong_architecture_names_the_arguments(tmp_path):
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(CheckpointError, match="--arch/--pos"):
         asg_probe.load_checkpoint(tmp_path / "sd.pt", arch="vit_tiny_patch4_32", pos="ape")
+    torch.save(asg_probe.create_model("vit_tiny_patch8_64", pos="ape", depth=2).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="matching --arch"):  # head count would be a guess
+        asg_probe.load_checkpoint(tmp_path / "w.pt", arch="vit_tiny_patch4_32")
+    with pytest.raises(CheckpointError, match="do not fit"):  # shapes differ: one line, not a traceback
+        asg_probe.load_checkpoint(tmp_path / "w.pt", arch="vit_tiny_patch8_64", depth=3)
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="arch="):
         asg_probe.load_checkpoint(tmp_path / "other.pt")

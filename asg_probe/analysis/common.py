@@ -41,12 +41,9 @@ class ImageBatches:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
     def _normalise(self, x):
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-            mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
-            x = (x - mean) / std
-        return x
+        from ..data import preprocess
+
+        return preprocess(x, self.mean, self.std) if x.dtype == torch.uint8 else x
 
     def __iter__(self):
         for start in range(0, len(self.indices), self.batch_size):
@@ -56,12 +53,9 @@ class ImageBatches:
     @classmethod
     def prepare(cls, model, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0):
         """Resolve ``images`` for ``model``: embedded photos, a folder, an ImageSet or a tensor."""
-        from ..extract import model_geometry
+        from ..data import data_config_for, load_images
 
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-        patch = model_geometry(model)[0]
-        native_size = tuple(int(s) for s in model.patch_embed.img_size)
+        mean, std, native_size, patch = data_config_for(model)
         size = img_size or native_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         if size[0] % patch or size[1] % patch:
@@ -75,8 +69,6 @@ class ImageBatches:
         if hasattr(images, "images") and isinstance(images.images, torch.Tensor):
             imageset = images
         else:
-            from ..data import load_images
-
             if size[0] != size[1]:
                 raise ValueError("embedded and folder images are square crops; pass a square img_size")
             imageset = load_images(images, num_images=num_images, img_size=size[0], seed=seed)
