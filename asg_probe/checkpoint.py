@@ -136,8 +136,8 @@ def _sniff(path: Path) -> str:
         head = f.read(16)
     # safetensors: 8-byte little-endian header length, then a JSON header. Checked first
     # because the length's low byte can be 0x80, which looks like a pickle protocol byte.
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "safetensors"
+    if len(head) >= 10 and head[8:10] in (b'{"', b"{ ") and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"  # (a header longer than the file means truncated: reading says so)
     if head[:2] == b"PK":
         return "torch-zip"
     if head[:1] == b"\x80":

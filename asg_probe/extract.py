@@ -139,7 +139,7 @@ def run_analyses(model, batches, accumulators, layers=None, device="cpu", progre
     batches : iterable of ``(images (B,3,H,W) float, image_index (B,) long)``
     accumulators : list
         Objects with ``update(ForwardBatch)``, ``finalize()``, and optionally
-        ``needs_attention`` (bool), ``attention_reduce`` (callable applied to each
+        ``needs_attention`` (bool), ``attention_reduce(attn, grid)`` (applied to each
         (B, H, N, N) map as soon as it is computed, so big maps are never stored) and
         ``view = "shuffled"`` (with ``shuffle_seed``) to receive the tokens of the same
         images with their patches shuffled. All views of a batch go through the model
@@ -172,9 +172,10 @@ def run_analyses(model, batches, accumulators, layers=None, device="cpu", progre
             if want_attn:
                 from .capture import capture_attention
 
-                reduce = want_attn[0].attention_reduce if len(want_attn) == 1 else None
-                if reduce is not None and shuffled:  # attention analyses look at the original view only
-                    reduce = (lambda r: (lambda a: r(a[:B])))(reduce)
+                reduce = None
+                if len(want_attn) == 1 and hasattr(want_attn[0], "attention_reduce"):
+                    # attention analyses look at the original view only (the first B images)
+                    reduce = (lambda r, g: (lambda a: r(a[:B], g)))(want_attn[0].attention_reduce, grid)
                 recorder = stack.enter_context(capture_attention(model, reduce=reduce))
             try:
                 with torch.no_grad():
