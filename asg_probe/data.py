@@ -2,57 +2,108 @@
 
 The embedded default takes deterministic random crops of the photographs that
 ship inside scikit-image and scikit-learn, so ``asg-probe layerwise`` works on a
-machine with no network. ``load_images(folder)`` walks any folder tree, skips
-and counts unreadable files, and returns square crops (resize the shorter side,
-then centre-crop).
+machine with no network. :func:`load_images` walks any folder tree, skips and
+counts unreadable files, and returns square crops. :func:`iter_batches` feeds
+them to a model, optionally sharded across ``torchrun`` ranks.
+
+All resizing goes through Pillow's 8-bit bicubic resampler, which is antialiased
+and uses fixed-point arithmetic, so the same arguments give the same bytes on
+any machine with the same Pillow (float SIMD kernels can differ in the last bit
+between CPUs, which would flip the odd uint8 value).
+
+Examples
+--------
+>>> from asg_probe.data import load_images, iter_batches
+>>> imgs = load_images(num_images=4, img_size=32)
+>>> [tuple(x.shape) for x, idx in iter_batches(imgs, batch_size=3)]
+[(3, 3, 32, 32), (1, 3, 32, 32)]
 """
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMG_SIZE = 224
 
-# Colour photographs first; greyscale textures widen the variety and are replicated to RGB.
+# Colour photographs first; a few greyscale photographs/textures widen the variety and are
+# replicated to RGB. ``cat`` is left out: it is the same picture as ``chelsea``.
 _SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-                   "retina", "cat", "camera", "coins", "moon", "grass", "gravel", "brick")
+                   "retina", "stereo_motorcycle", "camera", "coins", "moon", "grass", "gravel", "brick")
 
 
 @dataclass
 class ImageSet:
-    """Images as uint8 ``(N, 3, H, W)`` with where they came from."""
+    """Images as uint8 ``(N, 3, H, W)`` with where they came from.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        uint8 ``(N, 3, H, W)``.
+    names : list of str
+        One per image: the file path for folders, ``"source:photo[top:bottom,left:right]"`` for
+        the embedded crops.
+    source : str
+        What was loaded, in words.
+    skipped : list of (str, str)
+        ``(path, reason)`` for every file that was tried and could not be decoded.
+    """
 
     images: torch.Tensor
     names: list
     source: str
-    skipped: list = field(default_factory=list)  # (path, reason)
+    skipped: list = field(default_factory=list)
 
     def __len__(self):
         return len(self.images)
 
+    @property
+    def paths(self) -> list:
+        """Alias of :attr:`names` (file paths when loaded from a folder)."""
+        return self.names
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+
+# --------------------------------------------------------------------------- embedded photographs
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3].astype(np.uint8))
+
 
 @functools.lru_cache(maxsize=1)
-def _source_photos():
-    """Decoded offline photographs, ``[(name, uint8 HxWx3)]`` (cached: decoding costs time)."""
+def _source_photos() -> tuple:
+    """Decoded offline photographs, ``((name, uint8 HxWx3), ...)``; cached because decoding takes ~2 s."""
     import warnings
 
     photos = []
-    import skimage.data as skdata
-
-    for name in _SKIMAGE_PHOTOS:
+    try:
+        import skimage.data as skdata
+    except ImportError:
+        skdata = None
+    for name in _SKIMAGE_PHOTOS if skdata is not None else ():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                img = np.asarray(getattr(skdata, name)())
-        except Exception:  # an image that needs a download on this install: skip it
+                img = getattr(skdata, name)()
+        except Exception:  # a photo this install can only fetch from the network: do without it
             continue
-        photos.append((f"skimage:{name}", _to_rgb(img)))
+        if isinstance(img, tuple):  # stereo pairs: the left view
+            img = img[0]
+        photos.append((f"skimage:{name}", _to_rgb(np.asarray(img))))
     try:
         from sklearn.datasets import load_sample_images
 
@@ -63,30 +114,39 @@ def _source_photos():
         pass
     if not photos:
         raise RuntimeError("no built-in photographs could be loaded (scikit-image/scikit-learn missing?); "
-                           "pass --images DIR")
-    return photos
+                           "pass a folder of images instead")
+    return tuple(photos)
 
 
-def _to_rgb(img: np.ndarray) -> np.ndarray:
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(img[:, :, :3].astype(np.uint8))
+def _pil_resize(im, size: int, box) -> torch.Tensor:
+    from PIL import Image
+
+    out = im.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
-def _resize(chw_uint8: torch.Tensor, size: int) -> torch.Tensor:
-    x = chw_uint8[None].float()
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)[0]
-
-
-def embedded_images(num_images: int = 64, img_size: int = 224, seed: int = 0) -> ImageSet:
+def embedded_images(num_images: int = 64, img_size: int = DEFAULT_IMG_SIZE, seed: int = 0) -> ImageSet:
     """Deterministic random crops of the built-in photographs, uint8 ``(N, 3, S, S)``.
 
-    Each crop picks a photograph (cycling through them), a side between 35% and 100%
-    of the photo's shorter side and a location, from a seeded generator; then resizes
-    to ``img_size`` (bicubic, antialiased). Same arguments, same bytes.
+    Photographs come from ``skimage.data`` (astronaut, coffee, chelsea, rocket,
+    immunohistochemistry, hubble_deep_field, retina, motorcycle, and greyscale camera,
+    coins, moon, grass, gravel, brick replicated to RGB) and scikit-learn's sample
+    images (china, flower); any that this install cannot load offline is left out.
+    Crop ``i`` uses photograph ``perm[i % P]`` (a seeded permutation, so every photo is
+    used equally often), a square side uniform in 35–100% of the photo's shorter side and
+    a uniform location, all from ``numpy.random.default_rng(seed)``; the crop is resized
+    to ``img_size`` with Pillow's antialiased bicubic filter. Same arguments, same bytes.
+
+    Parameters
+    ----------
+    num_images : int
+    img_size : int
+    seed : int
+
+    Returns
+    -------
+    ImageSet
+        ``names`` record each crop as ``"skimage:astronaut[top:bottom,left:right]"``.
 
     Examples
     --------
@@ -94,96 +154,265 @@ def embedded_images(num_images: int = 64, img_size: int = 224, seed: int = 0) ->
     >>> imgs.images.shape, imgs.images.dtype
     (torch.Size([4, 3, 32, 32]), torch.uint8)
     """
+    from PIL import Image
+
+    num_images, img_size = int(num_images), int(img_size)
     if num_images < 1 or img_size < 1:
         raise ValueError(f"num_images and img_size must be positive, got {num_images} and {img_size}")
     photos = _source_photos()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(photos))
+    pil = {}
     out, names = [], []
     for i in range(num_images):
-        name, photo = photos[order[i % len(photos)]]
+        k = int(order[i % len(photos)])
+        name, photo = photos[k]
         h, w, _ = photo.shape
         side = int(rng.uniform(0.35, 1.0) * min(h, w))
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(0, w - side + 1))
-        crop = torch.from_numpy(photo[top:top + side, left:left + side]).permute(2, 0, 1)
-        out.append(_resize(crop, img_size))
+        if k not in pil:
+            pil[k] = Image.fromarray(photo)
+        out.append(_pil_resize(pil[k], img_size, (left, top, left + side, top + side)))
         names.append(f"{name}[{top}:{top + side},{left}:{left + side}]")
     return ImageSet(torch.stack(out), names, source=f"embedded photographs (seed {seed})")
 
 
+# --------------------------------------------------------------------------- image folders
+
+def _image_files(root: Path) -> list:
+    """Image files under ``root``, sorted by relative path so the order is the same on every filesystem."""
+    found = []
+    # os.walk does not follow directory symlinks, so a link loop cannot trap the walk.
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fname in filenames:
+            if fname.lower().endswith(IMAGE_SUFFIXES):
+                path = Path(dirpath) / fname
+                found.append((path.relative_to(root).as_posix(), path))
+    return [p for _, p in sorted(found)]
+
+
 def _read_square(path: Path, size: int) -> torch.Tensor:
-    from PIL import Image
+    """Decode ``path`` and return the centre ``size``×``size`` crop after resizing its shorter side to ``size``."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        if im.format == "JPEG":
+            # decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed
+            # (never below ``size`` on either side): big photo folders load several times faster
+            im.draft("RGB", (size, size))
         im.load()
-        im = im.convert("RGB")
-        arr = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-    h, w = arr.shape[1:]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2  # centre crop of the shorter side
-    return _resize(arr[:, top:top + side, left:left + side], size)
+        im = ImageOps.exif_transpose(im)  # phone photos: store upright pixels as the viewer sees them
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            arr = np.asarray(im, dtype=np.int64)
+            arr = arr >> 8 if arr.max() > 255 else arr  # 16-bit greyscale: keep the top 8 bits
+            im = Image.fromarray(arr.astype(np.uint8))
+        im = im.convert("RGB")  # greyscale, palette, CMYK; alpha is dropped
+        w, h = im.size
+        scale = size / min(w, h)
+        # Resizing the shorter side to ``size`` and taking the centre crop equals resampling
+        # this centred square box (in source pixels) straight to size×size; doing it in one
+        # step avoids a second resampling of the already-resized image.
+        half = size / scale / 2.0
+        cx, cy = w / 2.0, h / 2.0
+        return _pil_resize(im, size, (cx - half, cy - half, cx + half, cy + half))
 
 
-def load_images(source=None, num_images: int = 64, img_size: int = 224, seed: int = 0) -> ImageSet:
-    """Images for analysis: ``None`` → :func:`embedded_images`; a folder → its images.
+def _describe(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
-    A folder is searched recursively for image files (sorted, so the selection is
-    deterministic; a seeded choice when it holds more than ``num_images``). Each is
-    centre-cropped to a square and resized to ``img_size``. Unreadable files are
-    skipped and listed in ``ImageSet.skipped``.
+
+def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAULT_IMG_SIZE,
+                seed: int = 0) -> ImageSet:
+    """Images for analysis: ``None`` → :func:`embedded_images`; a folder (or one file) → its images.
+
+    A folder is walked recursively for files ending in .jpg, .jpeg, .png, .bmp, .webp,
+    .tif, .tiff or .gif (any case), sorted by relative path. If it holds more than
+    ``num_images`` files, they are tried in a seeded random order until ``num_images``
+    decode; otherwise all are tried in sorted order. The chosen images are returned in
+    sorted path order. Each image is decoded with Pillow (EXIF rotation applied, converted
+    to RGB), its shorter side resized to ``img_size`` and the centre ``img_size`` square
+    kept (bicubic, antialiased). Files that fail to decode (corrupt, truncated, not an
+    image) are skipped and listed in ``ImageSet.skipped`` with the reason; files never
+    tried because enough images were already read are not listed.
+
+    Parameters
+    ----------
+    source : None, str or path-like
+        ``None`` for the embedded photographs, else a folder or a single image file.
+    num_images : int or None
+        How many images to return at most (``None``: every image in the folder).
+    img_size : int
+        Side of the square output.
+    seed : int
+        Seeds the embedded crops or the choice among a folder's files.
+
+    Returns
+    -------
+    ImageSet
 
     Raises
     ------
     FileNotFoundError
         The path does not exist.
     ValueError
-        The folder holds no readable image.
+        The folder holds no image file, or none of them can be decoded.
+
+    Examples
+    --------
+    >>> imgs = load_images(None, num_images=2, img_size=32)
+    >>> len(imgs), imgs.skipped
+    (2, [])
     """
+    img_size = int(img_size)
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if num_images is not None and int(num_images) < 1:
+        raise ValueError(f"num_images must be positive, got {num_images}")
     if source is None:
-        return embedded_images(num_images=num_images, img_size=img_size, seed=seed)
-    root = Path(source)
+        return embedded_images(num_images=64 if num_images is None else num_images, img_size=img_size, seed=seed)
+    root = Path(source).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"{root}: no such folder")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*")
-                                                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    files = [root] if root.is_file() else _image_files(root)
     if not files:
-        raise ValueError(f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    if len(files) > num_images:
-        rng = np.random.default_rng(seed)
-        files = [files[i] for i in sorted(rng.permutation(len(files)))]
-    images, names, skipped = [], [], []
-    for path in files:
-        if len(images) >= num_images:
+        raise ValueError(f"{root}: no image files found (looked recursively for "
+                         f"{', '.join(IMAGE_SUFFIXES)}, any case)")
+    want = len(files) if num_images is None else int(num_images)
+    order = np.arange(len(files))
+    if len(files) > want:
+        order = np.random.default_rng(seed).permutation(len(files))
+    chosen, skipped = {}, []
+    for k in order:
+        if len(chosen) >= want:
             break
         try:
-            images.append(_read_square(path, img_size))
-            names.append(str(path))
-        except Exception as exc:  # corrupt, truncated or not an image at all
-            skipped.append((str(path), f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-    if not images:
-        raise ValueError(f"{root}: none of the {len(files)} image files could be read")
-    return ImageSet(torch.stack(images), names, source=str(root), skipped=skipped)
+            chosen[int(k)] = _read_square(files[k], img_size)
+        except Exception as exc:  # corrupt, truncated, not an image at all, or too large to decode safely
+            skipped.append((str(files[k]), _describe(exc)))
+    if not chosen:
+        raise ValueError(f"{root}: none of the {len(files)} image files could be read "
+                         f"(first error: {skipped[0][0]}: {skipped[0][1]})")
+    keep = sorted(chosen)
+    return ImageSet(torch.stack([chosen[k] for k in keep]), [str(files[k]) for k in keep],
+                    source=str(root), skipped=skipped)
 
+
+# --------------------------------------------------------------------------- feeding a model
 
 def data_config_for(model):
-    """``(mean, std, img_size, patch_size)`` from a timm-style model's ``pretrained_cfg``.
+    """``(mean, std, img_size, patch_size)`` for a timm-style model.
 
-    Falls back to ImageNet mean/std, the model's ``patch_embed.img_size`` and 224.
+    ``mean``/``std`` come from ``model.pretrained_cfg`` (ImageNet's
+    ``(0.485, 0.456, 0.406)``/``(0.229, 0.224, 0.225)`` when absent). ``img_size`` is
+    ``model.patch_embed.img_size`` when set, because a model built with an ``img_size``
+    override keeps its original ``pretrained_cfg['input_size']`` yet accepts only the
+    new size; otherwise ``pretrained_cfg['input_size']``, else 224. ``patch_size`` is
+    ``model.patch_embed.patch_size``.
+
+    Raises
+    ------
+    ValueError
+        The model has no ``patch_embed.patch_size`` (the probes need the token grid).
+
+    Examples
+    --------
+    >>> import timm
+    >>> data_config_for(timm.create_model("vit_tiny_patch16_224", pretrained=False))
+    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, 16)
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(cfg.get("std", IMAGENET_STD))
-    patch = model.patch_embed.patch_size
+    mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_MEAN))
+    std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_STD))
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None:
+        raise ValueError(f"{type(model).__name__} has no patch_embed.patch_size; cannot tell its token grid")
     patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-    size = getattr(model.patch_embed, "img_size", None) or cfg.get("input_size", (3, 224, 224))[1:]
+    size = getattr(embed, "img_size", None) or (cfg.get("input_size") or (3, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE))[1:]
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     return mean, std, size, patch
 
 
 def preprocess(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 ``(N, 3, H, W)`` → normalised float32."""
-    x = images.float().div(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    """Images ``(N, 3, H, W)`` → ``(x / 255 - mean) / std`` as float32.
+
+    uint8 input is scaled by 1/255; floating input is taken to be in [0, 1] already.
+
+    Examples
+    --------
+    >>> preprocess(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3).unique()
+    tensor([1.])
+    """
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def shard_indices(num: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Global indices of rank ``rank``'s share: ``rank, rank + world_size, ...`` (disjoint, covering).
+
+    Examples
+    --------
+    >>> shard_indices(5, rank=1, world_size=2)
+    tensor([1, 3])
+    """
+    world_size, rank = int(world_size), int(rank)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
+    return torch.arange(rank, int(num), world_size, dtype=torch.long)
+
+
+def _dist_rank_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def iter_batches(images, batch_size: int = 32, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
+                 rank: int | None = None, world_size: int | None = None):
+    """Yield ``(normalised float batch on device, global image indices)``.
+
+    Parameters
+    ----------
+    images : ImageSet or torch.Tensor
+        uint8 ``(N, 3, H, W)`` (or float in [0, 1]).
+    batch_size : int
+    mean, std : sequence of float
+        Normalisation, e.g. from :func:`data_config_for`.
+    device : str or torch.device
+    rank, world_size : int, optional
+        Shard for ``torchrun``: rank ``r`` of ``w`` gets images ``r, r + w, r + 2w, ...``,
+        so the ranks' shares are disjoint and together cover every image once. Default:
+        the initialised ``torch.distributed`` group, else a single process.
+
+    Yields
+    ------
+    x : torch.Tensor
+        float32 ``(B, 3, H, W)`` on ``device``.
+    index : torch.LongTensor
+        ``(B,)`` indices into ``images`` (global, not per shard), on the CPU.
+
+    Examples
+    --------
+    >>> imgs = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
+    >>> [idx.tolist() for _, idx in iter_batches(imgs, 2, rank=0, world_size=2)]
+    [[0, 2], [4]]
+    """
+    tensor = images.images if isinstance(images, ImageSet) or hasattr(images, "images") else images
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[1] != 3:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"images must be an ImageSet or a (N, 3, H, W) tensor, got {shape}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if rank is None or world_size is None:
+        auto_rank, auto_world = _dist_rank_world()
+        rank = auto_rank if rank is None else rank
+        world_size = auto_world if world_size is None else world_size
+    indices = shard_indices(len(tensor), rank, world_size)
+    for start in range(0, len(indices), int(batch_size)):
+        idx = indices[start:start + int(batch_size)]
+        yield preprocess(tensor[idx].to(device), mean, std), idx
