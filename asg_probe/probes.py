@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from asg_probe.layers.grid import coordinate_targets as _grid_coordinate_targets
 from asg_probe.layers.grid import grid_coords
 
 __all__ = [
@@ -56,20 +57,14 @@ TARGET_NAMES = ("row", "col", "control_row", "control_col")
 # --------------------------------------------------------------------------- targets
 
 def coordinate_targets(grid, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normalised ``(row, col)`` of every patch, row-major, shape ``(gh*gw, 2)``.
-
-    Row ``r`` maps to ``r / (gh - 1)`` and column ``c`` to ``c / (gw - 1)``; a grid
-    side of 1 has no extent and gives 0.
+    """Normalised ``(row, col)`` of every patch (validated grid); see :func:`asg_probe.layers.grid.coordinate_targets`.
 
     Examples
     --------
     >>> coordinate_targets((2, 3)).tolist()
     [[0.0, 0.0], [0.0, 0.5], [0.0, 1.0], [1.0, 0.0], [1.0, 0.5], [1.0, 1.0]]
     """
-    gh, gw = _check_grid(grid)
-    coords = grid_coords((gh, gw), device=device, dtype=torch.float64)
-    scale = torch.tensor([max(gh - 1, 1), max(gw - 1, 1)], dtype=torch.float64, device=device)
-    return (coords / scale).to(dtype)
+    return _grid_coordinate_targets(_check_grid(grid), device=device, dtype=dtype)
 
 
 def control_permutation(num_patches: int, seed: int = 0) -> torch.Tensor:

@@ -23,6 +23,23 @@ def grid_coords(grid, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=-1)
 
 
+def coordinate_targets(grid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised (row, col) of every patch, ``row/(gh-1)`` and ``col/(gw-1)``, in [0, 1].
+
+    The regression target of both the guidance loss and the coordinate probes. A grid
+    side of 1 has no extent and gives 0.
+
+    Examples
+    --------
+    >>> coordinate_targets((2, 3)).tolist()
+    [[0.0, 0.0], [0.0, 0.5], [0.0, 1.0], [1.0, 0.0], [1.0, 0.5], [1.0, 1.0]]
+    """
+    gh, gw = int(grid[0]), int(grid[1])
+    coords = grid_coords((gh, gw), device=device, dtype=torch.float64)
+    scale = torch.tensor([max(gh - 1, 1), max(gw - 1, 1)], dtype=torch.float64, device=device)
+    return (coords / scale).to(dtype)
+
+
 def axis_offsets(grid, device=None, dtype=torch.float32):
     """Absolute row and column offsets between every pair of patches, each ``(N, N)``."""
     coords = grid_coords(grid, device=device, dtype=dtype)

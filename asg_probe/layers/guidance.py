@@ -10,24 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .grid import grid_coords
+from .grid import coordinate_targets
 
 GUIDANCE_TARGETS = ("true", "random")
-
-
-def coordinate_targets(grid, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normalised (row, col) of every patch, ``row/(gh-1)`` and ``col/(gw-1)``, in [0, 1].
-
-    A grid side of 1 gives 0 for that axis.
-
-    Examples
-    --------
-    >>> coordinate_targets((2, 3)).tolist()
-    [[0.0, 0.0], [0.0, 0.5], [0.0, 1.0], [1.0, 0.0], [1.0, 0.5], [1.0, 1.0]]
-    """
-    coords = grid_coords(grid, device=device, dtype=dtype)
-    scale = torch.tensor([max(int(grid[0]) - 1, 1), max(int(grid[1]) - 1, 1)], device=device, dtype=dtype)
-    return coords / scale
 
 
 class GuidanceHead(nn.Module):
