@@ -1,0 +1,194 @@
+"""Regenerate every figure of the README and of a paper-style report from checkpoints.
+
+    python figures/make_figures.py                               # the bundled reference models
+    python figures/make_figures.py --runs runs/reference --out figures/paper   # trained run dirs (seeds)
+
+Inputs are labelled checkpoints: bundled reference names, or run directories laid
+out as ``<runs>/<label>/seed<k>/model.safetensors`` (what ``python -m train.reference``
+writes); several seeds of a label are drawn as mean ± std. Images: held-out
+procedural scenes (``--images scenes``, the data the reference models were trained
+on) or the embedded photographs (``--images photos``) or any folder.
+
+Each figure is written as vector PDF and PNG: layerwise R² curves for all
+mechanisms on one plot, attention-distance scatter (head × layer), UMAP panels, PE
+similarity grids, shuffle-test bars and resolution-transfer curves, with one
+colour per mechanism throughout (``asg_probe.plotting.MECHANISM_COLORS``).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import asg_probe  # noqa: E402
+from asg_probe.plotting import mechanism_color  # noqa: E402
+
+# Reference model names -> labels used for colours and legends.
+LABELS = {"none": "none", "ape": "ape", "rope-mixed": "rope-mixed", "sdt-decay": "sdt-decay",
+          "guidance": "none+guidance", "guidance-random": "none+guidance-random",
+          "guidance_random": "none+guidance-random"}
+
+
+def discover(args):
+    """``{label: [checkpoint paths (one per seed)]}``."""
+    found = defaultdict(list)
+    if args.runs:
+        for model_file in sorted(Path(args.runs).glob("*/seed*/model.safetensors")):
+            name = model_file.parent.parent.name
+            found[LABELS.get(name, name)].append(model_file)
+    else:
+        from asg_probe.reference import reference_path
+
+        for name in asg_probe.list_reference_models():
+            found[LABELS.get(name, name)].append(reference_path(name))
+    if not found:
+        raise SystemExit("no checkpoints found: pass --runs DIR or install the reference models")
+    return dict(found)
+
+
+def images_for(kind, num, size, seed):
+    if kind == "scenes":
+        from asg_probe.scenes import SceneDataset
+
+        return SceneDataset(num, img_size=size, split="test", seed=seed).images()
+    if kind == "photos":
+        return asg_probe.embedded_images(num_images=num, img_size=size, seed=seed).images
+    return asg_probe.load_images(kind, num_images=num, img_size=size, seed=seed).images
+
+
+def save(fig, out, name):
+    for ext in ("pdf", "png"):
+        fig.savefig(out / f"{name}.{ext}", dpi=160, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {out / name}.pdf/.png")
+
+
+def mean_std(curves):
+    stack = np.array(curves, dtype=float)
+    return stack.mean(0), (stack.std(0) if len(curves) > 1 else np.zeros(stack.shape[1]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", help="folder of <label>/seed<k>/model.safetensors (default: reference models)")
+    p.add_argument("--images", default="scenes", help="scenes | photos | a folder (default: scenes)")
+    p.add_argument("--num-images", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("figures/out"))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    found = discover(args)
+    results = defaultdict(lambda: defaultdict(list))
+    for label, paths in found.items():
+        for path in paths:
+            model = asg_probe.load_checkpoint(path)
+            size = int(model.patch_embed.img_size[0])
+            imgs = images_for(args.images, args.num_images, size, args.seed)
+            kw = dict(progress=False, checkpoint=label)
+            results[label]["layerwise"].append(asg_probe.layerwise_probes(model, imgs, **kw))
+            results[label]["attention"].append(asg_probe.attention_distance(model, imgs, **kw))
+            results[label]["shuffle"].append(asg_probe.shuffle_test(model, imgs, **kw))
+            results[label]["resolution"].append(asg_probe.resolution_transfer(model, imgs, **kw))
+            if len(results[label]["embeddings"]) == 0:
+                results[label]["embeddings"].append(asg_probe.token_embeddings(model, imgs[:64], **kw))
+            if len(results[label]["pe"]) == 0:
+                try:
+                    results[label]["pe"].append(asg_probe.pos_similarity(model, checkpoint=label))
+                except ValueError:
+                    pass
+            print(f"analysed {label}: {path}")
+    labels = list(results)
+
+    # 1. layerwise R² (mean of row, col) for all mechanisms, control dotted
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for i, label in enumerate(labels):
+        runs = results[label]["layerwise"]
+        layers = runs[0].r2()[0]
+        m, s = mean_std([r.r2("r2")[1] for r in runs])
+        mc, _ = mean_std([r.r2("r2_control")[1] for r in runs])
+        color = mechanism_color(label, i)
+        ax.plot(layers, m, marker="o", ms=3, color=color, label=f"{label}" + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+        ax.fill_between(layers, m - s, m + s, color=color, alpha=0.2, lw=0)
+        ax.plot(layers, mc, ls=":", lw=0.9, color=color)
+    ax.set_xlabel("layer (0 = patch embedding)")
+    ax.set_ylabel("held-out R² of (row, col)\n(dotted: control task)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Where does each layer know its position?", fontsize=10)
+    save(fig, args.out, "layerwise_r2")
+
+    # 2. attention distance: head × layer scatter, one panel per mechanism
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.3 * len(labels), 2.8), sharey=True, squeeze=False)
+    for i, label in enumerate(labels):
+        ax = axes[0][i]
+        res = results[label]["attention"][0]
+        for layer, px in res.heads_px.items():
+            ax.scatter([layer] * len(px), px, s=10, color=mechanism_color(label, i))
+        ax.axhline(res.uniform_px, ls="--", color="k", lw=0.7)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_xticks(list(res.heads_px))
+    axes[0][0].set_ylabel("mean attention distance (px)")
+    fig.suptitle("Attention distance per head (dashed: uniform attention)", fontsize=9)
+    fig.tight_layout()
+    save(fig, args.out, "attention_distance")
+
+    # 3. UMAP panels of the last layer
+    from asg_probe.analysis.embeddings import compare_embeddings
+
+    save(compare_embeddings([results[lb]["embeddings"][0] for lb in labels], labels=labels, layer=-1),
+         args.out, "umap_last_layer")
+
+    # 4. PE similarity grids, where a model has a position table
+    for label in labels:
+        if results[label]["pe"]:
+            save(results[label]["pe"][0].plot(), args.out, f"pe_similarity_{label}")
+
+    # 5. shuffle test: last layer, original vs slot
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    x = np.arange(len(labels))
+    for j, (key, name, hatch) in enumerate([("r2_unshuffled", "unshuffled", ""), ("r2_original", "shuffled: original position", ""),
+                                             ("r2_slot", "shuffled: slot", "//")]):
+        vals = [[r.rows[-1][key] for r in results[lb]["shuffle"]] for lb in labels]
+        m = [np.mean(v) for v in vals]
+        s = [np.std(v) if len(v) > 1 else 0 for v in vals]
+        ax.bar(x + (j - 1) * 0.27, m, 0.27, yerr=s, label=name, hatch=hatch,
+               color=[mechanism_color(lb, i) for i, lb in enumerate(labels)], alpha=[0.35, 1.0, 0.7][j],
+               edgecolor="k", lw=0.4)
+    ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=7)
+    ax.set_ylabel("last-layer R²")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    ax.set_title("Content or injection? (patch-shuffle test)", fontsize=10)
+    save(fig, args.out, "shuffle_test")
+
+    # 6. resolution transfer of the last layer
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for i, label in enumerate(labels):
+        runs = results[label]["resolution"]
+        last = max(r["layer"] for r in runs[0].to_dict()["layers"])
+        sizes, _ = runs[0].curve(last, "r2")
+        m, s = mean_std([r.curve(last, "r2")[1] for r in runs])
+        color = mechanism_color(label, i)
+        ax.plot(sizes, m, marker="o", ms=3, color=color, label=label)
+        ax.fill_between(sizes, m - s, m + s, color=color, alpha=0.2, lw=0)
+    ax.axvline(runs[0].train_size, color="k", ls="--", lw=0.7)
+    ax.set_xlabel("input size (px); dashed: probe fit size")
+    ax.set_ylabel("last-layer probe R²")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Resolution transfer of the position probe", fontsize=10)
+    save(fig, args.out, "resolution_transfer")
+
+
+if __name__ == "__main__":
+    main()
