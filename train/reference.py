@@ -74,18 +74,28 @@ def probe_run(run_dir: Path, num_images: int) -> dict:
     layer = asg_probe.layerwise_probes(model, images=images, progress=False)
     last = layer.rows[-1]
     shuffle = shuffle_test(model, images=images, progress=False).rows[-1]
+    # A linear probe can miss position that is encoded non-linearly (the guidance head is an MLP):
+    # the small MLP probe of asg_probe on the final-norm patch tokens, held out by image.
+    import torch
+    from asg_probe.probes import MLPProbe
+
+    with torch.no_grad():
+        tokens = torch.cat([model.forward_features(b)[:, model.num_prefix_tokens:] for b in images.split(100)])
+    p = model.patch_embed.patch_size[0]
+    mlp = MLPProbe(seed=0).fit(tokens, grid=(images.shape[-2] // p, images.shape[-1] // p))
     eval_doc = json.loads((run_dir / "eval.json").read_text())
     sweep = {r["size"]: r["top1"] for r in eval_doc["sweep"]}
     size = eval_doc["train_size"]
     return {"top1": eval_doc["top1"], "top1_half": sweep.get(size // 2), "top1_double": sweep.get(size * 2),
             "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_control": last.get("r2_control"),
-            "selectivity": last.get("selectivity"), "shuffle_r2_original": shuffle["r2_original"],
+            "selectivity": last.get("selectivity"), "mlp_r2_row": float(mlp.heldout_r2_[0]),
+            "mlp_r2_col": float(mlp.heldout_r2_[1]), "shuffle_r2_original": shuffle["r2_original"],
             "shuffle_r2_slot": shuffle["r2_slot"], "shuffle_source": shuffle["source"],
             "layers_r2": [r["r2"] for r in layer.rows]}
 
 
 COLUMNS = ["top1", "top1_half", "top1_double", "r2_row", "r2_col", "r2_control", "selectivity",
-           "shuffle_r2_original", "shuffle_r2_slot"]
+           "mlp_r2_row", "mlp_r2_col", "shuffle_r2_original", "shuffle_r2_slot"]
 
 
 def tabulate(results: dict) -> str:
