@@ -41,6 +41,13 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _default_mode(path):
+    """mkstemp creates 0600 files; give the final file the usual umask-based mode instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_torch_save(obj, path: Path):
     """Temp file in the same folder + fsync + ``os.replace``: old or new file, never half."""
     path = Path(path)
@@ -51,6 +58,7 @@ def atomic_torch_save(obj, path: Path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,6 +74,7 @@ def atomic_safetensors_save(tensors: dict, path: Path, metadata: dict | None = N
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
