@@ -1,150 +1,395 @@
-"""Mean attention distance per head and layer (ViT paper; Raghu et al. 2021).
+"""Mean attention distance per head and layer (ViT paper; Raghu et al. 2021; SPEC §4).
 
 For each head: the attention-weighted Euclidean distance between a query patch
 centre and the key patch centres, in pixels, averaged over query patches and
-images. Prefix tokens (cls, registers) are left out and each query's remaining
-weights renormalised to sum to 1. Works under fused attention, for every
-positional mechanism (biases included) and for timm's plain ViT, through
-:func:`asg_probe.capture.capture_attention`.
+images. Prefix tokens (class, registers) are left out, as queries and as keys, and
+each query's remaining weights are renormalised to sum to 1. Works under fused
+attention and for every positional mechanism (biases included), timm's plain ViT
+and Eva, through :func:`asg_probe.capture.capture_attention`.
+
+Everything streams: :func:`mean_attention_distance` returns per-head *sums* and a
+count, so batches, input files and torchrun processes combine by addition.
 
 Check: uniform attention over a ``g × g`` grid gives the grid's mean pairwise
 distance × patch size, 116.5 px for 14 × 14 patches of 16 px.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from ..layers.grid import euclidean_distances
 from ..results import AnalysisResult
+
+__all__ = ["patch_centres", "pairwise_distances", "mean_attention_distance", "uniform_distance",
+           "AttentionDistanceAccumulator", "AttentionDistanceResult", "attention_distance"]
+
+
+def _pair(value):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"expected an int or a pair, got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def patch_centres(grid, patch_size, device=None, dtype=torch.float64):
+    """Pixel centres ``(y, x)`` of the patches of a ``grid``, row-major, ``(N, 2)``.
+
+    Parameters
+    ----------
+    grid : (int, int)
+        ``(grid_h, grid_w)`` patches.
+    patch_size : int or (int, int)
+        Patch height and width in pixels.
+
+    Examples
+    --------
+    >>> patch_centres((1, 2), 16).tolist()
+    [[8.0, 8.0], [8.0, 24.0]]
+    """
+    gh, gw = _pair(grid)
+    ph, pw = _pair(patch_size)
+    rows = (torch.arange(gh, device=device, dtype=dtype) + 0.5) * ph
+    cols = (torch.arange(gw, device=device, dtype=dtype) + 0.5) * pw
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
+
+
+def pairwise_distances(grid, patch_size, device=None, dtype=torch.float64):
+    """Euclidean distances between patch centres in pixels, ``(N, N)``, row-major patches.
+
+    Examples
+    --------
+    >>> pairwise_distances((2, 2), 10)[0].tolist()  # doctest: +ELLIPSIS
+    [0.0, 10.0, 10.0, 14.142...]
+    """
+    c = patch_centres(grid, patch_size, device=device, dtype=torch.float64)
+    # Differences rather than torch.cdist: cdist's matmul trick loses the exact zeros.
+    return (c[:, None, :] - c[None, :, :]).pow(2).sum(-1).sqrt().to(dtype)
 
 
 def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens):
-    """Summed distances of one batch: ``(per-head sum over queries and images (H,), count)``.
+    """Per-head distance sums of one batch of attention maps: ``(sum_per_head (H,), count)``.
 
     Parameters
     ----------
     attn : tensor (B, H, N_all, N_all)
-        Attention probabilities (rows sum to 1), prefix tokens first.
+        Attention probabilities, rows = queries, prefix tokens first.
+    grid : (int, int)
+        Patch grid, ``N_all = num_prefix_tokens + grid_h * grid_w``.
+    patch_size : int or (int, int)
+        In pixels.
+    num_prefix_tokens : int
+        Leading tokens without a position (class, registers); dropped as queries
+        and as keys, and each query's patch weights renormalised to sum to 1.
+
+    Returns
+    -------
+    sum_per_head : tensor (H,), float64
+        Sum over images and query patches of the per-query mean distance (pixels).
+    count : int
+        Number of (image, query patch) pairs, ``B * grid_h * grid_w``; the mean is
+        ``sum_per_head / count``. A query with no weight on any patch counts as 0 px.
+
+    Examples
+    --------
+    >>> a = torch.full((1, 2, 5, 5), 0.2)  # uniform, 1 prefix token + 2x2 grid
+    >>> total, count = mean_attention_distance(a, (2, 2), 16, num_prefix_tokens=1)
+    >>> [round(v, 4) for v in (total / count).tolist()]  # (0 + 16 + 16 + 22.627) / 4
+    [13.6569, 13.6569]
     """
+    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must be (B, H, N, N), got shape {tuple(attn.shape)}")
     p = int(num_prefix_tokens)
-    a = attn[:, :, p:, p:].double()
-    a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
-    dist = euclidean_distances(grid, device=a.device, dtype=torch.float64) * float(patch_size)
-    per_query = (a * dist).sum(-1)                # (B, H, N)
-    return per_query.sum(dim=(0, 2)), per_query.shape[0] * per_query.shape[2]
+    gh, gw = _pair(grid)
+    if attn.shape[-1] - p != gh * gw:
+        raise ValueError(f"attention over {attn.shape[-1]} tokens does not match {p} prefix tokens + a "
+                         f"{gh}x{gw} grid ({p + gh * gw} tokens)")
+    # float32 unless given float64: a float64 copy of every map would double the memory
+    # of the one thing that is big here, and the per-query sums need no more than fp32.
+    work = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    a = attn[:, :, p:, p:].to(work)
+    dist = pairwise_distances((gh, gw), patch_size, device=a.device, dtype=work)
+    # Σ_j a_ij d_ij and Σ_j a_ij per query; dividing afterwards is the renormalisation,
+    # without materialising a second (B, H, N, N) tensor.
+    weighted = torch.einsum("bhij,ij->bhi", a, dist).double()
+    mass = a.sum(-1).double()
+    per_query = weighted / mass.clamp_min(torch.finfo(torch.float64).tiny)
+    return per_query.sum(dim=(0, 2)), int(per_query.shape[0] * per_query.shape[2])
 
 
 def uniform_distance(grid, patch_size) -> float:
-    """Mean attention distance of uniform attention: the grid's mean pairwise distance in px."""
-    return float(euclidean_distances(grid, dtype=torch.float64).mean()) * float(patch_size)
+    """Mean attention distance of uniform attention: the grid's mean pairwise distance, px.
+
+    Examples
+    --------
+    >>> round(uniform_distance((14, 14), 16), 1)
+    116.5
+    """
+    return float(pairwise_distances(grid, patch_size).mean())
+
+
+def _square_patch(patch_size):
+    ph, pw = _pair(patch_size)
+    if ph != pw:
+        raise ValueError(f"mean attention distance in grid units needs square patches, got {ph}x{pw}")
+    return ph
 
 
 class AttentionDistanceAccumulator:
-    """Streams per-head distance sums; plugs into :func:`asg_probe.extract.run_analyses`."""
+    """Streams per-layer, per-head distance sums over batches (and torchrun processes).
 
-    needs_attention = True
+    Parameters
+    ----------
+    patch_size : int
+        In pixels (square patches).
+    num_prefix_tokens : int
+        Class/register tokens at the start of the sequence.
+
+    Notes
+    -----
+    ``update`` takes ``{layer: map}`` as ``recorder.attn`` holds it, either the full
+    ``(B, H, N, N)`` maps or the ``(sum, count)`` pairs of :meth:`attention_reduce`
+    (pass that as ``capture_attention(reduce=...)`` so full maps never pile up).
+    It also accepts an :class:`asg_probe.extract.ForwardBatch`, which is how
+    :func:`asg_probe.extract.run_analyses` (and the report) feed it. All batches of
+    one accumulator must share one grid.
+
+    Examples
+    --------
+    >>> acc = AttentionDistanceAccumulator(patch_size=16, num_prefix_tokens=0)
+    >>> acc.update({1: torch.eye(4).expand(2, 3, 4, 4)}, grid=(2, 2))
+    >>> acc.finalize().to_dict()["layers"][0]["heads_px"]
+    [0.0, 0.0, 0.0]
+    """
+
+    needs_attention = True  # asks run_analyses for attention maps
 
     def __init__(self, patch_size, num_prefix_tokens):
-        self.patch_size = int(patch_size)
+        self.patch_size = _square_patch(patch_size)
         self.num_prefix_tokens = int(num_prefix_tokens)
-        self.sums = {}
-        self.count = 0
+        self.sums = {}    # layer -> (H,) float64
+        self.counts = {}  # layer -> number of (image, query) pairs
         self.grid = None
 
     def attention_reduce(self, attn, grid):
-        """Per-head distance sums of one block, computed as soon as its map exists."""
+        """Reduce one block's ``(B, H, N, N)`` map to ``(sum (H,), count)`` at once."""
         return mean_attention_distance(attn, grid, self.patch_size, self.num_prefix_tokens)
 
-    def update(self, batch):
-        self.grid = tuple(batch.grid)
-        n = 0
-        for layer, value in batch.attn.items():
-            if isinstance(value, torch.Tensor):  # full maps (several attention analyses at once)
-                value = self.attention_reduce(value, self.grid)
-            total, n = value
-            self.sums[layer] = self.sums.get(layer, 0) + total.cpu()
-        self.count += n
+    def reducer(self, grid):
+        """``reduce`` callable for :func:`capture_attention` at a fixed ``grid``."""
+        grid = _pair(grid)
+        return lambda attn: self.attention_reduce(attn, grid)
 
-    def finalize(self, checkpoint=""):
+    def update(self, attn_by_layer, grid=None):
+        """Add one batch: ``attn_by_layer = {layer: (B,H,N,N) map or (sum, count)}``."""
+        if hasattr(attn_by_layer, "attn") and hasattr(attn_by_layer, "grid"):  # a ForwardBatch
+            attn_by_layer, grid = attn_by_layer.attn, attn_by_layer.grid
+        if grid is None:
+            raise ValueError("update needs the patch grid (grid_h, grid_w) of the batch")
+        grid = _pair(grid)
+        if self.grid is not None and grid != self.grid:
+            raise ValueError(f"grid changed from {self.grid} to {grid}: use one accumulator per input size")
+        self.grid = grid
+        for layer, value in attn_by_layer.items():
+            if isinstance(value, torch.Tensor):
+                value = self.attention_reduce(value, grid)
+            total, count = value
+            layer = int(layer)
+            self.sums[layer] = self.sums.get(layer, 0) + total.detach().double().cpu()
+            self.counts[layer] = self.counts.get(layer, 0) + int(count)
+
+    def _gather(self):
+        """Sum ``sums``/``counts`` over torchrun processes (a rank may have seen no batch)."""
         from .common import dist_rank_world
 
-        layers = sorted(self.sums)
-        if dist_rank_world()[1] > 1:
-            import torch.distributed as dist
+        if dist_rank_world()[1] == 1:
+            return self.sums, self.counts, self.grid
+        import torch.distributed as dist
 
-            stacked = torch.stack([self.sums[layer] for layer in layers] + [torch.full_like(self.sums[layers[0]],
-                                                                                           self.count)])
-            dist.all_reduce(stacked)
-            self.sums = {layer: stacked[i] for i, layer in enumerate(layers)}
-            self.count = float(stacked[-1, 0])
-        heads_px = {layer: (self.sums[layer] / self.count).tolist() for layer in layers}
-        return AttentionDistanceResult(heads_px, self.patch_size, self.grid, checkpoint=checkpoint)
+        mine = ({k: v.tolist() for k, v in self.sums.items()}, self.counts, self.grid)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        sums, counts, grid = {}, {}, None
+        for part_sums, part_counts, part_grid in everyone:
+            if part_grid is not None:
+                if grid is not None and tuple(part_grid) != tuple(grid):
+                    raise ValueError(f"processes saw different grids: {grid} and {part_grid}")
+                grid = tuple(part_grid)
+            for layer, values in part_sums.items():
+                sums[layer] = sums.get(layer, 0) + torch.tensor(values, dtype=torch.float64)
+                counts[layer] = counts.get(layer, 0) + part_counts[layer]
+        return sums, counts, grid
+
+    def finalize(self, checkpoint: str = "") -> "AttentionDistanceResult":
+        """Means over everything seen (all processes) as an :class:`AttentionDistanceResult`."""
+        sums, counts, grid = self._gather()
+        if not sums:
+            raise ValueError("no attention was recorded: nothing to finalize (no batch, or a model "
+                             "whose blocks do not compute attention the timm way)")
+        heads_px = {layer: (sums[layer] / counts[layer]).tolist() for layer in sorted(sums)}
+        layer = min(counts)
+        num_images = counts[layer] // (grid[0] * grid[1])
+        return AttentionDistanceResult(heads_px, self.patch_size, grid, checkpoint=checkpoint,
+                                       num_images=num_images)
 
 
 class AttentionDistanceResult(AnalysisResult):
-    """Mean attention distance ``heads_px[layer][head]`` (pixels); layer ``i`` = block ``i``."""
+    """Mean attention distance per layer and head.
+
+    Attributes
+    ----------
+    heads_px : dict
+        ``{layer: [distance of head 0, head 1, ...]}`` in pixels; layer ``i`` is block
+        ``i`` counted from 1.
+    patch_size : int
+    grid : (int, int)
+    uniform_px : float
+        Distance of uniform attention on this grid (the largest a head "looking
+        everywhere" reaches): the dashed baseline of the plot.
+    checkpoint : str
+    num_images : int or None
+
+    Examples
+    --------
+    >>> r = AttentionDistanceResult({1: [10.0, 30.0]}, patch_size=16, grid=(4, 4))
+    >>> r.to_dict()["layers"][0]["mean_px"], r.to_dict()["layers"][0]["heads_grid"]
+    (20.0, [0.625, 1.875])
+    """
 
     name = "attention_distance"
 
-    def __init__(self, heads_px, patch_size, grid, checkpoint=""):
-        self.heads_px = heads_px
-        self.patch_size = patch_size
-        self.grid = tuple(grid)
+    def __init__(self, heads_px, patch_size, grid, checkpoint="", num_images=None):
+        self.heads_px = {int(k): [float(v) for v in px] for k, px in sorted(heads_px.items())}
+        self.patch_size = int(patch_size)
+        self.grid = _pair(grid)
         self.checkpoint = checkpoint
-        self.uniform_px = uniform_distance(self.grid, patch_size)
+        self.num_images = num_images
+        self.uniform_px = uniform_distance(self.grid, self.patch_size)
 
     def to_dict(self):
         layers = [{"layer": layer, "heads_px": px, "mean_px": sum(px) / len(px),
                    "heads_grid": [v / self.patch_size for v in px]} for layer, px in self.heads_px.items()]
         return {"checkpoint": self.checkpoint, "patch_size": self.patch_size, "grid": list(self.grid),
-                "uniform_px": self.uniform_px, "layers": layers}
+                "num_images": self.num_images, "uniform_px": self.uniform_px,
+                "uniform_grid": self.uniform_px / self.patch_size, "layers": layers}
 
     def to_frame(self):
+        """One row per (layer, head): ``layer, head, distance_px, distance_grid``."""
         import pandas as pd
 
-        return pd.DataFrame([{"layer": layer, "head": h, "distance_px": v, "distance_grid": v / self.patch_size}
-                             for layer, px in self.heads_px.items() for h, v in enumerate(px)])
+        rows = [{"layer": layer, "head": head, "distance_px": v, "distance_grid": v / self.patch_size}
+                for layer, px in self.heads_px.items() for head, v in enumerate(px)]
+        return pd.DataFrame(rows, columns=["layer", "head", "distance_px", "distance_grid"])
 
     def plot(self, ax=None):
+        """The ViT-paper scatter: one point per head at each layer, uniform baseline dashed."""
         from ..plotting import new_figure
 
         if ax is None:
-            fig, axes = new_figure(5.0, 3.4)
+            _, axes = new_figure(5.0, 3.4)
             ax = axes[0][0]
-        for layer, px in self.heads_px.items():
-            ax.scatter([layer] * len(px), px, s=14, color="#1f77b4", alpha=0.8)
+        import matplotlib.pyplot as plt
+
         layers = list(self.heads_px)
-        ax.plot(layers, [sum(px) / len(px) for px in self.heads_px.values()], color="#1f77b4", lw=1, label="mean")
-        ax.axhline(self.uniform_px, ls="--", color="k", lw=0.8, label=f"uniform ({self.uniform_px:.1f} px)")
+        num_heads = max(len(px) for px in self.heads_px.values())
+        cmap = plt.get_cmap("viridis", max(num_heads, 2))
+        for head in range(num_heads):
+            xs = [layer for layer in layers if head < len(self.heads_px[layer])]
+            ax.scatter(xs, [self.heads_px[layer][head] for layer in xs], s=16, color=cmap(head), alpha=0.85,
+                       label=f"head {head}" if num_heads <= 8 else None)
+        ax.plot(layers, [sum(px) / len(px) for px in self.heads_px.values()], color="0.4", lw=1, label="mean")
+        ax.axhline(self.uniform_px, ls="--", color="k", lw=0.8,
+                   label=f"uniform {self.grid[0]}×{self.grid[1]} ({self.uniform_px:.1f} px)")
         ax.set_xlabel("layer (block)")
         ax.set_ylabel("mean attention distance (px)")
         ax.set_xticks(layers)
-        ax.set_ylim(0, max(self.uniform_px * 1.15, max(max(px) for px in self.heads_px.values()) * 1.05))
-        ax.set_title(f"Attention distance{' — ' + self.checkpoint if self.checkpoint else ''}", fontsize=9)
-        ax.legend(fontsize=7)
+        top = max(max(px) for px in self.heads_px.values())
+        ax.set_ylim(0, max(self.uniform_px * 1.15, top * 1.05))
+        ax.set_title("Mean attention distance" + (f" — {self.checkpoint}" if self.checkpoint else ""), fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
         ax.figure.tight_layout()
         return ax.figure
 
 
-def attention_distance(model, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0, device="cpu",
-                       progress=True, checkpoint="") -> AttentionDistanceResult:
+def _model_patch_and_prefix(model):
+    """``(patch_size, num_prefix_tokens)`` of a timm-style ViT."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "patch_size", None) is None:
+        raise ValueError(f"{type(model).__name__} has no patch_embed.patch_size: cannot place patches")
+    patch = _square_patch(embed.patch_size)
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if prefix is None:
+        # timm sets num_prefix_tokens on its ViTs; elsewhere guess from the class token.
+        prefix = 0 if getattr(model, "cls_token", True) is None else 1
+    return patch, int(prefix)
+
+
+def _show_progress(progress):
+    """A bar only for a person watching: a terminal or a notebook kernel, never a log file."""
+    if not progress:
+        return False
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def attention_distance(model, images=None, batch_size=32, device="cpu", checkpoint="", *, progress=True,
+                       num_images=64, img_size=None, seed=0, mode="auto") -> AttentionDistanceResult:
     """Mean attention distance per head and layer of any timm-style ViT.
+
+    Parameters
+    ----------
+    model : nn.Module
+        timm ``VisionTransformer``, ``Eva`` or asg_probe ``SpatialViT``; fused
+        attention is fine. It is put in eval mode for the run (its mode is restored)
+        and moved to ``device``.
+    images : tensor (N, 3, H, W), optional
+        Normalised float images (uint8 is normalised with the model's mean/std).
+        Also a folder or an ImageSet; default: the embedded photographs
+        (``num_images``, ``img_size``, ``seed`` choose them).
+    batch_size : int
+    device : str or torch.device
+    checkpoint : str
+        Name stored in the result.
+    progress : bool
+        tqdm bar (shown only on a terminal or in a notebook).
+    mode : {"auto", "sdpa", "attn_drop"}
+        Passed to :func:`asg_probe.capture.capture_attention`.
+
+    Returns
+    -------
+    AttentionDistanceResult
 
     Examples
     --------
-    >>> import asg_probe, torch
-    >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="alibi2d", depth=2)
-    >>> res = attention_distance(m, torch.randn(4, 3, 32, 32), progress=False)
-    >>> len(res.to_dict()["layers"]), len(res.to_dict()["layers"][0]["heads_px"])
-    (2, 4)
+    >>> import timm, torch
+    >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    >>> res = attention_distance(m, torch.randn(2, 3, 32, 32), progress=False)
+    >>> [row["layer"] for row in res.to_dict()["layers"]], len(res.to_dict()["layers"][0]["heads_px"])
+    ([1, 2], 3)
     """
-    from ..extract import model_geometry, run_analyses
+    from ..capture import capture_attention
+    from ..progress import progress_bar
     from .common import ImageBatches
 
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
-    patch, prefix, _ = model_geometry(model)
+    patch, prefix = _model_patch_and_prefix(model)
     acc = AttentionDistanceAccumulator(patch, prefix)
-    run_analyses(model, data, [acc], layers=[0], device=device, progress=progress, total=len(data),
-                 desc="attention distance")
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        bar = progress_bar(data, total=len(data), desc="attention distance", unit="batch",
+                           disable=not _show_progress(progress), leave=False)
+        for batch, _ in bar:
+            batch = batch.to(device, non_blocking=True)
+            grid = (batch.shape[-2] // patch, batch.shape[-1] // patch)
+            # reduce turns each block's (B, H, N, N) map into (H,) sums as soon as the
+            # block finishes: memory stays at one map, whatever the depth.
+            with torch.no_grad(), capture_attention(model, reduce=acc.reducer(grid), mode=mode) as rec:
+                # forward_features: the blocks are all we read; the head would be wasted work.
+                (model.forward_features if hasattr(model, "forward_features") else model)(batch)
+            acc.update(rec.attn, grid)
+    finally:
+        model.train(was_training)
     return acc.finalize(checkpoint=checkpoint)
