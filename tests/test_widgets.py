@@ -257,3 +257,18 @@ def test_rows_orientation_and_stable_boxes():
     assert ex.columns.children == boxes                 # same widgets, not rebuilt on every change
     with pytest.raises(ValueError, match="orientation"):
         ComparisonExplorer({"none": tiny("none")}, images=noise_images(), orientation="diagonal")
+
+
+def test_manhattan_decay_map_with_zero_qk():
+    # With q = k = 0 the RMT block's logits are its bias alone, log γ_h · (|Δrow| + |Δcol|),
+    # so among patches the map is γ_h^distance, normalised (γ = 0.75, 0.875, ... for 4 heads).
+    model = tiny("rmt-decay", depth=1)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.zero_()
+        model.blocks[0].attn.q_bias.zero_()
+    ex = explorer({"rmt": model}, layer=1, head=1, query=(3, 5))
+    rows, cols = np.divmod(np.arange(64), 8)
+    expected = 0.875 ** (np.abs(rows - 3) + np.abs(cols - 5))
+    np.testing.assert_allclose(ex.last_render["rmt"]["attention"].ravel(), expected / expected.sum(), rtol=1e-4)
+    ex.head.value = 0
+    assert ex.last_render["rmt"]["attention"][3, 5] > ex.last_render["rmt"]["attention"][3, 6] * 1.3  # γ = 0.75
