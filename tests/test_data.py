@@ -109,7 +109,8 @@ def test_preprocess_known_answer():
     x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
     y = preprocess(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.5))
     assert y.dtype == torch.float32
-    assert torch.allclose(y[0, 0, 0], torch.tensor([-2.0, 2.0])) and torch.allclose(y[0, 1, 0], torch.tensor([-1.0, 1.0]))
+    assert torch.allclose(y[0, 0, 0], torch.tensor([-2.0, 2.0]))
+    assert torch.allclose(y[0, 1, 0], torch.tensor([-1.0, 1.0]))
     assert torch.allclose(preprocess(x.float() / 255, (0.5,) * 3, (0.25, 0.5, 0.5)), y)
 
 
