@@ -6,7 +6,6 @@ import time
 import traceback
 
 import ipywidgets as widgets
-import numpy as np
 
 from ..plotting import mechanism_color
 from . import panels

@@ -18,6 +18,7 @@ keeps the widgets interactive on a CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -157,11 +158,25 @@ def _umap_2d(X: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
     d = torch.cdist(pts, pts)
     d.fill_diagonal_(-1.0)  # the point itself first, as UMAP expects
     dist, idx = torch.topk(d, k, dim=1, largest=False)
-    reducer = umap.UMAP(n_neighbors=k, n_components=2, random_state=int(seed), n_jobs=1,
+    # 200 epochs (UMAP's choice for large data; 500 below 10k points): the layout is settled
+    # by then for a few thousand tokens, at 40% of the wait when a new layer is chosen.
+    reducer = umap.UMAP(n_neighbors=k, n_components=2, random_state=int(seed), n_jobs=1, n_epochs=200,
                         precomputed_knn=(idx.numpy(), dist.clamp_min(0).numpy()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs with random_state, knn_search_index: both expected here
         return np.asarray(reducer.fit_transform(reduced), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run the block with ``n`` torch intra-op threads (``None``: leave as is), then restore."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ModelView:
@@ -192,6 +207,12 @@ class ModelView:
     batch_size : int, default=32
     seed : int, default=0
         Embedded-image crops and the UMAP layout.
+    solver_threads : int or None, default=1
+        Torch threads for the probe solves, the 2-D layout and the single-image
+        attention pass (``None``: the session's setting). That work is small (D x D
+        matrices, one image): threads mostly add synchronisation, and on a busy
+        2-core machine a threaded 128 x 128 ``eigh`` was measured 4 to 60 times
+        slower than a serial one. The batched token pass keeps the session's threads.
 
     Attributes
     ----------
@@ -214,7 +235,7 @@ class ModelView:
     """
 
     def __init__(self, model, images=None, label=None, *, num_images=16, img_size=None, n_folds=5,
-                 alphas=None, embedding="umap", max_embed_tokens=2048, batch_size=32, seed=0):
+                 alphas=None, embedding="umap", max_embed_tokens=2048, batch_size=32, seed=0, solver_threads=1):
         if embedding not in EMBEDDING_METHODS:
             raise ValueError(f"embedding must be one of {EMBEDDING_METHODS}, got {embedding!r}")
         self.model = model
@@ -234,6 +255,7 @@ class ModelView:
         self.max_embed_tokens = int(max_embed_tokens)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.solver_threads = solver_threads
         self.forward_count = 0
         self.timings = {}
         self._tokens = None
@@ -335,7 +357,8 @@ class ModelView:
                     self.model.forward_features(self.inputs[image:image + 1])
                 return dict(rec.attn)
 
-            raw = self._eval_forward(run)
+            with torch_threads(self.solver_threads):  # one image: too little work to share out
+                raw = self._eval_forward(run)
             self.forward_count += 1
             p = self.num_prefix_tokens
             maps = {}
@@ -376,14 +399,15 @@ class ModelView:
             X = self.tokens(layer)
             start = time.perf_counter()
             index = torch.arange(self.num_images)
-            stats = RidgeStats(n_folds=self.n_folds, target_names=("row", "col"))
-            stats.update(X, probe_targets(self.grid, control=False), index)
-            result = solve_ridge_cv(stats, alphas=self.alphas)
-            # Each image is predicted by the fold model that never saw it, so short arrows
-            # mean position is decodable, not memorised.
-            W = torch.as_tensor(result.fold_coef_)[index % self.n_folds]           # (n, 2, D)
-            b = torch.as_tensor(result.fold_intercept_)[index % self.n_folds]      # (n, 2)
-            pred = torch.einsum("bnd,btd->bnt", X.double(), W) + b[:, None]
+            with torch_threads(self.solver_threads):
+                stats = RidgeStats(n_folds=self.n_folds, target_names=("row", "col"))
+                stats.update(X, probe_targets(self.grid, control=False), index)
+                result = solve_ridge_cv(stats, alphas=self.alphas)
+                # Each image is predicted by the fold model that never saw it, so short arrows
+                # mean position is decodable, not memorised.
+                W = torch.as_tensor(result.fold_coef_)[index % self.n_folds]           # (n, 2, D)
+                b = torch.as_tensor(result.fold_intercept_)[index % self.n_folds]      # (n, 2)
+                pred = torch.einsum("bnd,btd->bnt", X.double(), W) + b[:, None]
             scale = torch.tensor([max(self.grid[0] - 1, 1), max(self.grid[1] - 1, 1)], dtype=torch.float64)
             true = probe_targets(self.grid, control=False, dtype=torch.float64) * scale
             self._probes[layer] = ProbeFit(layer=layer, predictions=(pred * scale).numpy(), true=true.numpy(),
@@ -406,10 +430,11 @@ class ModelView:
             feats = X[:n_img].reshape(-1, X.shape[-1]).numpy()
             image = np.repeat(np.arange(n_img), self.num_patches)
             patch = np.tile(np.arange(self.num_patches), n_img)
-            if self.embedding_method == "umap":
-                xy = _umap_2d(feats, self.seed)
-            else:
-                xy = _pca(feats, 2).astype(np.float32)
+            with torch_threads(self.solver_threads):
+                if self.embedding_method == "umap":
+                    xy = _umap_2d(feats, self.seed)
+                else:
+                    xy = _pca(feats, 2).astype(np.float32)
             self._embeddings[layer] = Embedding2D(layer=layer, xy=xy, image=image, patch=patch,
                                                   method=self.embedding_method)
             self.timings["embedding"] = time.perf_counter() - start
