@@ -172,3 +172,16 @@ def test_embedded_photos_recipe_runs(tmp_path):
     model = asg_probe.load_checkpoint(tmp_path / "run")
     assert summary["steps"] == 2 and model.num_classes >= 10     # one class per bundled photograph
     assert model.asg_meta["data_config"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_scene_recipe_runs_with_the_scenes_normalisation(tmp_path):
+    from asg_probe.scenes import SceneDataset
+    from train.config import CONFIG_DIR
+
+    cfg = resolve(CONFIG_DIR / "cpu_scenes_guidance.yaml", [
+        f"out={tmp_path / 'run'}", "max_steps=2", "batch_size=8", "data.num_train=32", "data.num_val=16",
+        "eval.sizes=[16,32]", "progress=false", "model.kwargs.depth=1", "guidance.hidden_dim=16"])
+    summary = trainer.run(cfg)
+    model = asg_probe.load_checkpoint(tmp_path / "run")
+    assert summary["steps"] == 2 and model.num_classes == SceneDataset(1).num_classes
+    assert model.asg_meta["data_config"]["mean"] == pytest.approx(list(SceneDataset(1).mean))
