@@ -37,7 +37,7 @@ def analyse_model(model, name, images=None, *, num_images=64, img_size=None, bat
     from .analysis.embeddings import EmbeddingsAccumulator
     from .analysis.layerwise import LayerwiseAccumulator
     from .analysis.pos_similarity import pos_similarity
-    from .analysis.shuffle import ShuffleAccumulator, ShuffleResult, check_equivariance
+    from .analysis.shuffle import ShuffleAccumulator, ShuffleResult, check_equivariance, shuffle_rows
     from .extract import model_geometry, run_analyses
 
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
@@ -54,13 +54,8 @@ def analyse_model(model, name, images=None, *, num_images=64, img_size=None, bat
     results["attention_distance"] = attention.finalize(checkpoint=name)
     emb_result.checkpoint = name
     results["embeddings"] = emb_result
-    fits = layerwise.fitted()
-    rows = []
-    for layer, (o_row, o_col, s_row, s_col) in shuffle_by_layer.items():
-        ro, rs = 0.5 * (o_row + o_col), 0.5 * (s_row + s_col)
-        rows.append({"layer": layer, "r2_unshuffled": float(fits[layer].cv_r2_[:2].mean()), "r2_original": ro,
-                     "r2_slot": rs, "source": ShuffleResult.source(ro, rs)})
-    results["shuffle_test"] = ShuffleResult(rows, shuffled.grid, data.num_images, checkpoint=name)
+    results["shuffle_test"] = ShuffleResult(shuffle_rows(shuffle_by_layer, layerwise.fitted()), shuffled.grid,
+                                            data.num_images, checkpoint=name)
     results["equivariance"] = check_equivariance(model, data.images[:8], seed=seed, device=device,
                                                  checkpoint=name)
     try:

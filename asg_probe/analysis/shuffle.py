@@ -134,15 +134,20 @@ def shuffle_test(model, images=None, *, num_images=64, img_size=None, batch_size
     shuffled = ShuffleAccumulator(n_folds=n_folds, shuffle_seed=seed)
     _, by_layer = run_analyses(model, data, [plain, shuffled], layers=layers, device=device,
                                progress=progress, total=len(data), desc="shuffle test")
-    fits = plain.fitted()
+    return ShuffleResult(shuffle_rows(by_layer, plain.fitted()), shuffled.grid, data.num_images,
+                         checkpoint=checkpoint)
+
+
+def shuffle_rows(by_layer, unshuffled_fits):
+    """Result rows from :class:`ShuffleAccumulator` output and the unshuffled probes' fits."""
     rows = []
     for layer, (o_row, o_col, s_row, s_col) in by_layer.items():
         r2_original, r2_slot = 0.5 * (o_row + o_col), 0.5 * (s_row + s_col)
-        unshuffled = float(fits[layer].cv_r2_[:2].mean())
+        unshuffled = float(unshuffled_fits[layer].cv_r2_[:2].mean())
         rows.append({"layer": layer, "r2_unshuffled": unshuffled, "r2_original": r2_original, "r2_slot": r2_slot,
                      "r2_original_row": o_row, "r2_original_col": o_col, "r2_slot_row": s_row,
                      "r2_slot_col": s_col, "source": ShuffleResult.source(r2_original, r2_slot)})
-    return ShuffleResult(rows, shuffled.grid, data.num_images, checkpoint=checkpoint)
+    return rows
 
 
 class EquivarianceResult(AnalysisResult):
