@@ -49,9 +49,7 @@ class AnalysisResult:
 
     def figure_png(self, dpi=110) -> bytes:
         """Render ``plot()`` to PNG bytes (used by the notebook display and the HTML report)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
+        # no matplotlib.use() here: switching backends would silence plt.show() in notebooks
         import matplotlib.pyplot as plt
 
         out = self.plot()
