@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import html
 import time
-import traceback
 
 import ipywidgets as widgets
 
 from ..plotting import mechanism_color
 from . import panels
+from .panels import traceback_html
 from .view import as_views
 
 __all__ = ["ComparisonExplorer", "MEAN_HEAD"]
@@ -203,8 +203,7 @@ class ComparisonExplorer:
         except Exception as exc:  # a notebook callback has nowhere else to report to
             self.last_error = exc
             self.last_timing = time.perf_counter() - start
-            self.status.value = ("<pre style='color:#b00;font-size:80%'>"
-                                 + html.escape("".join(traceback.format_exception(exc))) + "</pre>")
+            self.status.value = traceback_html(exc)
         return self
 
     def _busy(self, text):

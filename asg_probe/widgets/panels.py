@@ -11,7 +11,9 @@ about as much as drawing them, and a head or query change must feel instant.
 """
 from __future__ import annotations
 
+import html
 import io
+import traceback
 
 import numpy as np
 
@@ -200,3 +202,9 @@ def r2_curve_panel(curves, layer, title="probe R² by layer", colors=None) -> by
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return to_png(fig)
+
+
+def traceback_html(exc: BaseException) -> str:
+    """A failed update's traceback as HTML for a status line (a widget callback has nowhere else to report)."""
+    return ("<pre style='color:#b00;font-size:80%'>"
+            + html.escape("".join(traceback.format_exception(exc))) + "</pre>")
