@@ -40,8 +40,9 @@ def run_mode(mode, model_name, n, batch_size, img_size):
     model = asg_probe.create_model(model_name, pos="ape", num_classes=0, img_size=img_size).eval()
     t0 = time.perf_counter()
     if mode == "forward":
-        for x, _ in batches(n, batch_size, img_size):
-            forward_tokens(model, x)  # every layer's tokens, discarded: the bare cost of looking
+        with torch.no_grad():  # the bare model: no hooks, no tokens kept
+            for x, _ in batches(n, batch_size, img_size):
+                model.forward_features(x)
         r2 = None
     elif mode == "layerwise":
         acc = LayerwiseAccumulator(n_folds=5)

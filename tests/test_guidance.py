@@ -25,9 +25,25 @@ def test_random_control_is_a_fixed_permutation():
     assert not torch.equal(GuidanceHead(8, target="random", seed=4).targets((4, 6)), a)
 
 
-def _fit_then_score(make_features, grid, steps=300):
+def test_shuffled_control_draws_a_fresh_permutation_per_image(monkeypatch):
+    import torch.nn.functional as F
+
+    captured, orig = [], F.smooth_l1_loss
+    monkeypatch.setattr(F, "smooth_l1_loss", lambda pred, target: captured.append(target) or orig(pred, target))
+    head, grid, true = GuidanceHead(8, target="shuffled"), (4, 6), coordinate_targets((4, 6))
+    for _ in range(2):
+        torch.manual_seed(0)
+        head(torch.randn(3, 24, 8), grid)
+    rows = captured[0]  # (B, N) row targets of the first call (then its col targets, then the second call)
+    assert torch.equal(rows, captured[2])  # reproducible from torch's RNG (what resume restores)
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[0], true[:, 0])
+    for b in range(3):  # each image's targets are a permutation of the true coordinates
+        assert torch.equal(rows[b].sort().values, true[:, 0].sort().values)
+
+
+def _fit_then_score(make_features, grid, steps=300, target="true"):
     """Train a head on one draw of features, report its loss on a fresh draw."""
-    head = GuidanceHead(16, hidden_dim=64)
+    head = GuidanceHead(16, hidden_dim=64, target=target)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     train = make_features()
     for _ in range(steps):
@@ -51,11 +67,22 @@ def test_loss_near_zero_on_linear_coordinates_and_large_on_noise():
     assert loss_noise > 0.04 and loss_noise > 40 * loss_planted
 
 
+def test_shuffled_control_cannot_use_perfect_position_information():
+    # Features that encode the coordinates exactly: the true target is learnt to ~0,
+    # the per-image shuffled target stays at the variance floor (nothing to learn).
+    grid = (5, 7)
+    torch.manual_seed(0)
+    mix = torch.randn(2, 16)
+    planted = lambda: (coordinate_targets(grid) @ mix).expand(4, -1, -1) + 1e-3 * torch.randn(4, 35, 16)
+    assert _fit_then_score(planted, grid, target="true") < 1e-3
+    assert _fit_then_score(planted, grid, target="shuffled") > 0.04
+
+
 def test_wrong_token_count_is_a_clear_error():
     with pytest.raises(ValueError, match="patch tokens only"):
         GuidanceHead(8)(torch.randn(1, 13, 8), (3, 4))
     with pytest.raises(ValueError, match="target"):
-        GuidanceHead(8, target="shuffled")
+        GuidanceHead(8, target="shufled")
 
 
 def test_exported_model_has_no_guidance_parameters(tmp_path):

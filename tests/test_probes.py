@@ -26,8 +26,8 @@ def planted(n_images=20, d_signal=16, d_noise=16, noise=0.01, seed=0):
     return torch.cat([signal, junk], dim=-1)
 
 
-def stats_of(X, Y, index, batch, n_folds=4):
-    stats = RidgeStats(n_folds=n_folds)
+def stats_of(X, Y, index, batch, n_folds=4, exact=False):
+    stats = RidgeStats(n_folds=n_folds, exact=exact)
     for s in range(0, X.shape[0], batch):
         stats.update(X[s:s + batch], Y, index[s:s + batch])
     return stats
@@ -167,15 +167,35 @@ def test_batching_and_order_do_not_change_the_statistics():
     X = planted(n_images=12).float()
     Y = probe_targets(GRID)
     index = torch.arange(12)
-    whole = stats_of(X, Y, index, batch=12)
+    whole = stats_of(X, Y, index, batch=12, exact=True)
     order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
     for batch in (1, 5):
-        other = stats_of(X[order], Y, index[order], batch=batch)
+        other = stats_of(X[order], Y, index[order], batch=batch, exact=True)
         for a, b in zip(whole._tensors(), other._tensors()):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
         r_whole, r_other = solve_ridge_cv(whole), solve_ridge_cv(other)
         np.testing.assert_allclose(r_whole.cv_r2_, r_other.cv_r2_, rtol=1e-9)
         np.testing.assert_allclose(r_whole.coef_, r_other.coef_, rtol=1e-7, atol=1e-9)
+
+
+def test_fast_float32_path_matches_float64_on_offset_activations():
+    # ViT-like activations: a large shared offset (|mean| ~ 50) on top of the signal, which is
+    # where an uncentred float32 Gram matrix would lose the signal to cancellation.
+    X64 = planted(n_images=40) + 50.0 * torch.randn(32, dtype=torch.float64)
+    X32 = X64.float()
+    Y = probe_targets(GRID)
+    index = torch.arange(40)
+    exact = stats_of(X32, Y, index, batch=40, exact=True)
+    for batch in (3, 40):
+        fast = stats_of(X32, Y, index, batch=batch)
+        rel = (fast.xtx - exact.xtx).abs().max() / exact.xtx.abs().max()
+        assert rel < 1e-6
+        r_exact, r_fast = solve_ridge_cv(exact), solve_ridge_cv(fast)
+        np.testing.assert_allclose(r_fast.cv_r2_, r_exact.cv_r2_, atol=1e-5)
+        assert r_fast.cv_r2_[:2].min() > 0.99  # the planted coordinates are still found
+    # float64 input always takes the exact path
+    torch.testing.assert_close(stats_of(X64, Y, index, batch=3).xtx, stats_of(X64, Y, index, batch=40).xtx,
+                               rtol=1e-12, atol=1e-9)
 
 
 def test_merging_halves_equals_the_whole():

@@ -45,7 +45,7 @@ def test_string_keys_keep_yaml_lookalikes_as_text():
     ("lr=1", "did you mean optim.lr"),
     ("guidance.enabled=3", "expected true or false"),
     ("batch_size=2.5", "expected an integer"),
-    ("guidance.target=shuffled", "guidance.target must be"),
+    ("guidance.target=shufled", "guidance.target must be"),
     ("seeds=3", "seeds must be a non-empty list"),
     ("noequals", "key=value"),
 ])

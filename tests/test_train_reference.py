@@ -7,7 +7,7 @@ def test_reference_recipes_exist_and_differ_only_in_mechanism():
     cfgs = [resolve(CONFIG_DIR / f"{r}.yaml") for r in reference.RECIPES]
     described = {(c["model"]["pos"], c["guidance"]["target"] if c["guidance"]["enabled"] else None) for c in cfgs}
     assert described == {("none", None), ("ape", None), ("rope-mixed", None), ("sdt-decay", None),
-                         ("none", "true"), ("none", "random")}
+                         ("none", "true"), ("none", "random"), ("none", "shuffled")}
     assert len({(c["optim"]["lr"], c["max_steps"], c["batch_size"], c["data"]["num_train"]) for c in cfgs}) == 1
 
 

@@ -154,8 +154,11 @@ def apply_overrides(cfg: dict, overrides, defaults: dict) -> dict:
 
 def validate(cfg: dict):
     """Checks that need more than a key name; all before any work starts."""
-    if cfg["guidance"]["target"] not in ("true", "random"):
-        raise ConfigError(f"guidance.target must be 'true' or 'random', got {cfg['guidance']['target']!r}")
+    from asg_probe.layers.guidance import GUIDANCE_TARGETS
+
+    if cfg["guidance"]["target"] not in GUIDANCE_TARGETS:
+        raise ConfigError(f"guidance.target must be one of {', '.join(GUIDANCE_TARGETS)}, "
+                          f"got {cfg['guidance']['target']!r}")
     kinds = {"classification": ("imagefolder", "scenes", "photos", "synthetic"), "segmentation": ("ade20k",),
              "depth": ("hypersim",)}
     if cfg["task"] not in kinds:

@@ -3,9 +3,10 @@
     python -m train.reference --out runs/reference                 # train (skips finished runs), probe, tabulate
     python -m train.reference --out runs/reference --seeds 0 1 2   # several seeds, mean ± std in the table
     python -m train.reference --out runs/reference --probe-only
-    python -m train.reference --base cpu_photos --out runs/photos     # the same six on the photo crops
+    python -m train.reference --base cpu_photos --out runs/photos     # the same set on the photo crops
 
-For each variant (none, ape, rope-mixed, sdt-decay, guidance, guidance random control) it runs
+For each variant (none, ape, rope-mixed, sdt-decay, guidance, and two guidance controls: a fixed
+random permutation of the targets, and a fresh one per image — position-free) it runs
 ``asg-train`` in this process (the recipe file ``<base>_<variant>.yaml`` where one exists, else
 ``<base>.yaml`` plus the variant's overrides), then fits the probes of ``asg_probe`` on held-out
 images of the run's own validation split: last-layer coordinate R² (row, col), the control-task R² and selectivity, and the
@@ -29,8 +30,9 @@ VARIANTS = {
     "sdt-decay": ["model.pos=sdt-decay"],
     "guidance": ["guidance.enabled=true"],
     "guidance_random": ["guidance.enabled=true", "guidance.target=random"],
+    "guidance_shuffled": ["guidance.enabled=true", "guidance.target=shuffled"],
 }
-RECIPES = [f"cpu_scenes_{v}" for v in VARIANTS]  # the bundled reference set
+RECIPES = [f"cpu_scenes_{v}" for v in VARIANTS]  # the reference set (all but guidance_shuffled are bundled)
 
 
 def variant_args(base: str, variant: str) -> list[str]:
@@ -44,8 +46,9 @@ def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes") -> list[
     from . import cli
 
     runs = []
-    for variant in VARIANTS:
-        for seed in seeds:
+    # seed-major: a complete matched set exists after the first seed, before the others start
+    for seed in seeds:
+        for variant in VARIANTS:
             run_dir = out / variant / f"seed{seed}"
             if not (run_dir / "model.safetensors").is_file():
                 args = [*variant_args(base, variant), f"out={run_dir}", f"seed={seed}", *overrides]
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.probe_only:
-        runs = [(v, s, out / v / f"seed{s}") for v in VARIANTS for s in args.seeds]
+        runs = [(v, s, out / v / f"seed{s}") for s in args.seeds for v in VARIANTS]
     else:
         runs = train_all(out, args.seeds, args.overrides, base=args.base)
     results: dict = {}

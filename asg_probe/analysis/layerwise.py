@@ -20,8 +20,9 @@ from ..results import AnalysisResult
 class LayerwiseAccumulator:
     """Streams per-fold ridge statistics for every requested layer."""
 
-    def __init__(self, n_folds=5, control_seed=0, alphas=None):
+    def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=False):
         self.n_folds = n_folds
+        self.exact = exact
         self.control_seed = control_seed
         self.alphas = DEFAULT_ALPHAS if alphas is None else alphas
         self.stats = {}
@@ -40,7 +41,7 @@ class LayerwiseAccumulator:
                                           device=batch.image_index.device)
         for layer, tokens in batch.tokens.items():
             if layer not in self.stats:
-                self.stats[layer] = RidgeStats(n_folds=self.n_folds)
+                self.stats[layer] = RidgeStats(n_folds=self.n_folds, exact=self.exact)
             self.stats[layer].update(tokens, self._targets, batch.image_index)
         self.num_images += len(batch.image_index)
 
@@ -188,7 +189,7 @@ def compare_layerwise(results, labels=None, column="r2", ax=None):
 
 def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None,
                      n_folds=5, control_seed=0, alphas=None, cell_accuracy=False, seed=0, device="cpu",
-                     progress=True, checkpoint=""):
+                     progress=True, checkpoint="", exact=False):
     """Fit cross-validated coordinate probes on every layer of ``model``.
 
     Parameters
@@ -207,6 +208,10 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
         Cross-validation folds, split by image.
     cell_accuracy : bool
         Also report held-out per-cell classification accuracy (costs a second forward pass).
+    exact : bool
+        Accumulate every product in float64 (see :class:`~asg_probe.probes.RidgeStats`): results
+        independent of batching and process count to ~1e-12, at about +5% time on CPU. The
+        default float32 Gram path agrees to ~1e-4 in R² even for near-perfect fits.
 
     Returns
     -------
@@ -228,7 +233,7 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     if data.num_images < n_folds:
         raise ValueError(f"{data.num_images} images are too few for {n_folds}-fold cross-validation; "
                          f"use at least {n_folds} (--num-images)")
-    acc = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed, alphas=alphas)
+    acc = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed, alphas=alphas, exact=exact)
     run_analyses(model, data, [acc], layers=layers, device=device, progress=progress,
                  total=len(data), desc="layerwise")
     result = acc.finalize(checkpoint=checkpoint, img_size=data.img_size)

@@ -74,21 +74,38 @@ class PosSimilarityResult(AnalysisResult):
 
         return pd.DataFrame(self.distance_profile(), columns=["distance_grid", "mean_cos"])
 
+    def mosaic(self) -> torch.Tensor:
+        """The ``gh × gw`` grid of ``gh × gw`` similarity maps as one image, tiles split by NaN lines.
+
+        Tile ``(r, c)`` shows the similarity of position ``(r, c)`` with every position.
+        """
+        gh, gw = self.grid
+        sim = self.similarity.reshape(gh, gw, gh, gw).float()
+        out = torch.full((gh * (gh + 1) - 1, gw * (gw + 1) - 1), float("nan"))
+        for r in range(gh):
+            for c in range(gw):
+                out[r * (gh + 1):r * (gh + 1) + gh, c * (gw + 1):c * (gw + 1) + gw] = sim[r, c]
+        return out
+
     def plot(self, ax=None):
+        """Draw the similarity mosaic (one image, so it fits any ``ax`` and stays fast at 14×14)."""
         import matplotlib.pyplot as plt
 
         gh, gw = self.grid
-        sim = self.similarity.reshape(gh, gw, gh, gw)
-        fig, axes = plt.subplots(gh, gw, figsize=(min(1.0 * gw, 12), min(1.0 * gh, 12)), squeeze=False)
-        for r in range(gh):
-            for c in range(gw):
-                a = axes[r][c]
-                im = a.imshow(sim[r, c].numpy(), vmin=-1, vmax=1, cmap="viridis")
-                a.set_xticks([])
-                a.set_yticks([])
-        fig.suptitle(f"Position embedding similarity ({gh}×{gw}){' — ' + self.checkpoint if self.checkpoint else ''}",
-                     fontsize=9)
-        fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(min(0.45 * gw + 1.5, 9), min(0.45 * gh + 1, 8)))
+        else:
+            fig = ax.figure
+        cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # NaN: the separators between tiles
+        im = ax.imshow(self.mosaic().numpy(), vmin=-1, vmax=1, cmap=cmap, interpolation="nearest")
+        ax.set_xticks([(gw + 1) * c + (gw - 1) / 2 for c in range(gw)], [str(c) for c in range(gw)], fontsize=6)
+        ax.set_yticks([(gh + 1) * r + (gh - 1) / 2 for r in range(gh)], [str(r) for r in range(gh)], fontsize=6)
+        ax.tick_params(length=0)
+        ax.set_xlabel("input patch column")
+        ax.set_ylabel("input patch row")
+        ax.set_title(f"Position embedding similarity ({gh}×{gw})"
+                     f"{' — ' + self.checkpoint if self.checkpoint else ''}", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
         return fig
 
 
