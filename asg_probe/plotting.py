@@ -10,6 +10,7 @@ MECHANISM_COLORS = {
     "none": "#7f7f7f",
     "none+guidance": "#d62728",
     "none+guidance-random": "#ff9896",
+    "none+guidance-shuffled": "#ffbb78",
     "ape": "#1f77b4",
     "sincos": "#aec7e8",
     "rope-axial": "#2ca02c",

@@ -33,7 +33,8 @@ from asg_probe.plotting import mechanism_color  # noqa: E402
 # Reference model names -> labels used for colours and legends.
 LABELS = {"none": "none", "ape": "ape", "rope-mixed": "rope-mixed", "sdt-decay": "sdt-decay",
           "guidance": "none+guidance", "guidance-random": "none+guidance-random",
-          "guidance_random": "none+guidance-random"}
+          "guidance_random": "none+guidance-random", "guidance-shuffled": "none+guidance-shuffled",
+          "guidance_shuffled": "none+guidance-shuffled"}
 
 
 def discover(args):
@@ -107,23 +108,29 @@ def main():
             print(f"analysed {label}: {path}")
     labels = list(results)
 
-    # 1. layerwise R² (mean of row, col) for all mechanisms, control dotted
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    for i, label in enumerate(labels):
-        runs = results[label]["layerwise"]
-        layers = runs[0].r2()[0]
-        m, s = mean_std([r.r2("r2")[1] for r in runs])
-        mc, _ = mean_std([r.r2("r2_control")[1] for r in runs])
-        color = mechanism_color(label, i)
-        ax.plot(layers, m, marker="o", ms=3, color=color, label=f"{label}" + (f" (n={len(runs)})" if len(runs) > 1 else ""))
-        ax.fill_between(layers, m - s, m + s, color=color, alpha=0.2, lw=0)
-        ax.plot(layers, mc, ls=":", lw=0.9, color=color)
-    ax.set_xlabel("layer (0 = patch embedding)")
-    ax.set_ylabel("held-out R² of (row, col)\n(dotted: control task)")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title("Where does each layer know its position?", fontsize=10)
+    # 1. layerwise R² for all mechanisms, row and column apart (in scenes the row is given away by
+    #    content, so the mean would hide where mechanisms differ); control task dotted
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), sharey=True)
+    for ax, (column, control, what) in zip(axes, [("r2_row", "r2_control_row", "row"), ("r2_col", "r2_control_col", "column")]):
+        for i, label in enumerate(labels):
+            runs = results[label]["layerwise"]
+            layers = runs[0].r2()[0]
+            m, s = mean_std([r.r2(column)[1] for r in runs])
+            color = mechanism_color(label, i)
+            ax.plot(layers, m, marker="o", ms=3, color=color,
+                    label=f"{label}" + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+            ax.fill_between(layers, m - s, m + s, color=color, alpha=0.2, lw=0)
+            if control in runs[0].rows[0]:
+                mc, _ = mean_std([r.r2(control)[1] for r in runs])
+                ax.plot(layers, mc, ls=":", lw=0.9, color=color)
+        ax.set_xlabel("layer (0 = patch embedding)")
+        ax.set_title(f"patch {what}", fontsize=9)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out linear-probe R²\n(dotted: control task)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("Where does each layer know its position? (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
     save(fig, args.out, "layerwise_r2")
 
     # 2. attention distance: head × layer scatter, one panel per mechanism

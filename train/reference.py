@@ -3,6 +3,7 @@
     python -m train.reference --out runs/reference                 # train (skips finished runs), probe, tabulate
     python -m train.reference --out runs/reference --seeds 0 1 2   # several seeds, mean ± std in the table
     python -m train.reference --out runs/reference --probe-only
+    python -m train.reference --out runs/reference --seeds 1 2 --variants none guidance guidance_shuffled
     python -m train.reference --base cpu_photos --out runs/photos     # the same set on the photo crops
 
 For each variant (none, ape, rope-mixed, sdt-decay, guidance, and two guidance controls: a fixed
@@ -42,13 +43,13 @@ def variant_args(base: str, variant: str) -> list[str]:
     return ["--config", str(CONFIG_DIR / f"{base}.yaml"), *VARIANTS[variant]]
 
 
-def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes") -> list[tuple[str, int, Path]]:
+def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants=None) -> list[tuple[str, int, Path]]:
     from . import cli
 
     runs = []
     # seed-major: a complete matched set exists after the first seed, before the others start
     for seed in seeds:
-        for variant in VARIANTS:
+        for variant in variants or VARIANTS:
             run_dir = out / variant / f"seed{seed}"
             if not (run_dir / "model.safetensors").is_file():
                 args = [*variant_args(base, variant), f"out={run_dir}", f"seed={seed}", *overrides]
@@ -126,13 +127,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--probe-images", type=int, default=500)
     p.add_argument("--probe-only", action="store_true")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help="train/probe only these (default: all); finished runs of others are still tabulated")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every training run")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if args.probe_only:
-        runs = [(v, s, out / v / f"seed{s}") for s in args.seeds for v in VARIANTS]
-    else:
-        runs = train_all(out, args.seeds, args.overrides, base=args.base)
+    if not args.probe_only:
+        train_all(out, args.seeds, args.overrides, base=args.base, variants=args.variants)
+    # every finished run under --out goes into the table, whichever command trained it
+    runs = [(v, int(d.name[4:]), d) for v in VARIANTS for d in sorted((out / v).glob("seed*"))
+            if (d / "model.safetensors").is_file()]
     results: dict = {}
     for recipe, seed, run_dir in runs:
         results.setdefault(recipe, {})[seed] = probe_run(run_dir, args.probe_images)

@@ -104,6 +104,7 @@ class LayerwiseResult(AnalysisResult):
                 "alpha": _geomean(fit.alpha_[0], fit.alpha_[1]),
                 "alpha_row": float(fit.alpha_[0]), "alpha_col": float(fit.alpha_[1]),
                 "alpha_at_edge": bool(fit.alpha_at_edge[:2].any()),
+                "r2_control_row": c_row, "r2_control_col": c_col,
             })
         return cls(rows, grid, num_images, checkpoint=checkpoint, img_size=img_size)
 
