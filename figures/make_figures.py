@@ -2,6 +2,7 @@
 
     python figures/make_figures.py                               # the bundled reference models
     python figures/make_figures.py --runs runs/reference --out figures/paper   # trained run dirs (seeds)
+    python figures/make_figures.py --runs runs/reference --out figures/readme --formats png   # the README's
 
 Inputs are labelled checkpoints: bundled reference names, or run directories laid
 out as ``<runs>/<label>/seed<k>/model.safetensors`` (what ``python -m train.reference``
@@ -64,11 +65,14 @@ def images_for(kind, num, size, seed):
     return asg_probe.load_images(kind, num_images=num, img_size=size, seed=seed).images
 
 
+FORMATS = ["pdf", "png"]  # replaced in place by --formats
+
+
 def save(fig, out, name):
-    for ext in ("pdf", "png"):
-        fig.savefig(out / f"{name}.{ext}", dpi=160, bbox_inches="tight")
+    for ext in FORMATS:
+        fig.savefig(out / f"{name}.{ext}", dpi=160 if ext == "png" else None, bbox_inches="tight")
     plt.close(fig)
-    print(f"wrote {out / name}.pdf/.png")
+    print(f"wrote {out / name}.{{{','.join(FORMATS)}}}")
 
 
 def mean_std(curves):
@@ -83,7 +87,10 @@ def main():
     p.add_argument("--num-images", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("figures/out"))
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=["pdf", "png", "svg"],
+                   help="file types to write (default: pdf png)")
     args = p.parse_args()
+    FORMATS[:] = args.formats
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     found = discover(args)
@@ -124,11 +131,12 @@ def main():
                 mc, _ = mean_std([r.r2(control)[1] for r in runs])
                 ax.plot(layers, mc, ls=":", lw=0.9, color=color)
         ax.set_xlabel("layer (0 = patch embedding)")
+        ax.set_xticks(list(layers))
         ax.set_title(f"patch {what}", fontsize=9)
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out linear-probe R²\n(dotted: control task)")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.suptitle("Where does each layer know its position? (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     save(fig, args.out, "layerwise_r2")
