@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--probe-images", type=int, default=500)
     p.add_argument("--probe-only", action="store_true")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                   help="train/probe only these (default: all); finished runs of others are still tabulated")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every training run")
+                   help="train only these (default: all); every finished run under --out is probed and tabulated")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="passed to every training run (put them before --seeds/--variants)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if not args.probe_only:
