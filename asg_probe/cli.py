@@ -39,7 +39,8 @@ def _common(p, images=True):
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if images:
         p.add_argument("--images", default=None,
-                       help="folder of images (searched recursively); default: embedded photographs")
+                       help="folder of images (searched recursively), or 'scenes' (procedural scenes); "
+                            "default: scenes for bundled reference models, else embedded photographs")
         p.add_argument("--num-images", type=int, default=64, help="number of images (default: 64)")
         p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
         p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
@@ -165,8 +166,25 @@ def _finish(result, args, rank, columns=None, extra=""):
     print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
+def _default_images(args):
+    """``--images`` as given; if left out, held-out scenes for bundled reference models (the data
+    they were trained on: photographs would show little but a domain gap), else the photographs."""
+    if args.images is not None:
+        return args.images
+    from .reference import list_reference_models
+
+    bundled = set(list_reference_models())
+    if hasattr(args, "checkpoints"):  # report: no names means every reference model
+        names = args.checkpoints or sorted(bundled)
+    else:
+        names = [args.checkpoint]
+    if all(name in bundled and not Path(name).exists() for name in names):
+        return "scenes"
+    return None
+
+
 def _images_kwargs(args):
-    return dict(images=args.images, num_images=args.num_images, img_size=args.img_size,
+    return dict(images=_default_images(args), num_images=args.num_images, img_size=args.img_size,
                 batch_size=args.batch_size, seed=args.seed, device=args.device,
                 progress=not args.no_progress)
 

@@ -241,7 +241,8 @@ def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAUL
     Parameters
     ----------
     source : None, str or path-like
-        ``None`` for the embedded photographs, else a folder or a single image file.
+        ``None`` for the embedded photographs, ``"scenes"`` for held-out procedural scenes
+        (:mod:`asg_probe.scenes`, the reference models' data), else a folder or a single image file.
     num_images : int or None
         How many images to return at most (``None``: every image in the folder).
     img_size : int
@@ -273,6 +274,14 @@ def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAUL
         raise ValueError(f"num_images must be positive, got {num_images}")
     if source is None:
         return embedded_images(num_images=64 if num_images is None else num_images, img_size=img_size, seed=seed)
+    if source == "scenes" and not Path(source).exists():
+        # the procedural scenes the bundled reference models were trained on (held-out split)
+        from .scenes import SceneDataset
+
+        n = 64 if num_images is None else int(num_images)
+        scenes = SceneDataset(n, img_size=img_size, split="val", seed=seed).images()
+        return ImageSet(scenes, [f"scenes:val[{i}]" for i in range(n)],
+                        source=f"procedural scenes (validation split, seed {seed})")
     root = Path(source).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")

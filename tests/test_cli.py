@@ -136,3 +136,15 @@ def test_torchrun_splits_images_and_combines_statistics(own_checkpoint, image_di
     for ra, rb in zip(a["layers"], b["layers"]):
         assert ra["r2"] == pytest.approx(rb["r2"], abs=1e-6)
         assert ra["alpha"] == pytest.approx(rb["alpha"], rel=1e-9)
+
+
+def test_reference_models_are_probed_on_scenes_by_default(own_checkpoint):
+    from asg_probe.cli import _default_images, build_parser
+
+    parse = build_parser().parse_args
+    assert _default_images(parse(["layerwise"])) == "scenes"            # the default checkpoint: guidance
+    assert _default_images(parse(["layerwise", "ape"])) == "scenes"
+    assert _default_images(parse(["report"])) == "scenes"               # every reference model
+    assert _default_images(parse(["report", "none", str(own_checkpoint)])) is None  # a file: photographs
+    assert _default_images(parse(["layerwise", str(own_checkpoint)])) is None
+    assert _default_images(parse(["layerwise", "ape", "--images", "some/dir"])) == "some/dir"

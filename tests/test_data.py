@@ -155,3 +155,17 @@ def test_iter_batches_shards_cover_every_image_once():
         next(iter_batches(images, 2, rank=3, world_size=3))
     with pytest.raises(ValueError, match="N, 3, H, W"):
         next(iter_batches(torch.zeros(2, 4, 4), 2))
+
+
+def test_scenes_keyword_gives_the_reference_models_held_out_scenes(tmp_path, monkeypatch):
+    from asg_probe.scenes import SceneDataset
+
+    imgs = load_images("scenes", num_images=5, img_size=32)
+    assert imgs.images.dtype == torch.uint8 and tuple(imgs.images.shape) == (5, 3, 32, 32)
+    assert torch.equal(imgs.images, SceneDataset(5, split="val").images())  # what training evaluated on
+    assert "scenes" in imgs.source and imgs.names[0] == "scenes:val[0]"
+    # a real folder called "scenes" wins over the keyword
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scenes").mkdir()
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "scenes" / "a.png")
+    assert len(load_images("scenes", num_images=5, img_size=32)) == 1
