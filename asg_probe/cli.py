@@ -128,13 +128,20 @@ def _init_distributed():
     return dist.get_rank()
 
 
+def _is_reference_name(spec) -> bool:
+    """A bundled reference model's name, and no file or folder of that name (a path wins)."""
+    from .reference import list_reference_models
+
+    return not Path(spec).exists() and spec in list_reference_models()
+
+
 def load_model(spec, args):
     """Load a checkpoint path or a bundled reference model name."""
     from .checkpoint import load_checkpoint
     from .reference import list_reference_models, reference_path
 
     path = Path(spec)
-    if not path.exists() and spec in list_reference_models():
+    if _is_reference_name(spec):
         path = reference_path(spec)
     elif not path.exists():
         refs = ", ".join(list_reference_models()) or "none installed"
@@ -173,14 +180,11 @@ def _default_images(args):
         return args.images
     from .reference import list_reference_models
 
-    bundled = set(list_reference_models())
-    if hasattr(args, "checkpoints"):  # report: no names means every reference model
-        names = args.checkpoints or sorted(bundled)
+    if hasattr(args, "checkpoints"):  # report: no names means every reference model (as cmd_report)
+        names = args.checkpoints or list_reference_models()
     else:
         names = [args.checkpoint]
-    if all(name in bundled and not Path(name).exists() for name in names):
-        return "scenes"
-    return None
+    return "scenes" if all(_is_reference_name(name) for name in names) else None
 
 
 def _images_kwargs(args):

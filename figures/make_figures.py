@@ -65,14 +65,11 @@ def images_for(kind, num, size, seed):
     return asg_probe.load_images(kind, num_images=num, img_size=size, seed=seed).images
 
 
-FORMATS = ["pdf", "png"]  # replaced in place by --formats
-
-
-def save(fig, out, name):
-    for ext in FORMATS:
+def save(fig, out, formats, name):
+    for ext in formats:
         fig.savefig(out / f"{name}.{ext}", dpi=160 if ext == "png" else None, bbox_inches="tight")
     plt.close(fig)
-    print(f"wrote {out / name}.{{{','.join(FORMATS)}}}")
+    print(f"wrote {out / name}.{{{','.join(formats)}}}")
 
 
 def mean_std(curves):
@@ -87,10 +84,9 @@ def main():
     p.add_argument("--num-images", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("figures/out"))
-    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=["pdf", "png", "svg"],
+    p.add_argument("--formats", nargs="+", default=["pdf", "png"], choices=["pdf", "png", "svg"],
                    help="file types to write (default: pdf png)")
     args = p.parse_args()
-    FORMATS[:] = args.formats
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     found = discover(args)
@@ -139,7 +135,7 @@ def main():
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.suptitle("Where does each layer know its position? (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    save(fig, args.out, "layerwise_r2")
+    save(fig, args.out, args.formats, "layerwise_r2")
 
     # 2. attention distance: head × layer scatter, one panel per mechanism
     fig, axes = plt.subplots(1, len(labels), figsize=(2.3 * len(labels), 2.8), sharey=True, squeeze=False)
@@ -155,18 +151,18 @@ def main():
     axes[0][0].set_ylabel("mean attention distance (px)")
     fig.suptitle("Attention distance per head (dashed: uniform attention)", fontsize=9)
     fig.tight_layout()
-    save(fig, args.out, "attention_distance")
+    save(fig, args.out, args.formats, "attention_distance")
 
     # 3. UMAP panels of the last layer
     from asg_probe.analysis.embeddings import compare_embeddings
 
     save(compare_embeddings([results[lb]["embeddings"][0] for lb in labels], labels=labels, layer=-1),
-         args.out, "umap_last_layer")
+         args.out, args.formats, "umap_last_layer")
 
     # 4. PE similarity grids, where a model has a position table
     for label in labels:
         if results[label]["pe"]:
-            save(results[label]["pe"][0].plot(), args.out, f"pe_similarity_{label}")
+            save(results[label]["pe"][0].plot(), args.out, args.formats, f"pe_similarity_{label}")
 
     # 5. shuffle test: last layer, original vs slot
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
@@ -184,7 +180,7 @@ def main():
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=7)
     ax.set_title("Content or injection? (patch-shuffle test)", fontsize=10)
-    save(fig, args.out, "shuffle_test")
+    save(fig, args.out, args.formats, "shuffle_test")
 
     # 6. resolution transfer of the last layer
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
@@ -202,7 +198,7 @@ def main():
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Resolution transfer of the position probe", fontsize=10)
-    save(fig, args.out, "resolution_transfer")
+    save(fig, args.out, args.formats, "resolution_transfer")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ def variant_args(base: str, variant: str) -> list[str]:
     return ["--config", str(CONFIG_DIR / f"{base}.yaml"), *VARIANTS[variant]]
 
 
-def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants=None) -> list[tuple[str, int, Path]]:
+def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants=None) -> None:
+    """Train every (seed, variant) run under ``out`` that has no exported model yet; resume partial ones."""
     from . import cli
 
-    runs = []
     # seed-major: a complete matched set exists after the first seed, before the others start
     for seed in seeds:
         for variant in variants or VARIANTS:
@@ -58,8 +58,6 @@ def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants
                 rc = cli.main(args)
                 if rc != 0:
                     raise SystemExit(f"training {variant} seed {seed} failed (exit {rc})")
-            runs.append((variant, seed, run_dir))
-    return runs
 
 
 def probe_run(run_dir: Path, num_images: int) -> dict:
