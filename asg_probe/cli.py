@@ -56,8 +56,9 @@ def build_parser():
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds, split by image (default: 5)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to probe (default: all)")
     p.add_argument("--cell-accuracy", action="store_true", help="also per-cell accuracy (second pass)")
-    p.add_argument("--exact", action="store_true",
-                   help="float64 statistics throughout: bit-stable across batching/processes, ~5%% slower")
+    p.add_argument("--fast", action="store_true",
+                   help="float32 Gram matrices: ~3%% faster on CPU, R² of near-perfect fits off by up to ~3e-4 "
+                        "(default: float64 throughout)")
 
     p = sub.add_parser("attention-distance", help="mean attention distance per head and layer")
     _common(p)
@@ -200,7 +201,7 @@ def cmd_layerwise(args, rank):
 
     model, name = load_model(args.checkpoint, args)
     result = layerwise_probes(model, layers=args.layers, n_folds=args.folds, cell_accuracy=args.cell_accuracy,
-                              exact=args.exact,
+                              exact=not args.fast,
                               checkpoint=name, **_images_kwargs(args))
     cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha", "cell_accuracy"]
     _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")

@@ -30,6 +30,8 @@ True
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,6 +187,27 @@ def _all_reduce_sum(tensors, group=None) -> None:
 
 # --------------------------------------------------------------------------- streamed statistics
 
+def _tf32_matmul_enabled() -> bool:
+    """Whether CUDA float32 matmuls may run in TF32, under the old and the new (torch >= 2.9) settings."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is None:
+            return bool(matmul.allow_tf32)
+        if precision == "none":  # inherits the global setting
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+    except RuntimeError:  # torch refuses to answer when old and new settings were mixed: assume the worst
+        return True
+
+
+def _gram_blocks(d: int, block: int = 96) -> list:
+    """Column ranges for a block-triangular Gram product: 4 blocks for ViT-S widths."""
+    n = max(1, min(4, d // block))
+    edges = [round(i * d / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class RidgeStats:
     """Per-fold float64 sufficient statistics of a multi-target least-squares problem.
 
@@ -204,13 +227,16 @@ class RidgeStats:
         Where the statistics live; by default the device of the first update's ``X``.
     target_names : sequence of str, optional
         Names of the ``T`` target columns, e.g. :data:`TARGET_NAMES`.
-    exact : bool, default=False
-        Form every product in float64. By default float32/16 tokens take a faster
-        path: each batch is centred on its own mean and its Gram matrix formed in
-        float32 (about half the cost on CPU), then added to the float64 sums.
-        The statistics then depend on batching at ~1e-6 relative, which moves the
-        held-out R² of near-perfect fits (R² > 0.999) by up to ~1e-4; float64 inputs
-        and ``exact=True`` are batching-independent to rounding.
+    exact : bool, default=True
+        Form every product in float64: the statistics are independent of batching,
+        order and process count to rounding. ``exact=False`` takes a faster path for
+        float32/16 tokens: each batch is centred on its own mean and its Gram matrix
+        formed in float32 (the statistics cost about a third less on CPU), then added
+        to the float64 sums. Its ~1e-6 relative error is amplified by the large
+        weights of near-perfect, ill-conditioned fits: a layer-0 APE probe at R²
+        0.9997 read 1.00001 (3e-4 off), so it is not the default. On a GPU the
+        float64 path is also the faster one (fewer kernels), and the fast path falls
+        back to it where CUDA matmuls may use TF32.
 
     Notes
     -----
@@ -231,7 +257,7 @@ class RidgeStats:
     _STATS = ("n", "sum_x", "sum_y", "xtx", "xty", "sum_y2", "n_images")
 
     def __init__(self, n_folds: int = 5, n_features=None, n_targets=None, device=None,
-                 target_names=None, exact: bool = False):
+                 target_names=None, exact: bool = True):
         if int(n_folds) < 2:
             raise ValueError(f"n_folds must be >= 2, got {n_folds}")
         self.n_folds = int(n_folds)
@@ -254,7 +280,10 @@ class RidgeStats:
         self.n = torch.zeros(F, **f64)
         self.sum_x = torch.zeros(F, d, **f64)
         self.sum_y = torch.zeros(F, t, **f64)
-        self.xtx = torch.zeros(F, d, d, **f64)
+        self._xtx = torch.zeros(F, d, d, **f64)
+        # on a GPU the products are cheap and kernel launches are not: one block
+        self._blocks = _gram_blocks(d) if torch.device(device).type == "cpu" else [(0, d)]
+        self._lower_stale = False
         self.xty = torch.zeros(F, d, t, **f64)
         self.sum_y2 = torch.zeros(F, t, **f64)
         # Counted by update() only: token-level updates cannot tell how many images they span.
@@ -263,6 +292,21 @@ class RidgeStats:
     @property
     def initialised(self) -> bool:
         return self.n_features is not None
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        """``X^T X`` per fold, (F, D, D) float64, symmetric."""
+        if self._lower_stale:
+            # updates only form the upper block triangle (5/8 of the products for 4
+            # blocks); the lower blocks are copied from it when someone reads them
+            for i, (a, b) in enumerate(self._blocks):
+                for c, e in self._blocks[i + 1:]:
+                    self._xtx[:, c:e, a:b] = self._xtx[:, a:b, c:e].transpose(-1, -2)
+                # a diagonal block is formed whole, and its two triangles round differently
+                block = self._xtx[:, a:b, a:b]
+                block.copy_(0.5 * (block + block.transpose(-1, -2)))
+            self._lower_stale = False
+        return self._xtx
 
     def _ensure(self, d: int, t: int, device) -> None:
         if not self.initialised:
@@ -297,28 +341,40 @@ class RidgeStats:
         T = Y.shape[-1]
         self._ensure(D, T, X.device)
         dev = self.device
-        folds = torch.remainder(idx.detach().cpu().long(), self.n_folds)
+        idx = idx.detach().cpu().long()
+        folds = torch.remainder(idx, self.n_folds)
+        # consecutive indices (the usual batch) put every n_folds-th image in one fold: a strided
+        # view, where other orders need a gathered copy
+        consecutive = bool((idx.diff() == 1).all())
         Yd = Y.to(dev, torch.float64)
         shared = Yd.ndim == 2
         if shared:
             y_sum, y2_sum = Yd.sum(0), (Yd * Yd).sum(0)
         fast = self._fast(X)
+        dtype = torch.float32 if fast else torch.float64
         for f in folds.unique().tolist():
-            sel = (folds == f).nonzero().reshape(-1)
-            b = sel.numel()
-            Xf3 = X.index_select(0, sel.to(X.device)).to(dev, torch.float32 if fast else torch.float64)  # (b, N, D)
-            Xf = Xf3.reshape(-1, D)
+            if consecutive:
+                sel = slice(int((f - idx[0]) % self.n_folds), None, self.n_folds)
+                Xf3 = X[sel]
+            else:
+                sel = (folds == f).nonzero().reshape(-1)
+                Xf3 = X.index_select(0, sel.to(X.device))
+            Xf3 = Xf3.to(dev, dtype)                                   # (b, N, D)
+            b = Xf3.shape[0]
+            # (N, D). On the fast path a float32 sum of the fold's few images: its rounding enters the
+            # covariance only through the (small) gap between batch and overall means
+            col_sum = Xf3.sum(0).to(torch.float64) if fast else Xf3.sum(0)
             self.n[f] += b * N
             self.n_images[f] += b
-            self._add_gram(f, Xf, fast)
+            self._add_gram(f, Xf3, fast, col_sum.sum(0))
             if shared:
                 # sum_b X_b^T Y = (sum_b X_b)^T Y: one (N, D) sum instead of b products
-                self.xty[f].addmm_(Xf3.sum(0, dtype=torch.float64).T, Yd)
+                self.xty[f].addmm_(col_sum.T, Yd)
                 self.sum_y[f] += b * y_sum
                 self.sum_y2[f] += b * y2_sum
             else:
-                Yf = Yd.index_select(0, sel.to(dev)).reshape(-1, T)
-                self.xty[f].addmm_(Xf.T.to(torch.float64), Yf)
+                Yf = Yd[sel.to(dev) if isinstance(sel, torch.Tensor) else sel].reshape(-1, T)
+                self.xty[f].addmm_(Xf3.reshape(-1, D).T.to(torch.float64), Yf)
                 self.sum_y[f] += Yf.sum(0)
                 self.sum_y2[f] += (Yf * Yf).sum(0)
 
@@ -354,26 +410,40 @@ class RidgeStats:
             self.sum_y2[f] += (Yf * Yf).sum(0)
 
     def _fast(self, X) -> bool:
-        return not self.exact and X.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        # Where the user let CUDA round float32 products to TF32 (~1e-3), the float32 Gram would
+        # inherit it: take the float64 path there instead of touching their global setting.
+        return (not self.exact and X.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and not (X.is_cuda and _tf32_matmul_enabled()))
 
-    def _add_gram(self, f: int, Xf: torch.Tensor, fast: bool) -> None:
-        """Add ``Xf^T Xf`` and ``sum(Xf)`` of one fold's rows to the float64 sums.
+    def _add_gram(self, f: int, Xf: torch.Tensor, fast: bool, s=None) -> None:
+        """Add ``Xf^T Xf`` and ``sum(Xf)`` of one fold's rows ``Xf (..., D)`` to the float64 sums.
 
-        The fast path centres the rows on their own float32 mean ``m`` and forms the
+        The fast path centres the rows on their float32 mean ``m`` and forms the
         Gram matrix of the centred rows in float32 (no cancellation: the large mean
         of ViT activations is removed first), then restores the raw sum exactly in
-        float64: ``X^T X = Xc^T Xc + m s^T + s m^T - n m m^T`` with ``s = sum(X)``.
+        float64: ``X^T X = Xc^T Xc + m (s - n m)^T + s m^T`` with ``s = sum(X)``
+        (passed in when the caller has it). Only the upper block triangle of the
+        product is formed (see :attr:`xtx`).
         """
-        s = Xf.sum(0, dtype=torch.float64)
+        D = Xf.shape[-1]
+        rows = Xf.numel() // D
+        if s is None:
+            s = Xf.reshape(-1, D).sum(0, dtype=torch.float64)
         self.sum_x[f] += s
+        xtx = self._xtx[f]
+        self._lower_stale = True
         if not fast:
-            self.xtx[f].addmm_(Xf.T, Xf)
+            Xf = Xf.reshape(-1, D)
+            for a, b in self._blocks:
+                xtx[a:b, a:].addmm_(Xf[:, a:b].T, Xf[:, a:])
             return
-        m = (s / Xf.shape[0]).to(torch.float32)
-        Xc = Xf - m
+        m = (s / rows).to(torch.float32)
+        Xc = (Xf - m).reshape(-1, D)  # also gathers a strided view into one block
         m = m.to(torch.float64)
-        self.xtx[f] += (Xc.T @ Xc).to(torch.float64)
-        self.xtx[f] += torch.outer(m, s) + torch.outer(s, m) - Xf.shape[0] * torch.outer(m, m)
+        for a, b in self._blocks:
+            xtx[a:b, a:] += Xc[:, a:b].T @ Xc[:, a:]  # float32 product, added in float64
+        xtx.addr_(m, s - rows * m)
+        xtx.addr_(s, m)
 
     def _tensors(self):
         return [getattr(self, k) for k in self._STATS]
@@ -484,16 +554,117 @@ def _moments(n, sx, sy, G, H):
     return mx, my, C, Cxy
 
 
-def _standardised_paths(problems, alphas):
-    """Ridge weights for every alpha on standardised features, for several problems at once.
+def _ridge_path(C: torch.Tensor, B: torch.Tensor, alphas, tridiagonal=None) -> torch.Tensor:
+    """Solve ``(C + alpha I) W = B`` for every alpha: ``(D, A, T)`` float64 on the CPU.
 
-    ``problems`` is a list of raw-sum tuples ``(n, sx, sy, G, H)`` with one feature
-    width; their covariances go through one batched ``eigh`` (cheaper than one call
-    each). Returns one ``(mx, my, scale, Ws)`` per problem, ``Ws`` (A, D, T) the
-    weights on ``(x - mx) / scale``. Features whose variance is lost in rounding
-    count as constant (scale 1, zero weight), so they cannot inject noise.
+    ``C`` (D, D) symmetric positive semi-definite, ``B`` (D, T). One Householder
+    tridiagonalisation ``C = Q Tri Q^T`` (LAPACK ``dsytrd``) serves every alpha,
+    each then costing a tridiagonal solve (``dgtsv``, partial pivoting) instead of a
+    factorisation. That is about half the work of the eigendecomposition it
+    replaces (no eigenvectors), and as stable: ``Q`` is orthogonal, and the solve
+    pivots. ``C`` is overwritten; ``tridiagonal`` is :func:`_tridiagonalise`'s
+    output for ``C`` when the caller already has it.
     """
-    prepared, stacked = [], []
+    from scipy.linalg import lapack
+
+    D, T = B.shape
+    a = np.asarray(alphas, dtype=np.float64)
+    A = a.size
+    if D == 1:
+        return (B / (C + torch.as_tensor(a)[:, None])).reshape(1, A, T)
+    packed, diag, off, tau = tridiagonal if tridiagonal is not None else _tridiagonalise(C.numpy())
+    reflectors = torch.from_numpy(packed)[1:, :-1]  # Q = H(1)...H(D-1), acting on rows 1..D-1
+    tau = torch.from_numpy(tau)
+    QtB = B.clone()
+    QtB[1:] = torch.ormqr(reflectors, tau, B[1:], left=True, transpose=True)
+    # all alphas as one block-diagonal tridiagonal system: couplings between blocks are 0
+    sub = np.zeros((A, D))
+    sub[:, :-1] = off
+    sub = sub.reshape(-1)[:-1]
+    rhs = np.tile(QtB.numpy(), (A, 1))
+    *_, Y, info = lapack.dgtsv(sub, (diag[None, :] + a[:, None]).reshape(-1), sub.copy(), rhs,
+                                overwrite_b=1)
+    if info != 0:  # a shifted system singular in rounding (C + alpha I ~ 0 somewhere): clip and solve
+        Y = _tridiagonal_path_eigen(diag, off, QtB.numpy(), a)
+    W = torch.from_numpy(Y).reshape(A, D, T).permute(1, 0, 2).reshape(D, A * T).contiguous()
+    W[1:] = torch.ormqr(reflectors, tau, W[1:], left=True, transpose=False)
+    return W.reshape(D, A, T)
+
+
+def _lapack_dsytrd():
+    """scipy's ``dsytrd`` as a ctypes function, which releases the GIL while it runs (None if unavailable).
+
+    The f2py wrapper in ``scipy.linalg.lapack`` holds the GIL, so threads cannot
+    tridiagonalise several folds at once; the same LAPACK routine reached through
+    ``scipy.linalg.cython_lapack``'s exported pointer (as numba does) can.
+    """
+    import ctypes
+
+    try:
+        from scipy.linalg import cython_lapack
+
+        capsule = cython_lapack.__pyx_capi__["dsytrd"]
+        get_name, get_pointer = ctypes.pythonapi.PyCapsule_GetName, ctypes.pythonapi.PyCapsule_GetPointer
+        get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        address = get_pointer(capsule, get_name(capsule))
+    except Exception:  # another scipy layout: the f2py wrapper still works, one fold at a time
+        return None
+    i, d = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double)
+    return ctypes.CFUNCTYPE(None, ctypes.c_char_p, i, d, i, d, d, d, d, i, i)(address)
+
+
+_DSYTRD = []  # [function or None], resolved once
+
+
+def _tridiagonalise(C: np.ndarray):
+    """``dsytrd`` (lower) of a symmetric float64 matrix, overwritten: ``(packed, diag, off, tau)``."""
+    import ctypes
+
+    from scipy.linalg import lapack
+
+    if not _DSYTRD:
+        _DSYTRD.append(_lapack_dsytrd())
+    A = C.T  # symmetric: the C-ordered buffer read in Fortran order is the same matrix, no copy
+    n = A.shape[0]
+    if _DSYTRD[0] is None or not (A.flags.f_contiguous and A.flags.writeable and A.dtype == np.float64):
+        packed, diag, off, tau, info = lapack.dsytrd(A, lower=1, overwrite_a=1)
+    else:
+        diag, off, tau = np.empty(n), np.empty(n - 1), np.empty(n - 1)
+        work = np.empty(32 * n)  # LAPACK's blocked sytrd wants n * block size
+        dim, lwork, info = ctypes.c_int(n), ctypes.c_int(work.size), ctypes.c_int(0)
+        ptr = ctypes.POINTER(ctypes.c_double)
+        _DSYTRD[0](b"L", ctypes.byref(dim), A.ctypes.data_as(ptr), ctypes.byref(dim), diag.ctypes.data_as(ptr),
+                   off.ctypes.data_as(ptr), tau.ctypes.data_as(ptr), work.ctypes.data_as(ptr),
+                   ctypes.byref(lwork), ctypes.byref(info))
+        packed, info = A, info.value
+    if info != 0:
+        raise RuntimeError(f"LAPACK dsytrd failed (info={info}) on a {n}x{n} covariance")
+    return packed, diag, off, tau
+
+
+def _tridiagonal_path_eigen(diag, off, B, alphas) -> np.ndarray:
+    """``(Tri + alpha I)^{-1} B`` for every alpha through the eigenvectors of ``Tri``, eigenvalues clipped at 0.
+
+    The fallback of :func:`_ridge_path`; returns (A * D, T) in the same layout as its solve.
+    """
+    from scipy.linalg import eigh_tridiagonal
+
+    lam, U = eigh_tridiagonal(diag, off)
+    lam = np.clip(lam, 0, None)  # a covariance is PSD: negative eigenvalues are rounding
+    P = U.T @ B
+    return (U @ (P[None] / (lam[None, :, None] + alphas[:, None, None]))).reshape(-1, B.shape[1])
+
+
+def _standardised_paths(problems, alphas):
+    """Ridge weights for every alpha on standardised features, for several problems.
+
+    ``problems`` is a list of raw-sum tuples ``(n, sx, sy, G, H)`` (float64, CPU).
+    Returns one ``(mx, my, scale, Ws)`` per problem, ``Ws`` (D, A, T) the weights on
+    ``(x - mx) / scale``. Features whose variance is lost in rounding count as
+    constant (scale 1, zero weight), so they cannot inject noise.
+    """
+    prepared = []
     for n, sx, sy, G, H in problems:
         mx, my, C, Cxy = _moments(n, sx, sy, G, H)
         var = torch.diagonal(C).clamp_min(0) / n
@@ -501,17 +672,51 @@ def _standardised_paths(problems, alphas):
         constant = var <= 1e-12 * second.clamp_min(torch.finfo(torch.float64).tiny)
         scale = torch.where(constant, torch.ones_like(var), var.sqrt())
         keep = (~constant).to(torch.float64)
-        stacked.append(C / torch.outer(scale, scale) * torch.outer(keep, keep))
-        prepared.append((mx, my, scale, Cxy / scale[:, None] * keep[:, None]))
-    lams, Vs = torch.linalg.eigh(torch.stack(stacked))
-    a = torch.as_tensor(alphas, dtype=torch.float64, device=lams.device)
+        Cs = (C / torch.outer(scale, scale) * torch.outer(keep, keep)).contiguous()
+        prepared.append((mx, my, scale, Cs, Cxy / scale[:, None] * keep[:, None]))
     out = []
-    for (mx, my, scale, Cxys), lam, V in zip(prepared, lams, Vs):
-        lam = lam.clamp_min(0)  # a covariance is PSD: negative eigenvalues are rounding
-        P = V.T @ Cxys                                                     # (D, T)
-        Ws = V @ (P[None] / (lam[None, :, None] + a[:, None, None]))      # (A, D, T)
-        out.append((mx, my, scale, Ws))
+    with _single_threaded_blas():
+        if len(alphas) <= 4:  # a few alphas (the final refit): Cholesky per alpha is cheaper
+            return [(mx, my, scale, _ridge_solve(Cs, B, alphas)) for mx, my, scale, Cs, B in prepared]
+        # the folds' tridiagonalisations are independent and release the GIL: one thread each
+        workers = min(len(prepared), os.cpu_count() or 1)
+        if workers > 1 and prepared[0][3].shape[0] > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                tridiagonals = list(pool.map(lambda p: _tridiagonalise(p[3].numpy()), prepared))
+        else:
+            tridiagonals = [None] * len(prepared)
+        for (mx, my, scale, Cs, B), tri in zip(prepared, tridiagonals):
+            out.append((mx, my, scale, _ridge_path(Cs, B, alphas, tri)))
     return out
+
+
+_BLAS_CONTROLLER = None
+
+
+def _single_threaded_blas():
+    """Keep numpy/scipy's OpenBLAS on one thread while we call it.
+
+    ``dsytrd`` gains nothing from a second thread at these sizes, and OpenBLAS
+    threads left spinning after a call take the cores from torch's own thread
+    pool: on 2 cores that tripled the time of the torch operations around it.
+    """
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        import scipy.linalg.lapack  # noqa: F401  (load scipy's OpenBLAS before looking for it)
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+def _ridge_solve(C: torch.Tensor, B: torch.Tensor, alphas) -> torch.Tensor:
+    """:func:`_ridge_path` for a few alphas: one Cholesky factorisation each (cheaper than tridiagonalising)."""
+    a = torch.as_tensor(np.asarray(alphas, dtype=np.float64))
+    shifted = C[None] + a[:, None, None] * torch.eye(C.shape[0], dtype=C.dtype)
+    L, info = torch.linalg.cholesky_ex(shifted)
+    if bool(info.any()):  # not positive definite in rounding: the pivoting path copes
+        return _ridge_path(C, B, alphas)
+    return torch.cholesky_solve(B.expand(len(a), *B.shape), L).permute(1, 0, 2)
 
 
 def solve_ridge_cv(stats: RidgeStats, alphas=None) -> RidgeCVResult:
@@ -568,28 +773,31 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None) -> RidgeCVResult:
                          f"(fold = image_index % {F})")
     if not all(bool(torch.isfinite(t).all()) for t in stats._tensors()[:-1]):
         raise ValueError("the statistics contain NaN or inf: the features fed to update() were not finite")
-    n, sx, sy, G, H, sy2 = stats.n, stats.sum_x, stats.sum_y, stats.xtx, stats.xty, stats.sum_y2
+    # the solve runs on the CPU in float64 (LAPACK); the statistics are O(F D^2), a cheap copy off a GPU
+    n, sx, sy, G, H, sy2 = (t.cpu() for t in (stats.n, stats.sum_x, stats.sum_y, stats.xtx, stats.xty,
+                                                stats.sum_y2))
     tot = [t.sum(0) for t in (n, sx, sy, G, H, sy2)]
     A, T = alphas.size, stats.n_targets
-    fold_r2 = torch.empty(F, A, T, dtype=torch.float64, device=stats.device)
-    # every fold's training set (all folds but k), then all data for the final refit: one eigh call
+    fold_r2 = torch.empty(F, A, T, dtype=torch.float64)
+    # every fold's training set is all the folds but k
     problems = [[t - t_k for t, t_k in zip(tot[:5], (n[k], sx[k], sy[k], G[k], H[k]))] for k in range(F)]
-    *fold_paths, full_path = _standardised_paths(problems + [tot[:5]], alphas)
+    fold_paths = _standardised_paths(problems, alphas)
     for k in range(F):
         mx, my, scale, Ws = fold_paths[k]
+        W = Ws.reshape(Ws.shape[0], A * T)                              # (D, A*T): one product per fold
         m = n[k]
         hx, hy, Ch, Chy = _moments(m, sx[k], sy[k], G[k], H[k])
         sst = sy2[k] - m * hy * hy
         Ch_s = Ch / torch.outer(scale, scale)
         Chy_s = Chy / scale[:, None]
         # residual = (y - hy) - (z - hz)·w + d, with d the gap in means; cross terms vanish
-        d = (hy - my)[None] - ((hx - mx) / scale) @ Ws                 # (A, T)
-        sse = (sst[None] - 2 * (Ws * Chy_s[None]).sum(1)
-               + (Ws * (Ch_s @ Ws)).sum(1) + m * d * d)
+        d = (hy - my)[None] - (((hx - mx) / scale) @ W).reshape(A, T)
+        sse = (sst[None] - 2 * (Ws * Chy_s[:, None]).sum(0)
+               + (W * (Ch_s @ W)).sum(0).reshape(A, T) + m * d * d)
         degenerate = sst <= 1e-12 * sy2[k].clamp_min(torch.finfo(torch.float64).tiny)
         r2 = 1 - sse / torch.where(degenerate, torch.ones_like(sst), sst)[None]
         fold_r2[k] = torch.where(degenerate[None], torch.full_like(r2, float("nan")), r2)
-    fold_r2_np = fold_r2.cpu().numpy()
+    fold_r2_np = fold_r2.numpy()
     valid = ~np.isnan(fold_r2_np)
     counts = valid.sum(0)
     path = np.where(counts > 0, np.where(valid, fold_r2_np, 0).sum(0) / np.maximum(counts, 1), np.nan)
@@ -602,21 +810,23 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None) -> RidgeCVResult:
             best[t] = A - 1 - int(np.nanargmax(col[::-1]))
     cols = np.arange(T)
 
-    def at_best(mx, my, scale, Ws):
-        Wb = Ws[torch.as_tensor(best, device=Ws.device), :, torch.as_tensor(cols, device=Ws.device)]  # (T, D)
-        coef = Wb / scale[None]
+    def at_best(mx, my, scale, Ws, index):
+        coef = Ws[:, torch.as_tensor(index), torch.as_tensor(cols)].T / scale[None]  # (T, D)
         return coef, my - coef @ mx
 
-    fold_coef, fold_icpt = zip(*(at_best(*p) for p in fold_paths))
-    coef, icpt = at_best(*full_path)
+    fold_coef, fold_icpt = zip(*(at_best(*p, best) for p in fold_paths))
+    # the final refit on all folds needs only the chosen alphas
+    chosen, where = np.unique(best, return_inverse=True)
+    final = _standardised_paths([tot[:5]], alphas[chosen])[0]
+    coef, icpt = at_best(*final, where.reshape(-1))
     names = stats.target_names or tuple(f"y{i}" for i in range(T))
     return RidgeCVResult(
         alphas=alphas, target_names=names, fold_r2=fold_r2_np, cv_r2_path=path, best_index=best,
         alpha_=alphas[best], cv_r2_=path[best, cols], alpha_at_edge=(best == 0) | (best == A - 1),
-        coef_=coef.cpu().numpy(), intercept_=icpt.cpu().numpy(),
-        fold_coef_=torch.stack(fold_coef).cpu().numpy(), fold_intercept_=torch.stack(fold_icpt).cpu().numpy(),
-        x_mean_=mx.cpu().numpy(), x_scale_=scale.cpu().numpy(),
-        n_tokens=n.cpu().numpy(), n_images=stats.n_images.cpu().numpy())
+        coef_=coef.numpy(), intercept_=icpt.numpy(),
+        fold_coef_=torch.stack(fold_coef).numpy(), fold_intercept_=torch.stack(fold_icpt).numpy(),
+        x_mean_=final[0].numpy(), x_scale_=final[2].numpy(),
+        n_tokens=n.numpy(), n_images=stats.n_images.cpu().numpy())
 
 
 # --------------------------------------------------------------------------- cell accuracy

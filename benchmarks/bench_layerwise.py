@@ -1,7 +1,7 @@
 """Layerwise probes: streamed statistics versus the hand-written way, side by side.
 
 The hand-written way collects every layer's patch tokens, then fits scikit-learn
-``RidgeCV`` with ``GroupKFold`` (split by image). asg_probe streams per-fold
+``GridSearchCV(StandardScaler + Ridge)`` on the same image folds (``image % 5``). asg_probe streams per-fold
 sufficient statistics during the forward pass. Each measurement runs in a fresh
 process so that peak RSS is its own. Images are random tensors generated batch by
 batch (same for every mode), so image storage does not blur the memory figures.
@@ -11,6 +11,10 @@ Usage::
     python benchmarks/bench_layerwise.py                       # ViT-S/16 @224, N = 128 256 512 1024
     python benchmarks/bench_layerwise.py --num-images 128 256 --naive-max 0 --repeats 3
     python benchmarks/bench_layerwise.py --model vit_tiny_patch4_32 --img-size 32 --num-images 256 1024
+    python benchmarks/bench_layerwise.py --device cuda --naive-max 0 --repeats 2   # on a GPU
+
+On a GPU both modes keep the model and the statistics on the device and wait for it
+(``torch.cuda.synchronize``) before the clock stops; peak GPU memory is printed too.
 """
 from __future__ import annotations
 
@@ -32,26 +36,38 @@ def batches(n, batch_size, img_size, seed=0):
         yield torch.randn(b, 3, img_size, img_size, generator=gen), torch.arange(start, start + b)
 
 
-def run_mode(mode, model_name, n, batch_size, img_size):
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", exact=False):
     import asg_probe
     from asg_probe.analysis.layerwise import LayerwiseAccumulator
     from asg_probe.extract import forward_tokens, run_analyses
 
-    model = asg_probe.create_model(model_name, pos="ape", num_classes=0, img_size=img_size).eval()
+    device = torch.device(device)
+    torch.manual_seed(0)  # the same random weights in every worker, so the R² of the modes can be compared
+    model = asg_probe.create_model(model_name, pos="ape", num_classes=0, img_size=img_size).eval().to(device)
+    if device.type == "cuda":  # CUDA context, kernels and allocator warmed outside the clock, for both modes
+        with torch.no_grad():
+            model.forward_features(torch.randn(batch_size, 3, img_size, img_size, device=device))
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     if mode == "forward":
         with torch.no_grad():  # the bare model: no hooks, no tokens kept
             for x, _ in batches(n, batch_size, img_size):
-                model.forward_features(x)
+                model.forward_features(x.to(device, non_blocking=True))
         r2 = None
     elif mode == "layerwise":
-        acc = LayerwiseAccumulator(n_folds=5)
-        res = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False)[0]
+        acc = LayerwiseAccumulator(n_folds=5, exact=exact)
+        res = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False, device=device)[0]
         r2 = [round(r["r2"], 4) for r in res.rows]
     else:  # the hand-written way
         import numpy as np
         from sklearn.linear_model import Ridge
-        from sklearn.model_selection import GridSearchCV, GroupKFold
+        from sklearn.model_selection import GridSearchCV, PredefinedSplit
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
@@ -59,8 +75,8 @@ def run_mode(mode, model_name, n, batch_size, img_size):
 
         tokens, groups = {}, []
         for x, idx in batches(n, batch_size, img_size):
-            for layer, t in forward_tokens(model, x).items():
-                tokens.setdefault(layer, []).append(t.reshape(-1, t.shape[-1]).numpy())
+            for layer, t in forward_tokens(model, x.to(device)).items():
+                tokens.setdefault(layer, []).append(t.reshape(-1, t.shape[-1]).cpu().numpy())
             groups.append(np.repeat(idx.numpy(), t.shape[1]))
         groups = np.concatenate(groups)
         grid = img_size // model.patch_embed.patch_size[0]
@@ -68,14 +84,18 @@ def run_mode(mode, model_name, n, batch_size, img_size):
         r2 = []
         for layer in sorted(tokens):
             X = np.concatenate(tokens.pop(layer))
-            # alpha chosen by 5-fold CV split by image, scored by held-out R² (no refit: generous)
+            # alpha chosen by 5-fold CV split by image (the streamed folds, image % 5, so the R² can be
+            # compared), scored by held-out R²; no refit (generous)
             search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": DEFAULT_ALPHAS},
-                                  cv=GroupKFold(n_splits=5), scoring="r2", refit=False)
-            search.fit(X, y, groups=groups)
+                                  cv=PredefinedSplit(groups % 5), scoring="r2", refit=False)
+            search.fit(X, y)
             r2.append(round(float(search.best_score_), 4))
+    _sync(device)
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"mode": mode, "n": n, "seconds": seconds, "peak_rss_mb": peak_mb, "r2": r2}))
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    print(json.dumps({"mode": mode, "n": n, "seconds": seconds, "peak_rss_mb": peak_mb, "peak_gpu_mb": gpu_mb,
+                      "r2": r2}))
 
 
 def main():
@@ -84,6 +104,8 @@ def main():
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, nargs="+", default=[128, 256, 512, 1024])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the hand-written way fits on the CPU either way)")
+    p.add_argument("--exact", action="store_true", help="float64 statistics (layerwise --exact)")
     p.add_argument("--naive-max", type=int, default=128, help="largest N for the hand-written way")
     p.add_argument("--repeats", type=int, default=1,
                    help="alternate forward/layerwise this many times per N and keep each one's fastest "
@@ -91,10 +113,12 @@ def main():
     p.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        run_mode(args.worker[0], args.model, int(args.worker[1]), args.batch_size, args.img_size)
+        run_mode(args.worker[0], args.model, int(args.worker[1]), args.batch_size, args.img_size, args.device,
+                 args.exact)
         return
-    print(f"# {args.model} @ {args.img_size}px, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, best of {args.repeats}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"# {args.model} @ {args.img_size}px, batch {args.batch_size}, device {where}, "
+          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, best of {args.repeats}")
     print(f"{'N':>6} {'forward s':>10} {'layerwise s':>12} {'ratio':>6} {'RSS fwd MB':>11} {'RSS lw MB':>10} "
           f"{'naive s':>8} {'RSS naive MB':>13}")
     results = {}
@@ -103,7 +127,7 @@ def main():
         modes = ("forward", "layerwise") * args.repeats + (("naive",) if n <= args.naive_max else ())
         for mode in modes:
             cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
-                   "--batch-size", str(args.batch_size), "--worker", mode, str(n)]
+                   "--batch-size", str(args.batch_size), "--device", args.device, "--worker", mode, str(n)] + (["--exact"] if args.exact else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res = json.loads(out)
             if mode not in row or res["seconds"] < row[mode]["seconds"]:
@@ -111,8 +135,10 @@ def main():
         results[n] = row
         f, lw, nv = row["forward"], row["layerwise"], row.get("naive")
         naive = f"{nv['seconds']:8.1f} {nv['peak_rss_mb']:13.0f}" if nv else f"{'-':>8} {'-':>13}"
-        print(f"{n:6d} {f['seconds']:10.1f} {lw['seconds']:12.1f} {lw['seconds'] / f['seconds']:6.2f} "
-              f"{f['peak_rss_mb']:11.0f} {lw['peak_rss_mb']:10.0f} {naive}", flush=True)
+        gpu = (f"   GPU MB fwd {f['peak_gpu_mb']:.0f} lw {lw['peak_gpu_mb']:.0f}"
+               if f.get("peak_gpu_mb") is not None else "")
+        print(f"{n:6d} {f['seconds']:10.2f} {lw['seconds']:12.2f} {lw['seconds'] / f['seconds']:6.2f} "
+              f"{f['peak_rss_mb']:11.0f} {lw['peak_rss_mb']:10.0f} {naive}{gpu}", flush=True)
         if nv:
             print(f"       last-layer R²: streamed {lw['r2'][-1]:.4f}  hand-written {nv['r2'][-1]:.4f}")
 

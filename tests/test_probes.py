@@ -161,6 +161,77 @@ def test_constant_features_are_ignored():
     assert np.all(probe.coef_[:, -3:] == 0)
 
 
+# --------------------------------------------------------------------------- the solver's linear algebra
+
+def _psd(d, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(d, rank, generator=g, dtype=torch.float64)
+    return F @ F.T * torch.logspace(0, 3, d, dtype=torch.float64)[:rank].sum() / rank
+
+
+@pytest.mark.parametrize("d, rank", [(2, 2), (37, 37), (120, 40)])  # full rank and rank-deficient
+def test_ridge_path_equals_one_direct_solve_per_alpha(d, rank):
+    from asg_probe.probes import _ridge_path, _ridge_solve, _tridiagonal_path_eigen, _tridiagonalise
+
+    C = _psd(d, rank, seed=d)
+    B = torch.randn(d, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    alphas = np.logspace(-3, 6, 19)
+    W = _ridge_path(C.clone(), B, alphas)                                  # (D, A, T)
+    assert W.shape == (d, 19, 3)
+    for i, a in enumerate(alphas):
+        direct = torch.linalg.solve(C + a * torch.eye(d, dtype=torch.float64), B)
+        torch.testing.assert_close(W[:, i], direct, rtol=1e-6, atol=1e-9 * float(direct.abs().max()))
+    # the eigenvector fallback (for a pivot that is exactly zero) and the Cholesky route agree
+    packed, diag, off, tau = _tridiagonalise(C.clone().numpy())
+    Qt = torch.eye(d, dtype=torch.float64)
+    Qt[1:] = torch.ormqr(torch.from_numpy(packed)[1:, :-1], torch.from_numpy(tau), Qt[1:], transpose=True)
+    Y = torch.from_numpy(_tridiagonal_path_eigen(diag, off, (Qt @ B).numpy(), alphas)).reshape(19, d, 3)
+    torch.testing.assert_close(Qt.T @ Y, W.permute(1, 0, 2), rtol=1e-6, atol=1e-9 * float(W.abs().max()))
+    torch.testing.assert_close(_ridge_solve(C.clone(), B, alphas[[0, 9]]), W[:, [0, 9]], rtol=1e-6, atol=1e-9)
+
+
+def test_tridiagonalisation_without_the_gil_equals_scipys_wrapper():
+    from scipy.linalg import lapack
+
+    from asg_probe.probes import _lapack_dsytrd, _tridiagonalise
+
+    assert _lapack_dsytrd() is not None  # else the folds are tridiagonalised one at a time
+    C = _psd(50, 50, seed=3).numpy()
+    ours = _tridiagonalise(C.copy())
+    theirs = lapack.dsytrd(C.copy().T, lower=1)
+    for a, b in zip(ours, theirs[:4]):  # equal up to the rounding of a different work-space blocking
+        a, b = (np.tril(a), np.tril(b)) if a.ndim == 2 else (a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("d", [3, 200, 384])  # one, two and four column blocks
+@pytest.mark.parametrize("exact", [True, False])
+def test_block_triangular_gram_is_the_full_symmetric_product(d, exact):
+    g = torch.Generator().manual_seed(d)
+    X = (torch.randn(7, 30, d, generator=g) * 2 + 5).float()
+    stats = RidgeStats(n_folds=2, exact=exact)
+    stats.update(X[:4], torch.zeros(30, 1), torch.arange(4))
+    stats.update(X[4:], torch.zeros(30, 1), torch.arange(4, 7))
+    for f in range(2):
+        rows = X[f::2].reshape(-1, d).double()
+        expected = rows.T @ rows
+        assert float((stats.xtx[f] - expected).abs().max() / expected.abs().max()) < (1e-12 if exact else 1e-6)
+        assert torch.equal(stats.xtx[f], stats.xtx[f].T)
+
+
+def test_near_perfect_layer0_fit_stays_at_most_one_by_default():
+    """Layer 0 of an APE model decodes the slot from the learned table: R² just below 1, ill-conditioned.
+
+    The float32 Gram path reads 1.00001 here (3e-4 off); the float64 default must not exceed 1."""
+    import asg_probe
+
+    torch.manual_seed(0)
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    images = torch.randn(20, 3, 32, 32)
+    row = asg_probe.layerwise_probes(model, images, layers=[0], progress=False).rows[0]
+    assert 0.999 < row["r2_row"] <= 1.0 and 0.999 < row["r2_col"] <= 1.0
+
+
 # --------------------------------------------------------------------------- streaming invariance
 
 def test_batching_and_order_do_not_change_the_statistics():

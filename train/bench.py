@@ -118,6 +118,7 @@ def bench_steps(model_name: str, pos: str, *, img_size: int, batch_size: int, st
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -128,7 +129,7 @@ def bench_steps(model_name: str, pos: str, *, img_size: int, batch_size: int, st
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        one_step()
+        loss = one_step()
         _sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
@@ -136,7 +137,7 @@ def bench_steps(model_name: str, pos: str, *, img_size: int, batch_size: int, st
     row = {"model": model_name, "pos": pos, "guidance": guidance, "img_size": img_size, "batch_size": batch_size,
            "precision": precision, "compile": compile_model, "step_ms": step_s * 1e3,
            "images_per_s": batch_size / step_s, "peak_mem_mb": _peak_memory_mb(device),
-           "tflops_per_s": flops / step_s / 1e12}
+           "tflops_per_s": flops / step_s / 1e12, "loss": float(loss)}
     if peak:
         row["mfu"] = flops / step_s / peak
     return row
