@@ -57,7 +57,7 @@ def build_parser():
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to probe (default: all)")
     p.add_argument("--cell-accuracy", action="store_true", help="also per-cell accuracy (second pass)")
     p.add_argument("--fast", action="store_true",
-                   help="float32 Gram matrices: ~3%% faster on CPU, R² of near-perfect fits off by up to ~3e-4 "
+                   help="float32 Gram matrices: ~5%% faster on CPU, but R² can move by ~1e-3 "
                         "(default: float64 throughout)")
 
     p = sub.add_parser("attention-distance", help="mean attention distance per head and layer")

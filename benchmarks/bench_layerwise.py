@@ -41,7 +41,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", exact=False):
+def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False):
     import asg_probe
     from asg_probe.analysis.layerwise import LayerwiseAccumulator
     from asg_probe.extract import forward_tokens, run_analyses
@@ -61,7 +61,7 @@ def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", exact=Fals
                 model.forward_features(x.to(device, non_blocking=True))
         r2 = None
     elif mode == "layerwise":
-        acc = LayerwiseAccumulator(n_folds=5, exact=exact)
+        acc = LayerwiseAccumulator(n_folds=5, exact=not fast)
         res = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False, device=device)[0]
         r2 = [round(r["r2"], 4) for r in res.rows]
     else:  # the hand-written way
@@ -105,7 +105,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--device", default="cpu", help="cpu or cuda (the hand-written way fits on the CPU either way)")
-    p.add_argument("--exact", action="store_true", help="float64 statistics (layerwise --exact)")
+    p.add_argument("--fast", action="store_true", help="float32 Gram matrices (layerwise --fast); default float64")
     p.add_argument("--naive-max", type=int, default=128, help="largest N for the hand-written way")
     p.add_argument("--repeats", type=int, default=1,
                    help="alternate forward/layerwise this many times per N and keep each one's fastest "
@@ -114,7 +114,7 @@ def main():
     args = p.parse_args()
     if args.worker:
         run_mode(args.worker[0], args.model, int(args.worker[1]), args.batch_size, args.img_size, args.device,
-                 args.exact)
+                 args.fast)
         return
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"# {args.model} @ {args.img_size}px, batch {args.batch_size}, device {where}, "
@@ -127,7 +127,7 @@ def main():
         modes = ("forward", "layerwise") * args.repeats + (("naive",) if n <= args.naive_max else ())
         for mode in modes:
             cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
-                   "--batch-size", str(args.batch_size), "--device", args.device, "--worker", mode, str(n)] + (["--exact"] if args.exact else [])
+                   "--batch-size", str(args.batch_size), "--device", args.device, "--worker", mode, str(n)] + (["--fast"] if args.fast else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res = json.loads(out)
             if mode not in row or res["seconds"] < row[mode]["seconds"]:
