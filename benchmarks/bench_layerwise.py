@@ -1,8 +1,8 @@
 """Layerwise probes: streamed statistics versus the hand-written way, side by side.
 
 The hand-written way collects every layer's patch tokens, then fits scikit-learn
-``GridSearchCV(StandardScaler + Ridge)`` on the same image folds (``image % 5``). asg_probe streams per-fold
-sufficient statistics during the forward pass. Each measurement runs in a fresh
+``GridSearchCV(StandardScaler + Ridge)`` on the same image folds (``image % 5``).
+asg_probe streams per-fold sufficient statistics during the forward pass. Each measurement runs in a fresh
 process so that peak RSS is its own. Images are random tensors generated batch by
 batch (same for every mode), so image storage does not blur the memory figures.
 
@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/bench_layerwise.py                       # ViT-S/16 @224, N = 128 256 512 1024
     python benchmarks/bench_layerwise.py --num-images 128 256 --naive-max 0 --repeats 3
+    python benchmarks/bench_layerwise.py --num-images 128 --naive-max 0 --repeats 3 --fast  # float32 Gram
     python benchmarks/bench_layerwise.py --model vit_tiny_patch4_32 --img-size 32 --num-images 256 1024
     python benchmarks/bench_layerwise.py --device cuda --naive-max 0 --repeats 2   # on a GPU
 
@@ -127,7 +128,8 @@ def main():
         modes = ("forward", "layerwise") * args.repeats + (("naive",) if n <= args.naive_max else ())
         for mode in modes:
             cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
-                   "--batch-size", str(args.batch_size), "--device", args.device, "--worker", mode, str(n)] + (["--fast"] if args.fast else [])
+                   "--batch-size", str(args.batch_size), "--device", args.device, "--worker", mode, str(n)]
+            cmd += ["--fast"] if args.fast else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res = json.loads(out)
             if mode not in row or res["seconds"] < row[mode]["seconds"]:
