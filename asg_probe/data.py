@@ -272,15 +272,15 @@ def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAUL
         raise ValueError(f"img_size must be positive, got {img_size}")
     if num_images is not None and int(num_images) < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    generated = 64 if num_images is None else int(num_images)  # the built-in sources have no "every image"
     if source is None:
-        return embedded_images(num_images=64 if num_images is None else num_images, img_size=img_size, seed=seed)
+        return embedded_images(num_images=generated, img_size=img_size, seed=seed)
     if source == "scenes" and not Path(source).exists():
         # the procedural scenes the bundled reference models were trained on (held-out split)
         from .scenes import SceneDataset
 
-        n = 64 if num_images is None else int(num_images)
-        scenes = SceneDataset(n, img_size=img_size, split="val", seed=seed).images()
-        return ImageSet(scenes, [f"scenes:val[{i}]" for i in range(n)],
+        scenes = SceneDataset(generated, img_size=img_size, split="val", seed=seed).images()
+        return ImageSet(scenes, [f"scenes:val[{i}]" for i in range(generated)],
                         source=f"procedural scenes (validation split, seed {seed})")
     root = Path(source).expanduser()
     if not root.exists():
