@@ -13,7 +13,7 @@ on) or the embedded photographs (``--images photos``) or any folder.
 Each figure is written as vector PDF and PNG: layerwise R² curves for all
 mechanisms on one plot, attention-distance scatter (head × layer), UMAP panels, PE
 similarity grids, shuffle-test bars and resolution-transfer curves, with one
-colour per mechanism throughout (``asg_probe.plotting.MECHANISM_COLORS``).
+colour and one display name per model throughout (``asg_probe.plotting.model_color``, ``display_name``).
 """
 from __future__ import annotations
 
@@ -29,14 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import asg_probe  # noqa: E402
-from asg_probe.plotting import mechanism_color  # noqa: E402
-
-# Reference model names -> labels used for colours and legends.
-LABELS = {"none": "none", "ape": "ape", "rope-mixed": "rope-mixed", "sdt-decay": "sdt-decay",
-          "guidance": "none+guidance", "guidance-random": "none+guidance-random",
-          "guidance_random": "none+guidance-random", "guidance-shuffled": "none+guidance-shuffled",
-          "guidance_shuffled": "none+guidance-shuffled"}
-
+from asg_probe.plotting import display_name, mechanism_color  # noqa: E402
 
 def discover(args):
     """``{label: [checkpoint paths (one per seed)]}``."""
@@ -44,12 +37,12 @@ def discover(args):
     if args.runs:
         for model_file in sorted(Path(args.runs).glob("*/seed*/model.safetensors")):
             name = model_file.parent.parent.name
-            found[LABELS.get(name, name)].append(model_file)
+            found[display_name(name)].append(model_file)
     else:
         from asg_probe.reference import reference_path
 
         for name in asg_probe.list_reference_models():
-            found[LABELS.get(name, name)].append(reference_path(name))
+            found[display_name(name)].append(reference_path(name))
     if not found:
         raise SystemExit("no checkpoints found: pass --runs DIR or install the reference models")
     return dict(found)
