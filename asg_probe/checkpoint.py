@@ -29,13 +29,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError  # defined with the other error types; public here too
+
 FORMAT_NAME = "asg_probe"
 FORMAT_VERSION = 1
 _RUN_DIR_FILE = "model.safetensors"
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be read or does not fit the model; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- saving

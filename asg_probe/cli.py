@@ -1,120 +1,32 @@
 """``asg-probe``: layer-by-layer spatial analysis of any ViT checkpoint, from the shell.
 
-Every subcommand prints a readable table, writes JSON + CSV + PNG to ``--out`` and
-fails with one line on stderr: exit code 2 for usage errors and bad input, 1 for
-checkpoints that cannot be read. Under ``torchrun`` the images are split over the
-processes and statistics combined; rank 0 prints and writes.
+Every subcommand prints a readable table and writes JSON + CSV + PNG to ``--out`` (a set:
+a killed run leaves the previous results or the new ones, never a mix). Arguments, the
+device and the output folder are checked before any model is loaded. Errors are one line
+on stderr (see README, "Error contract"):
+
+- exit 0: done;
+- exit 2: usage error (:class:`~asg_probe.errors.UsageError`): fix the command line;
+- exit 1: an input that cannot be read (:class:`~asg_probe.errors.InputError`, e.g. a
+  truncated checkpoint), or an unexpected error, reported with a hint to rerun with
+  ``--debug``, which prints the traceback;
+- exit 130: interrupted (Ctrl-C).
+
+Under ``torchrun`` the images are split over the processes and statistics combined; rank 0
+prints and writes.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import shlex
 import sys
+import traceback
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = "guidance"
+from .cli_args import DEFAULT_CHECKPOINT, build_parser, is_reference_name, out_dir, validate  # noqa: F401
+from .errors import AsgProbeError, UsageError
 
-
-class UsageError(Exception):
-    """Bad command-line input: exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(f"{self.prog}: {message} (see --help)")
-
-
-def _common(p, images=True):
-    p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT,
-                   help="checkpoint file, training run directory, or bundled reference model name "
-                        f"(default: {DEFAULT_CHECKPOINT}; see `asg-probe list`)")
-    p.add_argument("--arch", help="architecture for files that don't describe themselves "
-                                  "(asg_probe or timm model name)")
-    p.add_argument("--pos", help="positional mechanism for files that don't describe themselves")
-    p.add_argument("--trust", action="store_true",
-                   help="allow arbitrary pickled objects (only for files you trust)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: asg-probe-out/<command>)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for image crops and shuffles (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if images:
-        p.add_argument("--images", default=None,
-                       help="folder of images (searched recursively), or 'scenes' (procedural scenes); "
-                            "default: scenes for bundled reference models, else embedded photographs")
-        p.add_argument("--num-images", type=int, default=64, help="number of images (default: 64)")
-        p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-        p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-
-
-def build_parser():
-    parser = _Parser(prog="asg-probe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    p = sub.add_parser("layerwise", help="coordinate probes for every layer (the headline analysis)")
-    _common(p)
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, split by image (default: 5)")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to probe (default: all)")
-    p.add_argument("--cell-accuracy", action="store_true", help="also per-cell accuracy (second pass)")
-    p.add_argument("--fast", action="store_true",
-                   help="float32 Gram matrices: ~5%% faster on CPU, but R² can move by ~1e-3 "
-                        "(default: float64 throughout)")
-
-    p = sub.add_parser("attention-distance", help="mean attention distance per head and layer")
-    _common(p)
-
-    p = sub.add_parser("embeddings", help="UMAP of patch tokens coloured by 2D position")
-    _common(p)
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers (default: first, middle, last)")
-
-    p = sub.add_parser("pos-similarity", help="cosine similarity of position embeddings (ape, sincos)")
-    _common(p, images=False)
-
-    p = sub.add_parser("shuffle-test", help="content or injection? probes on patch-shuffled images")
-    _common(p)
-
-    p = sub.add_parser("check-equivariance", help="certify that a model has no positional injection")
-    _common(p)
-    p.set_defaults(num_images=8)
-    p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default: 1e-4)")
-
-    p = sub.add_parser("resolution", help="fit probes at one size, evaluate at others")
-    _common(p)
-    p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="evaluation sizes (default: 0.5x..2x the training size, multiples of the patch)")
-
-    p = sub.add_parser("attribution", help="captum: which pixels drive a probe's coordinate prediction")
-    _common(p)
-    p.set_defaults(num_images=32)
-    p.add_argument("--layer", type=int, default=-1, help="layer of the probe (default: last)")
-    p.add_argument("--patch", type=int, nargs=2, default=None, metavar=("ROW", "COL"),
-                   help="query patch (default: grid centre)")
-    p.add_argument("--image-index", type=int, default=0, help="which image to explain (default: 0)")
-
-    p = sub.add_parser("report", help="one HTML page with every analysis, several checkpoints side by side")
-    p.add_argument("checkpoints", nargs="*", default=None, help="checkpoints or reference names "
-                   "(default: all bundled reference models)")
-    for action in _common_actions():
-        p.add_argument(*action[0], **action[1])
-
-    p = sub.add_parser("list", help="list bundled reference models, architectures and mechanisms")
-    return parser
-
-
-def _common_actions():
-    scratch = _Parser()
-    _common(scratch)
-    out = []
-    for a in scratch._actions:
-        if a.dest in ("help", "checkpoint"):
-            continue
-        kw = {"default": a.default, "help": a.help, "dest": a.dest}
-        if isinstance(a, argparse._StoreTrueAction):
-            kw["action"] = "store_true"
-        else:
-            kw["type"] = a.type
-        out.append((a.option_strings, kw))
-    return out
+DEBUG_HINT = "rerun with --debug for the traceback"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -129,69 +41,69 @@ def _init_distributed():
     return dist.get_rank()
 
 
-def _is_reference_name(spec) -> bool:
-    """A bundled reference model's name, and no file or folder of that name (a path wins)."""
-    from .reference import list_reference_models
-
-    return not Path(spec).exists() and spec in list_reference_models()
-
-
 def load_model(spec, args):
-    """Load a checkpoint path or a bundled reference model name."""
+    """Load a checkpoint path or a bundled reference model name; returns ``(model, name)``."""
     from .checkpoint import load_checkpoint
-    from .reference import list_reference_models, reference_path
+    from .cli_args import check_checkpoint_spec
+    from .reference import reference_path
 
-    path = Path(spec)
-    if _is_reference_name(spec):
-        path = reference_path(spec)
-    elif not path.exists():
-        refs = ", ".join(list_reference_models()) or "none installed"
-        raise UsageError(f"{spec}: no such file or reference model (reference models: {refs})")
+    check_checkpoint_spec(spec)
+    path = reference_path(spec) if is_reference_name(spec) else Path(spec)
     model = load_checkpoint(path, arch=args.arch, pos=args.pos, trust=args.trust)
     return model, str(spec)
 
 
-def _out_dir(args):
-    return args.out or Path("asg-probe-out") / args.command
+def trained_on_scenes(model) -> bool:
+    """Whether ``model``'s checkpoint says it was trained on procedural scenes (its training config)."""
+    config = (getattr(model, "asg_meta", None) or {}).get("config") or {}
+    data = config.get("data") if isinstance(config, dict) else None
+    return isinstance(data, dict) and data.get("kind") == "scenes"
 
 
-def _print_table(result, rank, columns=None):
+def _default_images(args, models=()):
+    """``--images`` as given; if left out, held-out scenes when every model was trained on scenes
+    (bundled reference models, scene training runs: photographs would show little but a domain
+    gap), else the photographs. ``models``: the loaded ``(model, name)`` pairs."""
+    if args.images is not None:
+        return args.images
+    if models:
+        return "scenes" if all(trained_on_scenes(m) for m, _ in models) else None
+    from .cli_args import checkpoint_specs  # before loading: only reference names are known
+
+    return "scenes" if all(is_reference_name(s) for s in checkpoint_specs(args)) else None
+
+
+def _images_kwargs(args, models):
+    return dict(images=_default_images(args, models), num_images=args.num_images, img_size=args.img_size,
+                batch_size=args.batch_size, seed=args.seed, device=args.device,
+                progress=not args.no_progress)
+
+
+def _command_line(argv) -> str:
+    return shlex.join(["asg-probe", *argv])
+
+
+def _finish(result, args, rank, columns=None, extra=""):
+    """Print the table, the provenance and ``extra``; write the result's files (rank 0 only)."""
     if rank != 0:
         return
+    result.provenance.setdefault("device", args.device)
+    result.provenance["command"] = _command_line(args.argv)
+    for line in result.provenance_warnings():
+        print(f"warning: {line}", file=sys.stderr)
     frame = result.to_frame()
     if columns:
         frame = frame[[c for c in columns if c in frame.columns]]
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-
-
-def _finish(result, args, rank, columns=None, extra=""):
-    if rank != 0:
-        return
-    _print_table(result, rank, columns)
-    paths = result.save(_out_dir(args))
     if extra:
         print(extra)
+    print(result.provenance_line())
+    out = out_dir(args)
+    replaced = result.existing_outputs(out)
+    if replaced:
+        print(f"overwriting previous results in {out} ({', '.join(p.name for p in replaced)})")
+    paths = result.save(out)
     print(f"wrote {', '.join(str(p) for p in paths)}")
-
-
-def _default_images(args):
-    """``--images`` as given; if left out, held-out scenes for bundled reference models (the data
-    they were trained on: photographs would show little but a domain gap), else the photographs."""
-    if args.images is not None:
-        return args.images
-    from .reference import list_reference_models
-
-    if hasattr(args, "checkpoints"):  # report: no names means every reference model (as cmd_report)
-        names = args.checkpoints or list_reference_models()
-    else:
-        names = [args.checkpoint]
-    return "scenes" if all(_is_reference_name(name) for name in names) else None
-
-
-def _images_kwargs(args):
-    return dict(images=_default_images(args), num_images=args.num_images, img_size=args.img_size,
-                batch_size=args.batch_size, seed=args.seed, device=args.device,
-                progress=not args.no_progress)
 
 
 # --------------------------------------------------------------------------- commands
@@ -201,8 +113,7 @@ def cmd_layerwise(args, rank):
 
     model, name = load_model(args.checkpoint, args)
     result = layerwise_probes(model, layers=args.layers, n_folds=args.folds, cell_accuracy=args.cell_accuracy,
-                              exact=not args.fast,
-                              checkpoint=name, **_images_kwargs(args))
+                              exact=not args.fast, checkpoint=name, **_images_kwargs(args, [(model, name)]))
     cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha", "cell_accuracy"]
     _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")
 
@@ -211,15 +122,14 @@ def cmd_attention_distance(args, rank):
     from .analysis.attention_distance import attention_distance
 
     model, name = load_model(args.checkpoint, args)
-    result = attention_distance(model, checkpoint=name, **_images_kwargs(args))
-    _finish(result, args, rank)
+    _finish(attention_distance(model, label=name, **_images_kwargs(args, [(model, name)])), args, rank)
 
 
 def cmd_embeddings(args, rank):
     from .analysis.embeddings import token_embeddings
 
     model, name = load_model(args.checkpoint, args)
-    result = token_embeddings(model, layers=args.layers, checkpoint=name, **_images_kwargs(args))
+    result = token_embeddings(model, layers=args.layers, checkpoint=name, **_images_kwargs(args, [(model, name)]))
     _finish(result, args, rank)
 
 
@@ -234,14 +144,14 @@ def cmd_shuffle_test(args, rank):
     from .analysis.shuffle import shuffle_test
 
     model, name = load_model(args.checkpoint, args)
-    _finish(shuffle_test(model, checkpoint=name, **_images_kwargs(args)), args, rank)
+    _finish(shuffle_test(model, checkpoint=name, **_images_kwargs(args, [(model, name)])), args, rank)
 
 
 def cmd_check_equivariance(args, rank):
     from .analysis.shuffle import check_equivariance
 
     model, name = load_model(args.checkpoint, args)
-    kw = _images_kwargs(args)
+    kw = _images_kwargs(args, [(model, name)])
     kw.pop("progress")
     result = check_equivariance(model, tol=args.tol, checkpoint=name, **kw)
     _finish(result, args, rank, extra=result.verdict())
@@ -251,7 +161,8 @@ def cmd_resolution(args, rank):
     from .analysis.resolution import resolution_transfer
 
     model, name = load_model(args.checkpoint, args)
-    _finish(resolution_transfer(model, sizes=args.sizes, checkpoint=name, **_images_kwargs(args)), args, rank)
+    result = resolution_transfer(model, sizes=args.sizes, checkpoint=name, **_images_kwargs(args, [(model, name)]))
+    _finish(result, args, rank)
 
 
 def cmd_attribution(args, rank):
@@ -259,19 +170,19 @@ def cmd_attribution(args, rank):
 
     model, name = load_model(args.checkpoint, args)
     result = probe_attribution(model, layer=args.layer, patch=args.patch, image_index=args.image_index,
-                               checkpoint=name, **_images_kwargs(args))
+                               checkpoint=name, **_images_kwargs(args, [(model, name)]))
     _finish(result, args, rank)
 
 
 def cmd_report(args, rank):
-    from .reference import list_reference_models
+    from .cli_args import checkpoint_specs
     from .report import build_report
 
-    specs = args.checkpoints or list_reference_models()
-    if not specs:
-        raise UsageError("report: no checkpoints given and no reference models installed")
-    models = [load_model(s, args) for s in specs]
-    path = build_report(models, out_dir=_out_dir(args), **_images_kwargs(args))
+    models = [load_model(s, args) for s in checkpoint_specs(args)]
+    out = out_dir(args)
+    if rank == 0 and (out / "report.html").exists():
+        print(f"overwriting previous results in {out} (report.html and the per-model JSON)")
+    path = build_report(models, out_dir=out, **_images_kwargs(args, models))
     if rank == 0:
         print(f"wrote {path}")
 
@@ -293,26 +204,42 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
-    from .checkpoint import CheckpointError
+# --------------------------------------------------------------------------- entry point
 
+def _one_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv=None) -> int:
+    """Run ``asg-probe`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Exit codes: 0 done, 2 usage error, 1 unreadable input or unexpected error, 130 interrupted.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    debug = "--debug" in argv  # before parsing succeeds, the raw flag decides
     try:
         args = build_parser().parse_args(argv)
+        args.argv, debug = argv, getattr(args, "debug", debug)
+        validate(args)  # device, output folder, options: before any model is loaded or image read
         rank = _init_distributed()
         COMMANDS[args.command](args, rank)
         return 0
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except AsgProbeError as exc:  # UsageError (2), InputError and CheckpointError (1): the message says what to do
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # a bug (ours or a dependency's): say so, keep the traceback one flag away
+        if debug:
+            traceback.print_exc()
+            print(f"error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"error: {type(exc).__name__}: {_one_line(exc)} ({DEBUG_HINT})", file=sys.stderr)
+        return 1
     finally:
         _shutdown_distributed()
 

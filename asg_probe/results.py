@@ -1,17 +1,51 @@
-"""Result objects shared by every analysis.
+"""Result objects shared by every analysis, and how their files reach the disk.
 
-A result knows how to become a table (``to_frame``), a picture (``plot``), a
-JSON document (``to_dict``/``to_json``) and shows itself in a notebook
-(``_repr_html_``). ``save(out_dir)`` writes ``<name>.json``, ``<name>.csv`` and
-``<name>.png``, which is what every CLI subcommand does.
+A result knows how to become a table (``to_frame``), a picture (``plot``), a JSON
+document (``to_dict``/``to_json``) and shows itself in a notebook (``_repr_html_``).
+``save(out_dir)`` writes ``<name>.json``, ``<name>.csv`` and ``<name>.png``, which is what
+every CLI subcommand does.
+
+Provenance: every result carries ``provenance``, a dict saying what it was computed on
+(package version, image source and split, images requested and used, skipped files with
+the reason, seed, image size, device, command line). ``to_dict()`` (hence every JSON)
+includes it under ``"provenance"``; :meth:`AnalysisResult.provenance_line` is the one-line
+summary the command line prints.
+
+Files as a set: :func:`write_output_set` writes a command's files into a hidden staging
+folder inside ``out_dir``, marks the set complete, then renames the files into place. A run
+killed before the mark leaves the previous results untouched (the staging folder is deleted
+by the next write into ``out_dir``); a run killed between the renames is completed by the
+next write. Either way a reader never ends up with files from two runs. One run at a time
+per output folder.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> [p.name for p in write_output_set(folder, {"a.json": "{}", "a.png": b"PNG"})]
+['a.json', 'a.png']
+>>> sorted(p.name for p in folder.iterdir())
+['a.json', 'a.png']
 """
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+from .files import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+
+__all__ = ["AnalysisResult", "write_output_set", "recover_output_set"]
+
+_STAGING_PREFIX = ".asg-probe-staging."
+_STAGING_SUFFIX = ".tmp"
+_COMPLETE = "COMPLETE"  # inside a staging folder: the file names of a fully written set, one per line
 
 
 def _jsonable(obj):
@@ -27,11 +61,185 @@ def _jsonable(obj):
     return obj
 
 
+# --------------------------------------------------------------------------- files as a set
+
+def _publish(stage: Path, out: Path) -> None:
+    """Rename every file listed in ``stage``'s COMPLETE mark into ``out``; idempotent."""
+    for name in (stage / _COMPLETE).read_text(encoding="utf-8").splitlines():
+        if name and (stage / name).exists():
+            os.replace(stage / name, out / name)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover_output_set(out_dir) -> list:
+    """Finish or discard what a killed :func:`write_output_set` left in ``out_dir``.
+
+    A staging folder whose set was complete is published (the new results win); an
+    incomplete one is deleted (the previous results stay), as are ``.NAME.*.tmp`` files of
+    single atomic writes. Returns the staging folders handled.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    handled = []
+    for stage in sorted(out.glob(f"{_STAGING_PREFIX}*{_STAGING_SUFFIX}")):
+        if not stage.is_dir():
+            continue
+        if (stage / _COMPLETE).exists():
+            _publish(stage, out)
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
+        handled.append(stage)
+    remove_stale_temporaries(out)
+    return handled
+
+
+def write_output_set(out_dir, contents: dict) -> list:
+    """Write ``{file name: str or bytes}`` into ``out_dir`` so that the files appear together.
+
+    Every file is first written (fsynced) into a hidden staging folder in ``out_dir``; once
+    all are there, a COMPLETE mark is written and the files are renamed into place. An
+    exception (or Ctrl-C) before the mark leaves ``out_dir`` as it was; after the mark, the
+    renames are finished before the exception propagates. Returns the final paths, in the
+    order of ``contents``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recover_output_set(out)
+    names = list(contents)
+    bad = [n for n in names if Path(n).name != n or n in ("", ".", "..", _COMPLETE)]
+    if bad:
+        raise ValueError(f"output names must be plain file names, got {bad}")
+    stage = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX, dir=out))
+    try:
+        for name, data in contents.items():
+            if isinstance(data, str):
+                atomic_write_text(stage / name, data)
+            else:
+                atomic_write_bytes(stage / name, bytes(data))
+        atomic_write_text(stage / _COMPLETE, "\n".join(names) + "\n")
+    finally:
+        # complete: publish even while an exception unwinds; incomplete: drop the partial set
+        if (stage / _COMPLETE).exists():
+            _publish(stage, out)
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
+    return [out / name for name in names]
+
+
+# --------------------------------------------------------------------------- provenance
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _with_provenance(to_dict):
+    """Wrap a subclass's ``to_dict`` so that the document also carries ``"provenance"``."""
+
+    @functools.wraps(to_dict)
+    def wrapper(self):
+        doc = to_dict(self)
+        if isinstance(doc, dict):
+            doc = {**doc, "provenance": dict(self.provenance)}
+        return doc
+
+    wrapper._adds_provenance = True
+    return wrapper
+
+
+def _images_part(prov) -> dict:
+    images = prov.get("images")
+    return images if isinstance(images, dict) else {}
+
+
 class AnalysisResult:
-    """Base class: subclasses set ``name`` and implement ``to_dict``, ``to_frame`` and ``plot``."""
+    """Base class: subclasses set ``name`` and implement ``to_dict``, ``to_frame`` and ``plot``.
+
+    Every subclass's ``to_dict()`` output gains a ``"provenance"`` entry (added here, so
+    that no analysis can forget it). ``provenance`` is a dict with, where known:
+
+    - ``asg_probe_version`` (always),
+    - ``images``: ``{"source", "split", "num_requested", "num_used", "skipped": [[path,
+      reason], ...], "seed", "img_size": [h, w]}`` (from the image input the entry point
+      prepared),
+    - ``device``, ``command`` (the command line, when run from ``asg-probe``).
+
+    Examples
+    --------
+    >>> class Tiny(AnalysisResult):
+    ...     name = "tiny"
+    ...     def to_dict(self):
+    ...         return {"value": 1}
+    >>> r = Tiny()
+    >>> r.provenance["images"] = {"source": "scenes", "num_requested": 8, "num_used": 8, "seed": 0}
+    >>> sorted(r.to_dict()), r.to_dict()["provenance"]["images"]["num_used"]
+    (['provenance', 'value'], 8)
+    """
 
     name = "result"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("to_dict")
+        if own is not None and not getattr(own, "_adds_provenance", False):
+            cls.to_dict = _with_provenance(own)
+
+    @property
+    def provenance(self) -> dict:
+        """What the result was computed on (see the class docstring); always has the version."""
+        prov = self.__dict__.get("_provenance")
+        if prov is None:
+            prov = self.__dict__["_provenance"] = {"asg_probe_version": _package_version()}
+        return prov
+
+    @provenance.setter
+    def provenance(self, value):
+        self.__dict__["_provenance"] = {"asg_probe_version": _package_version(), **dict(value or {})}
+
+    def provenance_line(self) -> str:
+        """One line saying what the result was computed on, for printed summaries."""
+        prov = self.provenance
+        images = _images_part(prov)
+        parts = []
+        if images:
+            used, asked = images.get("num_used"), images.get("num_requested")
+            what = f"{used} images" if used is not None else "images"
+            if asked is not None and used is not None and asked != used:
+                what += f" ({asked} requested)"
+            source = images.get("source") or "?"
+            split = images.get("split")
+            parts.append(f"{what} from {source}" + (f" ({split} split)" if split and split not in source else ""))
+            skipped = images.get("skipped") or []
+            if skipped:
+                parts.append(f"{len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} skipped")
+            if images.get("img_size"):
+                h, w = images["img_size"]
+                parts.append(f"{h}x{w} px")
+            if images.get("seed") is not None:
+                parts.append(f"seed {images['seed']}")
+        if prov.get("device"):
+            parts.append(f"device {prov['device']}")
+        parts.append(f"asg_probe {prov.get('asg_probe_version', '?')}")
+        return "computed on: " + ", ".join(parts)
+
+    def provenance_warnings(self) -> list:
+        """Lines worth a warning: fewer images than requested, skipped files."""
+        images = _images_part(self.provenance)
+        out = []
+        used, asked = images.get("num_used"), images.get("num_requested")
+        if used is not None and asked is not None and used < asked:
+            out.append(f"asked for {asked} images, {images.get('source') or 'the source'} gave {used}; "
+                       f"used {used} (recorded in the results' provenance)")
+        skipped = images.get("skipped") or []
+        if skipped:
+            path, reason = skipped[0]
+            more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+            out.append(f"skipped {len(skipped)} unreadable image file(s): {path} ({reason}){more}")
+        return out
+
+    # -- the contract subclasses implement ------------------------------------
     def to_dict(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -41,10 +249,12 @@ class AnalysisResult:
     def plot(self, ax=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- derived ------------------------------------------------------------------
     def to_json(self, path=None, indent=2) -> str:
+        """The JSON document (``to_dict()`` plus provenance); written atomically to ``path`` if given."""
         text = json.dumps(_jsonable(self.to_dict()), indent=indent)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     def figure_png(self, dpi=110) -> bytes:
@@ -55,19 +265,30 @@ class AnalysisResult:
         out = self.plot()
         fig = out if hasattr(out, "savefig") else out.figure
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
+        try:
+            fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        finally:
+            plt.close(fig)
         return buf.getvalue()
 
-    def save(self, out_dir, dpi=130) -> list[Path]:
-        """Write ``<name>.json``, ``<name>.csv`` and ``<name>.png`` into ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"{self.name}.json", out / f"{self.name}.csv", out / f"{self.name}.png"]
-        self.to_json(paths[0])
-        self.to_frame().to_csv(paths[1], index=False)
-        paths[2].write_bytes(self.figure_png(dpi=dpi))
-        return paths
+    def output_names(self) -> list:
+        """The file names :meth:`save` writes."""
+        return [f"{self.name}.json", f"{self.name}.csv", f"{self.name}.png"]
+
+    def existing_outputs(self, out_dir) -> list:
+        """Paths in ``out_dir`` that :meth:`save` would replace."""
+        return [Path(out_dir) / n for n in self.output_names() if (Path(out_dir) / n).exists()]
+
+    def save(self, out_dir, dpi=130) -> list:
+        """Write ``<name>.json``, ``<name>.csv`` and ``<name>.png`` into ``out_dir``, as a set.
+
+        Everything is rendered in memory first (a failing plot leaves ``out_dir`` as it was),
+        then written with :func:`write_output_set`.
+        """
+        json_name, csv_name, png_name = self.output_names()
+        contents = {json_name: self.to_json(), csv_name: self.to_frame().to_csv(index=False),
+                    png_name: self.figure_png(dpi=dpi)}
+        return write_output_set(out_dir, contents)
 
     def _repr_html_(self) -> str:
         png = base64.b64encode(self.figure_png()).decode()
@@ -77,3 +298,4 @@ class AnalysisResult:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(\n{self.to_frame().to_string(index=False)}\n)"
+
