@@ -149,6 +149,13 @@ def _with_provenance(to_dict):
     return wrapper
 
 
+def _skip_entry(entry):
+    """``(path, reason)`` from ``{"path", "reason"}`` or a pair."""
+    if isinstance(entry, dict):
+        return entry.get("path", "?"), entry.get("reason", "?")
+    return tuple(entry)[:2]
+
+
 def _images_part(prov) -> dict:
     images = prov.get("images")
     return images if isinstance(images, dict) else {}
@@ -161,10 +168,12 @@ class AnalysisResult:
     that no analysis can forget it). ``provenance`` is a dict with, where known:
 
     - ``asg_probe_version`` (always),
-    - ``images``: ``{"source", "split", "num_requested", "num_used", "skipped": [[path,
-      reason], ...], "seed", "img_size": [h, w]}`` (from the image input the entry point
-      prepared),
+    - ``images``: :meth:`asg_probe.inputs.ImageBatches.provenance` of the images the entry
+      point prepared: ``{"source", "split", "num_images_requested", "num_images" (used),
+      "skipped": [{"path", "reason"}], "seed", "img_size": [h, w]}``,
     - ``device``, ``command`` (the command line, when run from ``asg-probe``).
+
+    Entry points fill it with :meth:`record_inputs`.
 
     Examples
     --------
@@ -173,9 +182,12 @@ class AnalysisResult:
     ...     def to_dict(self):
     ...         return {"value": 1}
     >>> r = Tiny()
-    >>> r.provenance["images"] = {"source": "scenes", "num_requested": 8, "num_used": 8, "seed": 0}
-    >>> sorted(r.to_dict()), r.to_dict()["provenance"]["images"]["num_used"]
-    (['provenance', 'value'], 8)
+    >>> r = r.record_inputs(device="cpu", images={"source": "scenes", "num_images_requested": 8,
+    ...                                           "num_images": 6, "img_size": [32, 32], "seed": 0})
+    >>> sorted(r.to_dict()), r.to_dict()["provenance"]["images"]["num_images"]
+    (['provenance', 'value'], 6)
+    >>> r.provenance_line()  # doctest: +ELLIPSIS
+    'computed on: 6 images (8 requested) from scenes, 32x32 px, seed 0, device cpu, asg_probe ...'
     """
 
     name = "result"
@@ -198,13 +210,26 @@ class AnalysisResult:
     def provenance(self, value):
         self.__dict__["_provenance"] = {"asg_probe_version": _package_version(), **dict(value or {})}
 
+    def record_inputs(self, data=None, *, device=None, **extra):
+        """Record what the result was computed on; returns ``self``.
+
+        ``data``: the :class:`~asg_probe.inputs.ImageBatches` the entry point ran on (its
+        ``provenance()`` becomes ``provenance["images"]``); ``device``; any other entries.
+        """
+        if data is not None:
+            self.provenance["images"] = data.provenance()
+        if device is not None:
+            self.provenance["device"] = str(device)
+        self.provenance.update(extra)
+        return self
+
     def provenance_line(self) -> str:
         """One line saying what the result was computed on, for printed summaries."""
         prov = self.provenance
         images = _images_part(prov)
         parts = []
         if images:
-            used, asked = images.get("num_used"), images.get("num_requested")
+            used, asked = images.get("num_images"), images.get("num_images_requested")
             what = f"{used} images" if used is not None else "images"
             if asked is not None and used is not None and asked != used:
                 what += f" ({asked} requested)"
@@ -228,13 +253,13 @@ class AnalysisResult:
         """Lines worth a warning: fewer images than requested, skipped files."""
         images = _images_part(self.provenance)
         out = []
-        used, asked = images.get("num_used"), images.get("num_requested")
+        used, asked = images.get("num_images"), images.get("num_images_requested")
         if used is not None and asked is not None and used < asked:
             out.append(f"asked for {asked} images, {images.get('source') or 'the source'} gave {used}; "
                        f"used {used} (recorded in the results' provenance)")
         skipped = images.get("skipped") or []
         if skipped:
-            path, reason = skipped[0]
+            path, reason = _skip_entry(skipped[0])
             more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
             out.append(f"skipped {len(skipped)} unreadable image file(s): {path} ({reason}){more}")
         return out
