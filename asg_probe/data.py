@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .geometry import DEFAULT_IMG_SIZE, IMAGENET_MEAN, IMAGENET_STD, input_config  # noqa: F401 (re-exported)
+
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_IMG_SIZE = 224
 
 # Colour photographs first; a few greyscale photographs/textures widen the variety and are
 # replicated to RGB. ``cat`` is left out: it is the same picture as ``chelsea``.
@@ -332,17 +331,7 @@ def data_config_for(model):
     >>> data_config_for(timm.create_model("vit_tiny_patch16_224", pretrained=False))
     ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, 16)
     """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_MEAN))
-    std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_STD))
-    embed = getattr(model, "patch_embed", None)
-    patch = getattr(embed, "patch_size", None)
-    if patch is None:
-        raise ValueError(f"{type(model).__name__} has no patch_embed.patch_size; cannot tell its token grid")
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-    size = getattr(embed, "img_size", None) or (cfg.get("input_size") or (3, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE))[1:]
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return mean, std, size, patch
+    return input_config(model)
 
 
 def preprocess(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -373,12 +362,6 @@ def shard_indices(num: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
     return torch.arange(rank, int(num), world_size, dtype=torch.long)
-
-
-def _dist_rank_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def iter_batches(images, batch_size: int = 32, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
@@ -418,7 +401,9 @@ def iter_batches(images, batch_size: int = 32, mean=IMAGENET_MEAN, std=IMAGENET_
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if rank is None or world_size is None:
-        auto_rank, auto_world = _dist_rank_world()
+        from .distributed import rank_world
+
+        auto_rank, auto_world = rank_world()
         rank = auto_rank if rank is None else rank
         world_size = auto_world if world_size is None else world_size
     indices = shard_indices(len(tensor), rank, world_size)

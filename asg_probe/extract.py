@@ -1,37 +1,109 @@
 """One forward pass per image batch, shared by every analysis.
 
-:func:`run_analyses` feeds each batch's per-layer patch tokens (and, when an
-analysis asks for them, attention probabilities) to a list of *accumulators*,
-which keep only small running statistics. That is what makes ``layerwise`` cost
-about one forward pass and keeps memory flat in the number of images, and it is
-how ``report`` computes every analysis from a single pass.
+:func:`run_analyses` feeds each batch's per-layer patch tokens (and, to the
+analyses that ask, their own reduced attention maps) to a list of
+*accumulators* (:class:`Accumulator`), which keep only small running statistics.
+That is what makes ``layerwise`` cost about one forward pass and keeps memory
+flat in the number of images, and it is how ``report`` computes every analysis
+from a single pass. It hands the accumulators back, merged across processes;
+each analysis's entry point builds its result from its accumulator once.
 
-Layer numbering: ``0`` is the token sequence entering block 0 (patch embedding
-plus whatever position the model injects there, e.g. ``ape``); ``i`` is the
-output of block ``i`` (1-based), before the final norm.
+Layer numbering: see :mod:`asg_probe.geometry` (``0`` is the token sequence
+entering block 0, ``i`` the output of block ``i``).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
+from .geometry import model_geometry, resolve_layers
 from .layers.grid import permute_patches
+
+__all__ = ["Accumulator", "ForwardBatch", "run_analyses", "forward_tokens", "capture_tokens",
+           "image_permutations"]
 
 
 @dataclass
 class ForwardBatch:
-    """What an accumulator sees for one batch of images."""
+    """What an accumulator sees for one batch of images (see :class:`Accumulator`)."""
 
-    tokens: dict            # layer -> (B, N, D) patch tokens (prefix tokens removed)
+    tokens: dict            # layer -> (B, N, D) patch tokens of this accumulator's view (prefix tokens removed)
     grid: tuple             # (grid_h, grid_w)
     image_index: torch.Tensor  # (B,) global image indices (fold assignment, sharding)
     images: torch.Tensor    # (B, 3, H, W) model input
     num_prefix_tokens: int
     patch_size: int
-    attn: dict = field(default_factory=dict)  # layer -> reduced attention (see capture.py)
+    attn: dict = field(default_factory=dict)  # layer -> this accumulator's attention(map, grid); original view only
     perm: torch.Tensor | None = None  # (B, N) for the shuffled view: slot s holds original patch perm[b, s]
+
+
+@runtime_checkable
+class Accumulator(Protocol):
+    """What :func:`run_analyses` feeds: one analysis's streamed state over image batches.
+
+    **Consumes**, per batch, a :class:`ForwardBatch`: ``tokens`` ``{layer: (B, N, D)}``
+    (patch tokens only, prefix tokens removed) of the layers passed to
+    :func:`run_analyses`, the patch ``grid``, the global ``image_index`` of each image
+    (for fold assignment and sampling: the same for any batch size, order or process
+    count), the model ``images``, ``num_prefix_tokens``, ``patch_size``, and
+
+    * ``attn``: ``{layer: attention(map, grid)}`` when :attr:`attention` is a reducer,
+      else ``{}``. The reducer is called on each block's ``(B, H, N_all, N_all)``
+      attention probabilities (prefix tokens included, original view only) as soon
+      as the block has run, so full maps are never stored; every accumulator that
+      asks gets the output of *its own* reducer.
+    * ``perm``: ``(B, N)`` when :attr:`view` is ``"shuffled"``: ``tokens`` are then those
+      of the same images with their patches shuffled (slot ``s`` holds original patch
+      ``perm[b, s]``, fixed per image by ``shuffle_seed``); ``None`` otherwise.
+
+    **Merges** in :meth:`all_reduce`, which :func:`run_analyses` calls once after the
+    last batch: every process's statistics are combined (by
+    :mod:`asg_probe.distributed`) so that each process then holds the totals; in one
+    process it does nothing. Statistics are sums (or order-free samples), so batches,
+    processes and input files combine by addition.
+
+    **Hands back** itself: :func:`run_analyses` returns the accumulators, and the
+    analysis's entry point reads the merged state (usually through a method such as
+    ``result(...)``) and builds its result object once.
+
+    Classes satisfy the protocol structurally; inheriting from it explicitly gives
+    the defaults ``view = "original"``, ``shuffle_seed = 0`` and ``attention = None``.
+
+    Examples
+    --------
+    >>> import asg_probe
+    >>> class TokenCount(Accumulator):
+    ...     def __init__(self):
+    ...         self.n = torch.zeros((), dtype=torch.long)
+    ...     def update(self, batch):
+    ...         self.n += batch.tokens[0].shape[0] * batch.tokens[0].shape[1]
+    ...     def all_reduce(self, group=None):
+    ...         from asg_probe.distributed import all_reduce_sum
+    ...         all_reduce_sum([self.n], group)
+    >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    >>> (acc,) = run_analyses(m, [(torch.randn(3, 3, 32, 32), torch.arange(3))], [TokenCount()],
+    ...                       layers=[0], progress=False)
+    >>> int(acc.n)    # 3 images x 64 patches
+    192
+    """
+
+    #: ``"original"``, or ``"shuffled"`` for the patch-shuffled copy of each batch.
+    view: str = "original"
+    #: Seed of the per-image patch permutations of the shuffled view.
+    shuffle_seed: int = 0
+    #: ``None`` (no attention), or ``reduce(attn (B, H, N, N), grid) -> anything``.
+    attention: Optional[Callable] = None
+
+    def update(self, batch: ForwardBatch) -> None:
+        """Add one batch."""
+        ...
+
+    def all_reduce(self, group=None) -> None:
+        """Combine the statistics of every torch.distributed process (no-op in one process)."""
+        ...
 
 
 def image_permutations(image_index: torch.Tensor, num_patches: int, seed: int = 0) -> torch.Tensor:
@@ -51,35 +123,14 @@ class _StopForward(Exception):
     """Raised by a hook once the deepest requested layer is computed: later blocks are skipped."""
 
 
-def model_geometry(model):
-    """``(patch_size, num_prefix_tokens, depth)`` of a timm-style ViT."""
-    patch = model.patch_embed.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    return patch, prefix, len(model.blocks)
-
-
-def resolve_layers(layers, depth):
-    """``None`` → all of ``0..depth``; negative numbers count from the end; validated."""
-    if layers is None:
-        return list(range(depth + 1))
-    out = []
-    for layer in layers:
-        layer = int(layer)
-        layer = depth + 1 + layer if layer < 0 else layer
-        if not 0 <= layer <= depth:
-            raise ValueError(f"layer {layer} does not exist: this model has layers 0..{depth}")
-        out.append(layer)
-    return sorted(set(out))
-
-
 @contextlib.contextmanager
 def capture_tokens(model, layers, stop_early=True):
     """Record patch tokens of ``layers`` during forward passes; hooks are always removed.
 
     Yields a dict that is refilled on every forward: ``{layer: (B, N, D)}``.
     """
-    patch, prefix, depth = model_geometry(model)
+    geo = model_geometry(model)
+    prefix, depth = geo.num_prefix_tokens, geo.depth
     layers = resolve_layers(layers, depth)
     store = {}
     last = max(layers) if layers else 0
@@ -129,69 +180,113 @@ def _features(model, x):
     return model(x)
 
 
-def run_analyses(model, batches, accumulators, layers=None, device="cpu", progress=True, total=None,
-                 desc="forward"):
-    """Run the model once over ``batches`` and feed every accumulator.
+def _is_adapted(acc):
+    # TEMPORARY shim until every accumulator implements all_reduce (engineer A's
+    # layerwise/shuffle ones): old-style accumulators are finalised here as before.
+    return callable(getattr(acc, "all_reduce", None))
+
+
+def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", progress=True, total=None,
+                 desc="forward", attention_mode="auto"):
+    """Run the model once over ``batches``, feed every accumulator, merge; return the accumulators.
 
     Parameters
     ----------
     model : nn.Module
+        A timm-style ViT; put in eval mode (its mode is restored) and moved to ``device``.
     batches : iterable of ``(images (B,3,H,W) float, image_index (B,) long)``
-    accumulators : list
-        Objects with ``update(ForwardBatch)``, ``finalize()``, and optionally
-        ``needs_attention`` (bool), ``attention_reduce(attn, grid)`` (applied to each
-        (B, H, N, N) map as soon as it is computed, so big maps are never stored) and
-        ``view = "shuffled"`` (with ``shuffle_seed``) to receive the tokens of the same
-        images with their patches shuffled. All views of a batch go through the model
-        in one forward call.
+        E.g. :class:`asg_probe.inputs.ImageBatches`.
+    accumulators : list of Accumulator
+        Each gets a :class:`ForwardBatch` per batch (see :class:`Accumulator`). All
+        views of a batch (original, and the patch-shuffled copy when an accumulator
+        asks for it) go through the model in one forward call; every accumulator with
+        an ``attention`` reducer gets its own reduced maps.
     layers : list of int, optional
-        Layers whose tokens are needed (default: all).
+        Layers whose tokens are needed (default: all, ``0..depth``).
+    device : str or torch.device
+    progress : bool
+        tqdm bar.
+    total : int, optional
+        Number of batches, for the bar (default: ``len(batches)`` when defined).
+    desc : str
+        Bar label.
+    attention_mode : {"auto", "sdpa", "attn_drop"}
+        How attention is read; see :func:`asg_probe.capture.capture_attention`.
+
+    Returns
+    -------
+    list
+        ``accumulators``, after :meth:`Accumulator.all_reduce`.
     """
     from .progress import progress_bar
 
-    patch, prefix, depth = model_geometry(model)
-    layers = resolve_layers(layers, depth)
-    want_attn = [a for a in accumulators if getattr(a, "needs_attention", False)]
+    geo = model_geometry(model)
+    patch, prefix = geo.patch_size, geo.num_prefix_tokens
+    layers = resolve_layers(layers, geo.depth)
+    want_attn = [acc for acc in accumulators if getattr(acc, "attention", None) is not None]
+    shuffled = [acc for acc in accumulators if getattr(acc, "view", "original") == "shuffled"]
+    seeds = {int(acc.shuffle_seed) for acc in shuffled}
+    if len(seeds) > 1:
+        raise ValueError(f"shuffled-view accumulators of one pass must share one shuffle_seed, got {sorted(seeds)}")
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    was_training = model.training
     model.eval().to(device)
-    bar = progress_bar(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
-    shuffled = [a for a in accumulators if getattr(a, "view", "original") == "shuffled"]
-    for images, index in bar:
-        images = images.to(device, non_blocking=True)
-        B = images.shape[0]
-        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-        perm = None
-        model_input = images
-        if shuffled:
-            perm = image_permutations(index, grid[0] * grid[1], getattr(shuffled[0], "shuffle_seed", 0))
-            perm = perm.to(device)
-            model_input = torch.cat([images, permute_patches(images, patch, perm)])
-        attn = {}
-        stop_early = not want_attn  # attention analyses need every block
-        with contextlib.ExitStack() as stack:
-            store = stack.enter_context(capture_tokens(model, layers, stop_early=stop_early))
-            if want_attn:
-                from .capture import capture_attention
+    try:
+        bar = progress_bar(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+        for images, index in bar:
+            _one_batch(model, images.to(device, non_blocking=True), index.to(device), accumulators, layers,
+                       patch, prefix, want_attn, shuffled, seeds, attention_mode)
+    finally:
+        model.train(was_training)
+    out = []
+    for acc in accumulators:
+        if _is_adapted(acc):
+            acc.all_reduce()
+            out.append(acc)
+        else:
+            out.append(acc.finalize())
+    return out
 
-                reduce = None
-                if len(want_attn) == 1 and hasattr(want_attn[0], "attention_reduce"):
-                    # attention analyses look at the original view only (the first B images)
-                    reduce = (lambda r, g: (lambda a: r(a[:B], g)))(want_attn[0].attention_reduce, grid)
-                recorder = stack.enter_context(capture_attention(model, reduce=reduce))
-            try:
-                with torch.no_grad():
-                    _features(model, model_input)
-            except _StopForward:
-                pass
-            tokens = dict(store)
-            if want_attn:
-                attn = dict(recorder.attn)
-        index = index.to(device)
-        views = {"original": {k: v[:B] for k, v in tokens.items()}}
-        if shuffled:
-            views["shuffled"] = {k: v[B:] for k, v in tokens.items()}
-        for acc in accumulators:
-            view = getattr(acc, "view", "original")
-            acc.update(ForwardBatch(tokens=views[view], grid=grid, image_index=index, images=images,
-                                    num_prefix_tokens=prefix, patch_size=patch, attn=attn,
-                                    perm=perm if view == "shuffled" else None))
-    return [acc.finalize() for acc in accumulators]
+
+def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_attn, shuffled, seeds, mode):
+    B = images.shape[0]
+    grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+    perm = None
+    model_input = images
+    if shuffled:
+        perm = image_permutations(index, grid[0] * grid[1], next(iter(seeds))).to(images.device)
+        model_input = torch.cat([images, permute_patches(images, patch, perm)])
+    reducers = [acc.attention for acc in want_attn]
+
+    def reduce(attn):
+        # attention analyses look at the original view only (the first B images)
+        attn = attn[:B]
+        return [r(attn, grid) for r in reducers]
+
+    with contextlib.ExitStack() as stack:
+        # attention analyses need every block, so no early stop then
+        store = stack.enter_context(capture_tokens(model, layers, stop_early=not want_attn))
+        if want_attn:
+            from .capture import capture_attention
+
+            recorder = stack.enter_context(capture_attention(model, reduce=reduce, mode=mode))
+        try:
+            with torch.no_grad():
+                _features(model, model_input)
+        except _StopForward:
+            pass
+        tokens = dict(store)
+        reduced = dict(recorder.attn) if want_attn else {}
+    views = {"original": {k: v[:B] for k, v in tokens.items()}}
+    if shuffled:
+        views["shuffled"] = {k: v[B:] for k, v in tokens.items()}
+    for acc in accumulators:
+        view = getattr(acc, "view", "original")
+        attn = {}
+        if acc in want_attn:
+            i = next(j for j, a in enumerate(want_attn) if a is acc)
+            attn = {layer: values[i] for layer, values in reduced.items()}
+        acc.update(ForwardBatch(tokens=views[view], grid=grid, image_index=index, images=images,
+                                num_prefix_tokens=prefix, patch_size=patch, attn=attn,
+                                perm=perm if view == "shuffled" else None))

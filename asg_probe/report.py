@@ -33,40 +33,40 @@ def analyse_model(model, name, images=None, *, num_images=64, img_size=None, bat
                   device="cpu", progress=True, with_resolution=True):
     """Every analysis of one model; returns ``{analysis name: result}``."""
     from .analysis.attention_distance import AttentionDistanceAccumulator
-    from .analysis.common import ImageBatches
+    from .inputs import ImageBatches
     from .analysis.embeddings import EmbeddingsAccumulator
     from .analysis.layerwise import LayerwiseAccumulator
     from .analysis.pos_similarity import pos_similarity
-    from .analysis.shuffle import ShuffleAccumulator, ShuffleResult, check_equivariance, shuffle_rows
-    from .extract import model_geometry, run_analyses
+    from .analysis.layerwise import LayerwiseResult
+    from .analysis.shuffle import ShuffleAccumulator, ShuffleResult, check_equivariance
+    from .extract import run_analyses
+    from .geometry import model_geometry
 
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
-    patch, prefix, depth = model_geometry(model)
+    geo = model_geometry(model)
+    patch, prefix, depth = geo.patch_size, geo.num_prefix_tokens, geo.depth
     layerwise = LayerwiseAccumulator()
     attention = AttentionDistanceAccumulator(patch_size=patch, num_prefix_tokens=prefix)
     embeddings = EmbeddingsAccumulator(layers=sorted({0, depth // 2, depth}), seed=seed)
     shuffled = ShuffleAccumulator(shuffle_seed=seed)
-    _, _, emb_result, shuffle_by_layer = run_analyses(
+    run_analyses(
         model, data, [layerwise, attention, embeddings, shuffled], device=device, progress=progress,
-        total=len(data), desc=f"report: {name}")
-    results = {"layerwise": layerwise.finalize(checkpoint=name, img_size=data.img_size)}
-    results["attention_distance"] = attention.finalize(checkpoint=name)
-    emb_result.checkpoint = name
-    results["embeddings"] = emb_result
-    results["shuffle_test"] = ShuffleResult(shuffle_rows(shuffle_by_layer, layerwise.fitted()), shuffled.grid,
-                                            data.num_images, checkpoint=name)
-    results["equivariance"] = check_equivariance(model, data.images[:8], seed=seed, device=device,
-                                                 checkpoint=name)
+        desc=f"report: {name}")
+    results = {"layerwise": LayerwiseResult.from_accumulator(layerwise, label=name, img_size=data.img_size)}
+    results["attention_distance"] = attention.result(name)
+    results["embeddings"] = embeddings.result(name, num_images=data.num_images)
+    results["shuffle_test"] = ShuffleResult.from_accumulators(shuffled, layerwise, label=name)
+    results["equivariance"] = check_equivariance(model, data.images[:8], seed=seed, device=device, label=name)
     try:
-        results["pos_similarity"] = pos_similarity(model, checkpoint=name)
+        results["pos_similarity"] = pos_similarity(model, label=name)
     except ValueError:
         pass  # no absolute position table: nothing to show
     if with_resolution:
         from .analysis.resolution import resolution_transfer
 
         results["resolution"] = resolution_transfer(model, images, num_images=num_images, batch_size=batch_size,
-                                                    seed=seed, device=device, progress=progress, checkpoint=name)
+                                                    seed=seed, device=device, progress=progress, label=name)
     return results
 
 

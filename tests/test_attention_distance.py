@@ -8,6 +8,7 @@ import timm
 import torch
 
 import asg_probe
+from asg_probe.extract import Accumulator
 from asg_probe.analysis.attention_distance import (AttentionDistanceAccumulator, AttentionDistanceResult,
                                                    attention_distance, mean_attention_distance,
                                                    pairwise_distances, patch_centres, uniform_distance)
@@ -86,20 +87,20 @@ def test_accumulator_streams_and_combines_batches():
     grid, prefix = (3, 5), 1
     attn = torch.rand(4, 2, 16, 16, generator=torch.Generator().manual_seed(2)).softmax(-1)
     whole = AttentionDistanceAccumulator(8, prefix)
-    whole.update({1: attn, 2: attn.flip(-1)}, grid)
+    whole.add({1: attn, 2: attn.flip(-1)}, grid)
     split = AttentionDistanceAccumulator(8, prefix)
-    for part in attn.split(1):  # batch by batch, reduced right away as capture_attention(reduce=) does
-        reduce = split.reducer(grid)
-        split.update({1: reduce(part), 2: reduce(part.flip(-1))}, grid)
-    a, b = whole.finalize("x"), split.finalize("x")
+    for part in attn.split(1):  # batch by batch, reduced right away as run_analyses does
+        split.add({1: split.attention(part, grid), 2: split.attention(part.flip(-1), grid)}, grid)
+    whole.all_reduce()  # one process: nothing to combine, nothing changes
+    a, b = whole.result("x"), split.result("x")
     assert a.num_images == b.num_images == 4
     for layer in (1, 2):
         np.testing.assert_allclose(a.heads_px[layer], b.heads_px[layer], rtol=1e-6)
     np.testing.assert_allclose(a.heads_px[1], _brute_distance(attn, grid, 8, prefix), rtol=1e-5)
     with pytest.raises(ValueError, match="grid changed"):
-        whole.update({1: torch.rand(1, 2, 17, 17)}, (4, 4))
-    with pytest.raises(ValueError, match="nothing to finalize"):
-        AttentionDistanceAccumulator(8, 1).finalize()
+        whole.add({1: torch.rand(1, 2, 17, 17)}, (4, 4))
+    with pytest.raises(ValueError, match="nothing to summarise"):
+        AttentionDistanceAccumulator(8, 1).result()
 
 
 def test_result_contract_frame_and_plot(tmp_path):
@@ -143,7 +144,7 @@ def _timm_model(name):
 def test_timm_end_to_end_fused_equals_unfused(name):
     model = _timm_model(name).train()  # attention_distance evaluates in eval mode, then restores
     x = torch.randn(2, 3, 64, 64)
-    fused = attention_distance(model, x, progress=False, checkpoint=name)
+    fused = attention_distance(model, x, progress=False, label=name)
     assert model.training
     attn_modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
     assert all(m.fused_attn for m in attn_modules)
@@ -194,14 +195,15 @@ dist.init_process_group("gloo")
 attn = torch.load(sys.argv[1])
 acc = AttentionDistanceAccumulator(8, 1)
 if dist.get_rank() == 0:  # rank 1 sees no image at all (more processes than batches)
-    acc.update({1: attn[:1]}, (3, 5))
-    acc.update({1: attn[1:]}, (3, 5))
-torch.save(acc.finalize().heads_px, sys.argv[2] + f"/rank{dist.get_rank()}.pt")
+    acc.add({1: attn[:1]}, (3, 5))
+    acc.add({1: attn[1:]}, (3, 5))
+acc.all_reduce()
+torch.save(acc.result().heads_px, sys.argv[2] + f"/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """
 
 
-def test_finalize_sums_over_processes(tmp_path):
+def test_all_reduce_sums_over_processes(tmp_path):
     import socket
     import subprocess
     import sys
@@ -221,24 +223,78 @@ def test_finalize_sums_over_processes(tmp_path):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     single = AttentionDistanceAccumulator(8, 1)
-    single.update({1: attn}, (3, 5))
-    expected = single.finalize().heads_px[1]
+    single.add({1: attn}, (3, 5))
+    expected = single.result().heads_px[1]
     for rank in (0, 1):
         np.testing.assert_allclose(torch.load(tmp_path / f"rank{rank}.pt")[1], expected, rtol=1e-9)
 
 
-def test_run_analyses_feeds_the_accumulator_like_attention_distance():
-    # The report computes every analysis in one pass through extract.run_analyses, which
-    # hands the accumulator ForwardBatch objects with reduced maps: same numbers expected.
-    from asg_probe.analysis.common import ImageBatches
+def test_attention_distance_equals_a_hand_written_capture_loop():
+    # attention_distance goes through extract.run_analyses; the same numbers must come
+    # from full maps recorded by capture_attention and reduced afterwards.
+    from asg_probe.capture import capture_attention
+
+    model = _timm_model("eva-rope").eval()
+    x = torch.randn(3, 3, 64, 64)
+    by_hand = AttentionDistanceAccumulator(16, model.num_prefix_tokens)
+    for part in x.split(2):
+        with torch.no_grad(), capture_attention(model) as rec:
+            model.forward_features(part)
+        by_hand.add(rec.attn, (4, 4))
+    direct = attention_distance(model, x, batch_size=2, progress=False)
+    assert direct.num_images == 3 and sorted(direct.heads_px) == [1, 2]
+    for layer in (1, 2):
+        np.testing.assert_allclose(direct.heads_px[layer], by_hand.result().heads_px[layer], rtol=1e-6)
+
+
+class _AttentionShape(Accumulator):
+    """Reduces each map to (shape, total mass): every row of a probability map sums to 1."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def attention(self, attn, grid):
+        return tuple(attn.shape), float(attn.sum())
+
+    def update(self, batch):
+        for layer, value in batch.attn.items():
+            self.seen.setdefault(layer, []).append(value)
+
+    def all_reduce(self, group=None):
+        pass
+
+
+class _ShuffledTokens(Accumulator):
+    view = "shuffled"
+    shuffle_seed = 3
+
+    def __init__(self):
+        self.batches = 0
+
+    def update(self, batch):
+        assert batch.perm is not None and batch.attn == {}
+        self.batches += 1
+
+    def all_reduce(self, group=None):
+        pass
+
+
+def test_every_accumulator_asking_for_attention_gets_its_own_reduced_maps():
     from asg_probe.extract import run_analyses
 
-    model = _timm_model("eva-rope")
-    x = torch.randn(2, 3, 64, 64)
-    acc = AttentionDistanceAccumulator(16, model.num_prefix_tokens)
-    batches = ImageBatches.prepare(model, x, batch_size=1)
-    (shared,) = run_analyses(model, batches, [acc], layers=[0], progress=False)
-    direct = attention_distance(model, x, progress=False)
-    assert shared.num_images == 2 and sorted(shared.heads_px) == [1, 2]
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2)
+    x = torch.randn(5, 3, 32, 32)
+    distance, shapes, shuffled = (AttentionDistanceAccumulator(4, model.num_prefix_tokens), _AttentionShape(),
+                                  _ShuffledTokens())
+    batches = [(x[:3], torch.arange(3)), (x[3:], torch.arange(3, 5))]
+    returned = run_analyses(model, batches, [distance, shapes, shuffled], layers=[0], progress=False)
+    assert returned[0] is distance and returned[1] is shapes and returned[2] is shuffled
+    assert shuffled.batches == 2
+    # original view only (the shuffled copy doubles the forward batch): B = 3, then 2 images;
+    # 4 heads; 1 class token + 64 patches; mass = B * heads * queries
     for layer in (1, 2):
-        np.testing.assert_allclose(shared.heads_px[layer], direct.heads_px[layer], rtol=1e-6)
+        assert shapes.seen[layer] == [((3, 4, 65, 65), pytest.approx(3 * 4 * 65, rel=1e-5)),
+                                      ((2, 4, 65, 65), pytest.approx(2 * 4 * 65, rel=1e-5))]
+    alone = attention_distance(model, x, batch_size=3, progress=False)
+    for layer in (1, 2):
+        np.testing.assert_allclose(distance.result().heads_px[layer], alone.heads_px[layer], rtol=1e-6)

@@ -75,9 +75,9 @@ def test_position_score_is_zero_for_per_image_clusters_without_shared_layout():
 
 
 def test_planted_position_scores_high_and_noise_scores_zero():
-    planted = _fill(EmbeddingsAccumulator(layers=[0], max_tokens=768, seed=0), _planted(12, 0.01), 5).finalize()
+    planted = _fill(EmbeddingsAccumulator(layers=[0], max_tokens=768, seed=0), _planted(12, 0.01), 5).result()
     noise_tokens = torch.randn(12, 64, 32, generator=torch.Generator().manual_seed(3))
-    noise = _fill(EmbeddingsAccumulator(layers=[0], max_tokens=768, seed=0), noise_tokens, 5).finalize()
+    noise = _fill(EmbeddingsAccumulator(layers=[0], max_tokens=768, seed=0), noise_tokens, 5).result()
     p, q = planted.to_frame().iloc[0], noise.to_frame().iloc[0]
     assert planted.method == "umap" and p["n_tokens"] == 768
     assert p["position_score"] > 0.9 and p["position_score_features"] > 0.9
@@ -105,7 +105,7 @@ def test_sample_does_not_depend_on_batching_and_is_shared_across_layers():
 def sincos_result():
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="sincos", depth=2)
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    return token_embeddings(model, images, max_tokens=200, progress=False, checkpoint="sincos")
+    return token_embeddings(model, images, max_tokens=200, progress=False, label="sincos")
 
 
 def test_token_embeddings_end_to_end(sincos_result, tmp_path):
@@ -140,7 +140,7 @@ def test_pca_fallback_when_umap_is_missing(monkeypatch):
     acc = _fill(EmbeddingsAccumulator(layers=[0], max_tokens=300), _planted(6, 0.01), 6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = acc.finalize()
+        res = acc.result()
     assert res.method == "pca" and any("umap-learn" in str(w.message) for w in caught)
     assert isinstance(res, EmbeddingsResult) and res.to_frame()["position_score"].iloc[0] > 0.9
 
@@ -155,7 +155,7 @@ def _two_rank_worker(rank, store, out):
         tokens = _planted(10, 0.5, seed=1)
         idx = torch.arange(rank, 10, 2)  # this rank's share of the images
         acc.update(_batch(tokens[idx], idx))
-        acc._gather()
+        acc.all_reduce()
         if rank == 0:
             r = acc.reservoirs[0]
             torch.save((r.image_index, r.targets, r.features, sorted(acc.image_ids)), out)

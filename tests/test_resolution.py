@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 
 import asg_probe
-from asg_probe.analysis.resolution import (ResolutionResult, _ResizedBatches, any_input_size, default_sizes,
+from asg_probe.inputs import ImageBatches
+from asg_probe.analysis.resolution import (ResolutionResult, any_input_size, default_sizes,
                                            resolution_transfer)
 from asg_probe.probes import coordinate_targets
 from asg_probe.layers.grid import grid_coords
@@ -100,9 +101,12 @@ def test_result_contract_plot_and_save(images, tmp_path):
 
 def test_uint8_source_is_resized_in_pixel_space_then_normalised():
     src = torch.full((2, 3, 16, 16), 255, dtype=torch.uint8)
-    (x, idx), = list(_ResizedBatches(src, [0, 1], 8, 4, mean=(0.5,) * 3, std=(0.25,) * 3))
+    data = ImageBatches(src, 4, mean=(0.5,) * 3, std=(0.25,) * 3)
+    (x, idx), = list(data.subset([0, 1], size=8))
     assert x.shape == (2, 3, 8, 8) and torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
     assert idx.tolist() == [0, 1]
+    (_, idx), = list(data.subset([1], size=8, renumber=True))
+    assert idx.tolist() == [0]
 
 
 def test_fixed_size_timm_vit_is_run_at_other_sizes_and_restored():

@@ -15,10 +15,9 @@ distance × patch size, 116.5 px for 14 × 14 patches of 16 px.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from ..extract import Accumulator
 from ..results import AnalysisResult
 
 __all__ = ["patch_centres", "pairwise_distances", "mean_attention_distance", "uniform_distance",
@@ -137,8 +136,13 @@ def _square_patch(patch_size):
     return ph
 
 
-class AttentionDistanceAccumulator:
+class AttentionDistanceAccumulator(Accumulator):
     """Streams per-layer, per-head distance sums over batches (and torchrun processes).
+
+    An :class:`~asg_probe.extract.Accumulator`: its :meth:`attention` reducer turns each
+    block's ``(B, H, N, N)`` map into ``(sum (H,), count)`` as soon as the block has
+    run, :meth:`update` adds those, :meth:`all_reduce` sums them over processes and
+    :meth:`result` builds the :class:`AttentionDistanceResult`.
 
     Parameters
     ----------
@@ -149,22 +153,18 @@ class AttentionDistanceAccumulator:
 
     Notes
     -----
-    ``update`` takes ``{layer: map}`` as ``recorder.attn`` holds it, either the full
-    ``(B, H, N, N)`` maps or the ``(sum, count)`` pairs of :meth:`attention_reduce`
-    (pass that as ``capture_attention(reduce=...)`` so full maps never pile up).
-    It also accepts an :class:`asg_probe.extract.ForwardBatch`, which is how
-    :func:`asg_probe.extract.run_analyses` (and the report) feed it. All batches of
-    one accumulator must share one grid.
+    :meth:`add` takes ``{layer: map}`` as a ``capture_attention`` recorder holds it,
+    either full ``(B, H, N, N)`` maps or the ``(sum, count)`` pairs of :meth:`attention`,
+    for use without :func:`~asg_probe.extract.run_analyses`. All batches of one
+    accumulator must share one grid.
 
     Examples
     --------
     >>> acc = AttentionDistanceAccumulator(patch_size=16, num_prefix_tokens=0)
-    >>> acc.update({1: torch.eye(4).expand(2, 3, 4, 4)}, grid=(2, 2))
-    >>> acc.finalize().to_dict()["layers"][0]["heads_px"]
+    >>> acc.add({1: torch.eye(4).expand(2, 3, 4, 4)}, grid=(2, 2))
+    >>> acc.result().to_dict()["layers"][0]["heads_px"]
     [0.0, 0.0, 0.0]
     """
-
-    needs_attention = True  # asks run_analyses for attention maps
 
     def __init__(self, patch_size, num_prefix_tokens):
         self.patch_size = _square_patch(patch_size)
@@ -173,46 +173,37 @@ class AttentionDistanceAccumulator:
         self.counts = {}  # layer -> number of (image, query) pairs
         self.grid = None
 
-    def attention_reduce(self, attn, grid):
+    def attention(self, attn, grid):
         """Reduce one block's ``(B, H, N, N)`` map to ``(sum (H,), count)`` at once."""
         return mean_attention_distance(attn, grid, self.patch_size, self.num_prefix_tokens)
 
-    def reducer(self, grid):
-        """``reduce`` callable for :func:`capture_attention` at a fixed ``grid``."""
-        grid = _pair(grid)
-        return lambda attn: self.attention_reduce(attn, grid)
+    def update(self, batch):
+        """Add one :class:`~asg_probe.extract.ForwardBatch` (its ``attn`` holds reduced maps)."""
+        self.add(batch.attn, batch.grid)
 
-    def update(self, attn_by_layer, grid=None):
+    def add(self, attn_by_layer, grid):
         """Add one batch: ``attn_by_layer = {layer: (B,H,N,N) map or (sum, count)}``."""
-        if hasattr(attn_by_layer, "attn") and hasattr(attn_by_layer, "grid"):  # a ForwardBatch
-            attn_by_layer, grid = attn_by_layer.attn, attn_by_layer.grid
-        if grid is None:
-            raise ValueError("update needs the patch grid (grid_h, grid_w) of the batch")
         grid = _pair(grid)
         if self.grid is not None and grid != self.grid:
             raise ValueError(f"grid changed from {self.grid} to {grid}: use one accumulator per input size")
         self.grid = grid
         for layer, value in attn_by_layer.items():
             if isinstance(value, torch.Tensor):
-                value = self.attention_reduce(value, grid)
+                value = self.attention(value, grid)
             total, count = value
             layer = int(layer)
             self.sums[layer] = self.sums.get(layer, 0) + total.detach().double().cpu()
             self.counts[layer] = self.counts.get(layer, 0) + int(count)
 
-    def _gather(self):
-        """Sum ``sums``/``counts`` over torchrun processes (a rank may have seen no batch)."""
-        from .common import dist_rank_world
+    def all_reduce(self, group=None):
+        """Sum ``sums``/``counts`` over torchrun processes (a process may have seen no batch)."""
+        from ..distributed import all_gather_object, rank_world
 
-        if dist_rank_world()[1] == 1:
-            return self.sums, self.counts, self.grid
-        import torch.distributed as dist
-
+        if rank_world(group)[1] == 1:
+            return
         mine = ({k: v.tolist() for k, v in self.sums.items()}, self.counts, self.grid)
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
         sums, counts, grid = {}, {}, None
-        for part_sums, part_counts, part_grid in everyone:
+        for part_sums, part_counts, part_grid in all_gather_object(mine, group):
             if part_grid is not None:
                 if grid is not None and tuple(part_grid) != tuple(grid):
                     raise ValueError(f"processes saw different grids: {grid} and {part_grid}")
@@ -220,18 +211,16 @@ class AttentionDistanceAccumulator:
             for layer, values in part_sums.items():
                 sums[layer] = sums.get(layer, 0) + torch.tensor(values, dtype=torch.float64)
                 counts[layer] = counts.get(layer, 0) + part_counts[layer]
-        return sums, counts, grid
+        self.sums, self.counts, self.grid = sums, counts, grid
 
-    def finalize(self, checkpoint: str = "") -> "AttentionDistanceResult":
-        """Means over everything seen (all processes) as an :class:`AttentionDistanceResult`."""
-        sums, counts, grid = self._gather()
-        if not sums:
-            raise ValueError("no attention was recorded: nothing to finalize (no batch, or a model "
+    def result(self, label: str = "") -> "AttentionDistanceResult":
+        """Means over everything added (after :meth:`all_reduce`: over all processes)."""
+        if not self.sums:
+            raise ValueError("no attention was recorded: nothing to summarise (no batch, or a model "
                              "whose blocks do not compute attention the timm way)")
-        heads_px = {layer: (sums[layer] / counts[layer]).tolist() for layer in sorted(sums)}
-        layer = min(counts)
-        num_images = counts[layer] // (grid[0] * grid[1])
-        return AttentionDistanceResult(heads_px, self.patch_size, grid, checkpoint=checkpoint,
+        heads_px = {layer: (self.sums[layer] / self.counts[layer]).tolist() for layer in sorted(self.sums)}
+        num_images = self.counts[min(self.counts)] // (self.grid[0] * self.grid[1])
+        return AttentionDistanceResult(heads_px, self.patch_size, self.grid, checkpoint=label,
                                        num_images=num_images)
 
 
@@ -313,28 +302,8 @@ class AttentionDistanceResult(AnalysisResult):
         return ax.figure
 
 
-def _model_patch_and_prefix(model):
-    """``(patch_size, num_prefix_tokens)`` of a timm-style ViT."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is None or getattr(embed, "patch_size", None) is None:
-        raise ValueError(f"{type(model).__name__} has no patch_embed.patch_size: cannot place patches")
-    patch = _square_patch(embed.patch_size)
-    prefix = getattr(model, "num_prefix_tokens", None)
-    if prefix is None:
-        # timm sets num_prefix_tokens on its ViTs; elsewhere guess from the class token.
-        prefix = 0 if getattr(model, "cls_token", True) is None else 1
-    return patch, int(prefix)
-
-
-def _show_progress(progress):
-    """A bar only for a person watching: a terminal or a notebook kernel, never a log file."""
-    if not progress:
-        return False
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
-
-
-def attention_distance(model, images=None, batch_size=32, device="cpu", checkpoint="", *, progress=True,
-                       num_images=64, img_size=None, seed=0, mode="auto") -> AttentionDistanceResult:
+def attention_distance(model, images=None, *, num_images=64, img_size=None, batch_size=32, device="cpu",
+                       seed=0, progress=True, label="", checkpoint=None, mode="auto") -> AttentionDistanceResult:
     """Mean attention distance per head and layer of any timm-style ViT.
 
     Parameters
@@ -343,18 +312,20 @@ def attention_distance(model, images=None, batch_size=32, device="cpu", checkpoi
         timm ``VisionTransformer``, ``Eva`` or asg_probe ``SpatialViT``; fused
         attention is fine. It is put in eval mode for the run (its mode is restored)
         and moved to ``device``.
-    images : tensor (N, 3, H, W), optional
-        Normalised float images (uint8 is normalised with the model's mean/std).
-        Also a folder or an ImageSet; default: the embedded photographs
-        (``num_images``, ``img_size``, ``seed`` choose them).
+    images : None, str, Path, ImageSet or tensor
+        See :meth:`asg_probe.inputs.ImageBatches.prepare`: default the embedded
+        photographs (``num_images``, ``img_size``, ``seed`` choose them), a folder,
+        or an ``(N, 3, H, W)`` tensor (uint8 is normalised with the model's mean/std).
     batch_size : int
     device : str or torch.device
-    checkpoint : str
-        Name stored in the result.
     progress : bool
-        tqdm bar (shown only on a terminal or in a notebook).
+        tqdm bar.
+    label : str
+        Display name stored in the result (its ``checkpoint`` field).
+    checkpoint : str, optional
+        Deprecated alias of ``label``.
     mode : {"auto", "sdpa", "attn_drop"}
-        Passed to :func:`asg_probe.capture.capture_attention`.
+        How attention is read; see :func:`asg_probe.capture.capture_attention`.
 
     Returns
     -------
@@ -368,28 +339,16 @@ def attention_distance(model, images=None, batch_size=32, device="cpu", checkpoi
     >>> [row["layer"] for row in res.to_dict()["layers"]], len(res.to_dict()["layers"][0]["heads_px"])
     ([1, 2], 3)
     """
-    from ..capture import capture_attention
-    from ..progress import progress_bar
-    from .common import ImageBatches
+    from ..extract import run_analyses
+    from ..geometry import model_geometry
+    from ..inputs import ImageBatches, display_label
 
+    label = display_label(label, checkpoint)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
-    patch, prefix = _model_patch_and_prefix(model)
-    acc = AttentionDistanceAccumulator(patch, prefix)
-    was_training = model.training
-    model.eval().to(device)
-    try:
-        bar = progress_bar(data, total=len(data), desc="attention distance", unit="batch",
-                           disable=not _show_progress(progress), leave=False)
-        for batch, _ in bar:
-            batch = batch.to(device, non_blocking=True)
-            grid = (batch.shape[-2] // patch, batch.shape[-1] // patch)
-            # reduce turns each block's (B, H, N, N) map into (H,) sums as soon as the
-            # block finishes: memory stays at one map, whatever the depth.
-            with torch.no_grad(), capture_attention(model, reduce=acc.reducer(grid), mode=mode) as rec:
-                # forward_features: the blocks are all we read; the head would be wasted work.
-                (model.forward_features if hasattr(model, "forward_features") else model)(batch)
-            acc.update(rec.attn, grid)
-    finally:
-        model.train(was_training)
-    return acc.finalize(checkpoint=checkpoint)
+    geo = model_geometry(model)
+    acc = AttentionDistanceAccumulator(geo.patch_size, geo.num_prefix_tokens)
+    # layers=[0]: no tokens are needed beyond the first; attention comes from every block.
+    run_analyses(model, data, [acc], layers=[0], device=device, progress=progress, desc="attention distance",
+                 attention_mode=mode)
+    return acc.result(label)

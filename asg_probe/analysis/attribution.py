@@ -43,9 +43,11 @@ def patch_tokens_with_grad(model, layer):
     ``layer`` (0 = tokens entering block 1, ``i`` = output of block ``i``), keeping
     the autograd graph (no ``no_grad``, no ``detach``), and skips later blocks.
     """
-    from ..extract import _features, model_geometry, resolve_layers
+    from ..extract import _features
+    from ..geometry import model_geometry, resolve_layers
 
-    _, prefix, depth = model_geometry(model)
+    geo = model_geometry(model)
+    prefix, depth = geo.num_prefix_tokens, geo.depth
     (layer,) = resolve_layers([layer], depth)
     store = {}
 
@@ -227,7 +229,8 @@ class AttributionResult(AnalysisResult):
 
 def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0, target="both",
                       method="integrated_gradients", n_steps=50, n_folds=5, alphas=None, num_images=32,
-                      img_size=None, batch_size=32, seed=0, device="cpu", progress=True, checkpoint=""):
+                      img_size=None, batch_size=32, seed=0, device="cpu", progress=True, label="",
+                      checkpoint=None):
     """Attribute a coordinate probe's prediction for one patch to the input pixels.
 
     Parameters
@@ -252,6 +255,12 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
         Integration steps (Integrated Gradients only).
     n_folds, alphas
         Cross-validation of the ridge probe (split by image).
+    num_images, img_size, batch_size, seed, device, progress
+        Image set and run, as in :func:`asg_probe.layerwise_probes`.
+    label : str
+        Display name stored in the result (its ``checkpoint`` field).
+    checkpoint : str, optional
+        Deprecated alias of ``label``.
 
     Returns
     -------
@@ -268,15 +277,18 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
     """
     from captum.attr import IntegratedGradients, Saliency
 
-    from ..extract import model_geometry, resolve_layers, run_analyses
-    from .common import ImageBatches
+    from ..extract import run_analyses
+    from ..geometry import model_geometry, resolve_layers
+    from ..inputs import ImageBatches, display_label
     from .layerwise import LayerwiseAccumulator
 
+    label = display_label(label, checkpoint)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be 'row', 'col' or 'both'; got {target!r}")
-    patch_size, _, depth = model_geometry(model)
+    geo = model_geometry(model)
+    patch_size, depth = geo.patch_size, geo.depth
     (layer,) = resolve_layers([layer], depth)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
@@ -298,7 +310,7 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
                          f"use at least {n_folds} (num_images)")
 
     fitter = LayerwiseAccumulator(n_folds=n_folds, alphas=alphas)
-    run_analyses(model, data, [fitter], layers=[layer], device=device, progress=progress, total=len(data),
+    run_analyses(model, data, [fitter], layers=[layer], device=device, progress=progress,
                  desc=f"attribution: fit layer {layer}")
     fit = fitter.fitted()[layer]
     fold = int(image_index) % n_folds  # the fold model that never saw this image
@@ -337,5 +349,5 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
         image=shown, maps=maps, signed=signed, patch=(row, col), grid=(gh, gw), patch_size=patch_size, layer=layer,
         predicted={n: float(p) for n, p in zip(names, predicted)}, true={n: truth[c] for n, c in zip(names, cols)},
         method=method, convergence_delta=deltas, image_index=image_index,
-        probe_r2={n: float(fit.cv_r2_[c]) for n, c in zip(names, cols)}, checkpoint=checkpoint,
+        probe_r2={n: float(fit.cv_r2_[c]) for n, c in zip(names, cols)}, checkpoint=label,
         n_steps=int(n_steps) if method == "integrated_gradients" else None)

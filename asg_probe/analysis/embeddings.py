@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..extract import Accumulator
 from ..layers.grid import grid_coords
 from ..probes import TokenReservoir
 from ..results import AnalysisResult
@@ -189,8 +190,12 @@ def embed_2d(features, seed=0, n_neighbors=15, min_dist=0.1, pca_dims=PCA_DIMS):
 
 # --------------------------------------------------------------------------- accumulator
 
-class EmbeddingsAccumulator:
+class EmbeddingsAccumulator(Accumulator):
     """Keeps a bounded, order-independent sample of patch tokens per layer, with their (row, col).
+
+    An :class:`~asg_probe.extract.Accumulator`: :meth:`update` offers each batch's
+    tokens to the samples, :meth:`all_reduce` merges every process's samples and
+    :meth:`result` lays them out in 2-D and scores them.
 
     Each layer has a :class:`~asg_probe.probes.TokenReservoir` (bottom-k of a
     pseudo-random key seeded by ``(seed, image, patch)``), so the sample does not
@@ -201,7 +206,7 @@ class EmbeddingsAccumulator:
     Parameters
     ----------
     layers : list of int, optional
-        Layers to keep (non-negative, as numbered by :func:`asg_probe.extract.resolve_layers`).
+        Layers to keep (non-negative, as numbered by :func:`asg_probe.geometry.resolve_layers`).
         Default: first, middle and last of the layers the forward pass delivers.
     max_tokens : int
         Tokens kept per layer.
@@ -217,7 +222,7 @@ class EmbeddingsAccumulator:
     >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2)
     >>> batches = [(torch.randn(4, 3, 32, 32), torch.arange(4))]
     >>> acc = EmbeddingsAccumulator(layers=[0, 2], max_tokens=100)
-    >>> _ = run_analyses(m, batches, [acc], layers=[0, 2], progress=False)
+    >>> (acc,) = run_analyses(m, batches, [acc], layers=[0, 2], progress=False)
     >>> acc.reservoirs[2].features.shape
     torch.Size([100, 128])
     """
@@ -225,7 +230,7 @@ class EmbeddingsAccumulator:
     def __init__(self, layers=None, max_tokens=2000, seed=0, k=DEFAULT_K):
         if layers is not None and any(int(l) < 0 for l in layers):
             raise ValueError(f"EmbeddingsAccumulator needs non-negative layers, got {list(layers)}; "
-                             "resolve them first with asg_probe.extract.resolve_layers")
+                             "resolve them first with asg_probe.geometry.resolve_layers")
         self.layers = None if layers is None else sorted({int(l) for l in layers})
         self.max_tokens = int(max_tokens)
         self.seed = int(seed)
@@ -255,32 +260,35 @@ class EmbeddingsAccumulator:
             res.update(batch.tokens[layer], coords, batch.image_index)
         self.image_ids.update(int(i) for i in batch.image_index.tolist())
 
-    def _gather(self):
-        """Merge the reservoirs of every torch.distributed rank (no-op when not distributed)."""
-        import torch.distributed as dist
+    def all_reduce(self, group=None):
+        """Merge the samples of every torch.distributed process (no-op in one process)."""
+        from ..distributed import all_gather_object, rank_world
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if rank_world(group)[1] == 1:
             return
         mine = {layer: (r.features.cpu(), r.targets.cpu(), r.image_index.cpu(), r.keys.cpu())
                 for layer, r in self.reservoirs.items() if r.keys is not None}
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (mine, sorted(self.image_ids), self.grid, self.img_size))
+        gathered = all_gather_object((mine, sorted(self.image_ids), self.grid, self.img_size, self.layers), group)
+        layers = self.layers or next((part[4] for part in gathered if part[4]), None) or []
         merged = {}
-        for layer in self.layers or []:
+        for layer in layers:
             res = TokenReservoir(self.max_tokens, self.seed)
             for part, *_ in gathered:
                 if layer in part:
                     res._offer(*part[layer])
             merged[layer] = res
         self.reservoirs = merged
-        for _, ids, grid, size in gathered:
+        self.layers = layers or None
+        for _, ids, grid, size, _ in gathered:
             self.image_ids.update(ids)
             self.grid = self.grid or grid
             self.img_size = self.img_size or size
 
-    def finalize(self, checkpoint="", num_images=None):
-        """Lay out every layer's sample in 2-D and score it; returns :class:`EmbeddingsResult`."""
-        self._gather()
+    def result(self, label="", num_images=None):
+        """Lay out every layer's sample in 2-D and score it; returns :class:`EmbeddingsResult`.
+
+        Call after :meth:`all_reduce` (done by :func:`~asg_probe.extract.run_analyses`).
+        """
         if not self.reservoirs:
             raise ValueError("no tokens were collected: the image set is empty")
         if len(self.image_ids) < 2:
@@ -307,7 +315,7 @@ class EmbeddingsAccumulator:
                 "r2_knn_row": score["r2_knn_row"], "r2_knn_col": score["r2_knn_col"],
                 "position_score_features": feat_score["score"], "n_tokens": int(xy.shape[0]),
             })
-        return EmbeddingsResult(rows_out, self.grid, checkpoint=checkpoint, method=method,
+        return EmbeddingsResult(rows_out, self.grid, checkpoint=label, method=method,
                                 num_images=num_images if num_images is not None else len(self.image_ids),
                                 img_size=self.img_size, k=self.k)
 
@@ -472,7 +480,7 @@ def compare_embeddings(results, labels=None, layer=-1):
 # --------------------------------------------------------------------------- high level
 
 def token_embeddings(model, images=None, *, layers=None, num_images=64, img_size=None, batch_size=32,
-                     max_tokens=2000, k=DEFAULT_K, seed=0, device="cpu", progress=True, checkpoint=""):
+                     max_tokens=2000, k=DEFAULT_K, seed=0, device="cpu", progress=True, label="", checkpoint=None):
     """UMAP of patch tokens of chosen layers, coloured by 2-D grid position, with a position score.
 
     Parameters
@@ -491,6 +499,12 @@ def token_embeddings(model, images=None, *, layers=None, num_images=64, img_size
         Tokens sampled per layer (uniformly over all images' patches).
     k : int
         Neighbours of the position score (:func:`position_score`).
+    device, progress
+        Where the model runs; tqdm bar.
+    label : str
+        Display name stored in the result (its ``checkpoint`` field).
+    checkpoint : str, optional
+        Deprecated alias of ``label``.
 
     Returns
     -------
@@ -506,18 +520,17 @@ def token_embeddings(model, images=None, *, layers=None, num_images=64, img_size
     >>> bool(res.to_frame()["position_score"].iloc[0] > 0.5)   # sin-cos: tokens cluster by position
     True
     """
-    from ..extract import model_geometry, resolve_layers, run_analyses
-    from .common import ImageBatches
+    from ..extract import run_analyses
+    from ..geometry import model_geometry, resolve_layers
+    from ..inputs import ImageBatches, display_label
 
-    depth = model_geometry(model)[2]
+    label = display_label(label, checkpoint)
+    depth = model_geometry(model).depth
     layers = sorted({0, depth // 2, depth}) if layers is None else resolve_layers(layers, depth)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
     if data.num_images < 2:
         raise ValueError(f"token embeddings need at least 2 images, got {data.num_images}; pass num_images >= 2")
     acc = EmbeddingsAccumulator(layers=layers, max_tokens=max_tokens, seed=seed, k=k)
-    (result,) = run_analyses(model, data, [acc], layers=layers, device=device, progress=progress,
-                             total=len(data), desc="embeddings")
-    result.checkpoint = checkpoint
-    result.num_images = data.num_images
-    return result
+    run_analyses(model, data, [acc], layers=layers, device=device, progress=progress, desc="embeddings")
+    return acc.result(label, num_images=data.num_images)

@@ -227,7 +227,7 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     ['layer', 'r2_row', 'r2_col', 'r2']
     """
     from ..extract import run_analyses
-    from .common import ImageBatches
+    from ..inputs import ImageBatches
 
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)

@@ -109,8 +109,21 @@ class PosSimilarityResult(AnalysisResult):
         return fig
 
 
-def pos_similarity(model, grid=None, checkpoint: str = "") -> PosSimilarityResult:
+def pos_similarity(model, grid=None, *, label: str = "", checkpoint=None) -> PosSimilarityResult:
     """Cosine similarity between every pair of position embeddings.
+
+    No images are involved (the embeddings are read from the model), so of the
+    common entry-point options only ``label`` applies.
+
+    Parameters
+    ----------
+    model : nn.Module
+    grid : (int, int), optional
+        Grid to evaluate the embeddings on (default: the model's).
+    label : str
+        Display name stored in the result (its ``checkpoint`` field).
+    checkpoint : str, optional
+        Deprecated alias of ``label``.
 
     Examples
     --------
@@ -120,6 +133,9 @@ def pos_similarity(model, grid=None, checkpoint: str = "") -> PosSimilarityResul
     >>> res.grid, float(res.similarity[0, 0])
     ((8, 8), 1.0)
     """
+    from ..inputs import display_label
+
+    label = display_label(label, checkpoint)
     emb, grid = position_embeddings(model, grid)
     flat = F.normalize(emb.reshape(-1, emb.shape[-1]).float(), dim=-1)
-    return PosSimilarityResult(flat @ flat.T, grid, checkpoint=checkpoint)
+    return PosSimilarityResult(flat @ flat.T, grid, checkpoint=label)

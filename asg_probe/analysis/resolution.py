@@ -18,8 +18,8 @@ import contextlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..extract import Accumulator
 from ..probes import coordinate_targets
 from ..results import AnalysisResult
 
@@ -85,46 +85,7 @@ def any_input_size(model):
         pe.strict_img_size, pe.flatten, pe.output_fmt = saved[1:]
 
 
-class _ResizedBatches:
-    """Re-iterable ``(images (B, 3, size, size), index (B,))`` from a common source, resized per batch.
-
-    ``uint8`` sources are resized in [0, 1], clipped and then normalised with
-    ``mean``/``std``; float sources are taken as already normalised and only
-    resized. ``index`` is ``index_of(global image index)`` (the fit pass numbers
-    its images 0, 1, 2, ... so cross-validation folds stay balanced). Under
-    torchrun each rank takes a strided share.
-    """
-
-    def __init__(self, source, indices, size, batch_size, mean, std, index_of=None):
-        from .common import dist_rank_world
-
-        rank, world = dist_rank_world()
-        self.source = source
-        self.indices = torch.as_tensor(indices, dtype=torch.long)[rank::world]
-        self.size = int(size)
-        self.batch_size = int(batch_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.index_of = index_of or (lambda i: i)
-
-    def __len__(self):
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            idx = self.indices[start:start + self.batch_size]
-            x = self.source[idx]
-            raw = x.dtype == torch.uint8
-            x = x.float().div_(255.0) if raw else x.float()
-            if tuple(x.shape[-2:]) != (self.size, self.size):
-                x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True,
-                                  align_corners=False)
-            if raw:
-                x = (x.clamp_(0, 1) - self.mean) / self.std
-            yield x, self.index_of(idx)
-
-
-class TransferAccumulator:
+class TransferAccumulator(Accumulator):
     """Scores fixed (already fitted) coordinate probes on the tokens of one input size.
 
     Per layer it keeps, per target column (row, col): the token count, the sum of
@@ -157,17 +118,14 @@ class TransferAccumulator:
             s[2] += B * Y.sum(0).cpu()
             s[3] += B * (Y * Y).sum(0).cpu()
 
-    def finalize(self):
-        """``{layer: (r2_row, r2_col)}`` after summing over torch.distributed ranks."""
-        import torch.distributed as dist
+    def all_reduce(self, group=None):
+        """Sum the counts over torch.distributed processes (no-op in one process)."""
+        from ..distributed import all_reduce_sum
 
-        if dist.is_available() and dist.is_initialized():
-            # the sums live on the CPU; NCCL only reduces CUDA tensors
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            for layer in sorted(self.sums):
-                total = self.sums[layer].to(dev)
-                dist.all_reduce(total)
-                self.sums[layer] = total.cpu()
+        all_reduce_sum([self.sums[layer] for layer in sorted(self.sums)], group)
+
+    def scores(self):
+        """``{layer: (r2_row, r2_col)}`` of everything added (after :meth:`all_reduce`: all processes)."""
         out = {}
         for layer, (n, sse, sy, sy2) in self.sums.items():
             sst = sy2 - sy * sy / n.clamp_min(1)
@@ -264,23 +222,9 @@ class ResolutionResult(AnalysisResult):
         return f"layer {best} (best at {self.train_size}px): R² {parts}"
 
 
-def _source_images(model, images, sizes, num_images, seed):
-    """One tensor holding every image at (at least) the largest size: the common source."""
-    if isinstance(images, torch.Tensor):
-        source = images
-    elif hasattr(images, "images") and isinstance(images.images, torch.Tensor):
-        source = images.images
-    else:
-        from ..data import load_images
-
-        source = load_images(images, num_images=num_images, img_size=max(sizes), seed=seed).images
-    if source.ndim != 4 or source.shape[1] != 3:
-        raise ValueError(f"images must be a (N, 3, H, W) tensor, got shape {tuple(source.shape)}")
-    return source
-
-
 def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=5, alphas=None, num_images=64,
-                        img_size=None, batch_size=32, seed=0, device="cpu", progress=True, checkpoint=""):
+                        img_size=None, batch_size=32, seed=0, device="cpu", progress=True, label="",
+                        checkpoint=None):
     """Fit coordinate probes at the training size, evaluate them at other input sizes.
 
     Parameters
@@ -302,6 +246,12 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
         Cross-validation folds (split by image) that choose each probe's alpha.
     num_images, img_size, batch_size, seed
         ``img_size`` is the size the probes are fit at (default: the model's).
+    device, progress
+        Where the model runs; tqdm bars.
+    label : str
+        Display name stored in the result (its ``checkpoint`` field).
+    checkpoint : str, optional
+        Deprecated alias of ``label``.
 
     Returns
     -------
@@ -317,10 +267,14 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
     >>> bool(res.curve(0)[1][1] > 0.9)   # APE at layer 0, evaluated at the fit size
     True
     """
-    from ..extract import model_geometry, resolve_layers, run_analyses
+    from ..extract import run_analyses
+    from ..geometry import model_geometry, resolve_layers
+    from ..inputs import ImageBatches, display_label
     from .layerwise import LayerwiseAccumulator
 
-    patch, _, depth = model_geometry(model)
+    label = display_label(label, checkpoint)
+    geo = model_geometry(model)
+    patch, depth = geo.patch_size, geo.depth
     layers = resolve_layers(layers, depth)
     native = tuple(int(s) for s in model.patch_embed.img_size)
     train_size = _check_size(_as_size(img_size if img_size is not None else native, "img_size"), patch, "img_size")
@@ -330,10 +284,10 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
         sizes = sorted({_check_size(_as_size(s, "sizes"), patch, "size") for s in sizes})
         if not sizes:
             raise ValueError("sizes is empty; pass at least one evaluation size")
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-    source = _source_images(model, images, sizes + [train_size], num_images, seed)
-    n = len(source)
+    # one common source, loaded once at the largest size; every size is resized from it
+    source = ImageBatches.prepare(model, images, num_images=num_images, img_size=max(sizes + [train_size]),
+                                  batch_size=batch_size, seed=seed, check_size=False)
+    n = source.num_images
     if (n + 1) // 2 < n_folds or n < 2:
         raise ValueError(f"resolution transfer needs at least {2 * n_folds} images (even-index images fit the "
                          f"probes with {n_folds}-fold CV, odd-index ones evaluate them); got {n}; "
@@ -342,23 +296,22 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
 
     run = dict(layers=layers, device=device, progress=progress)
     with any_input_size(model):
-        fit_data = _ResizedBatches(source, fit_idx, train_size, batch_size, mean, std, index_of=lambda i: i // 2)
+        fit_data = source.subset(fit_idx, size=train_size, renumber=True)
         fitter = LayerwiseAccumulator(n_folds=n_folds, alphas=alphas)
-        run_analyses(model, fit_data, [fitter], total=len(fit_data), desc=f"resolution: fit at {train_size}px",
-                     **run)
+        run_analyses(model, fit_data, [fitter], desc=f"resolution: fit at {train_size}px", **run)
         fits = fitter.fitted()
         probes = {layer: (fit.coef_[:2], fit.intercept_[:2]) for layer, fit in fits.items()}
         rows = []
         for size in sizes:
-            data = _ResizedBatches(source, eval_idx, size, batch_size, mean, std)
-            (scores,) = run_analyses(model, data, [TransferAccumulator(probes)], total=len(data),
+            data = source.subset(eval_idx, size=size)
+            (scorer,) = run_analyses(model, data, [TransferAccumulator(probes)],
                                      desc=f"resolution: evaluate at {size}px", **run)
-            for layer, (r2_row, r2_col) in sorted(scores.items()):
+            for layer, (r2_row, r2_col) in sorted(scorer.scores().items()):
                 rows.append({"layer": layer, "size": size, "grid": [size // patch, size // patch],
                              "r2_row": r2_row, "r2_col": r2_col, "r2": 0.5 * (r2_row + r2_col),
                              "is_fit_size": size == train_size})
     rows.sort(key=lambda r: (r["layer"], r["size"]))
     fit_rows = [{"layer": int(layer), "r2_cv": float(np.mean(fit.cv_r2_[:2])),
                  "alpha": float(np.sqrt(fit.alpha_[0] * fit.alpha_[1]))} for layer, fit in fits.items()]
-    return ResolutionResult(rows, train_size, sizes, patch, fit=fit_rows, checkpoint=checkpoint,
+    return ResolutionResult(rows, train_size, sizes, patch, fit=fit_rows, checkpoint=label,
                             num_images_fit=len(fit_idx), num_images_eval=len(eval_idx))

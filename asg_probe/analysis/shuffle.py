@@ -123,7 +123,7 @@ def shuffle_test(model, images=None, *, num_images=64, img_size=None, batch_size
     True
     """
     from ..extract import run_analyses
-    from .common import ImageBatches
+    from ..inputs import ImageBatches
 
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
@@ -223,13 +223,14 @@ def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch
     >>> check_equivariance(asg_probe.create_model("vit_tiny_patch4_32", pos="ape"), torch.randn(2, 3, 32, 32)).certified
     False
     """
-    from ..extract import forward_tokens, image_permutations, model_geometry
+    from ..extract import forward_tokens, image_permutations
+    from ..geometry import model_geometry
     from ..layers.grid import permute_patches
-    from .common import ImageBatches
+    from ..inputs import ImageBatches
 
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
-    patch, _, depth = model_geometry(model)
+    patch = model_geometry(model).patch_size
     model.eval().to(device)
     worst = {}
     for images_b, index in data:

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..extract import forward_tokens, model_geometry
+from ..extract import forward_tokens
+from ..geometry import model_geometry
 from ..probes import DEFAULT_ALPHAS, RidgeCVResult, RidgeStats, probe_targets, solve_ridge_cv
 
 __all__ = ["ModelView", "ProbeFit", "Embedding2D", "as_views"]
@@ -240,7 +241,8 @@ class ModelView:
             raise ValueError(f"embedding must be one of {EMBEDDING_METHODS}, got {embedding!r}")
         self.model = model
         self.label = str(label) if label is not None else _model_label(model, 0)
-        self.patch_size, self.num_prefix_tokens, self.depth = model_geometry(model)
+        geo = model_geometry(model)
+        self.patch_size, self.num_prefix_tokens, self.depth = geo.patch_size, geo.num_prefix_tokens, geo.depth
         self.num_heads = int(model.blocks[0].attn.num_heads)
         self.inputs, self.display_images = _resolve_images(model, images, int(num_images), img_size, seed)
         self.num_images = int(self.inputs.shape[0])

@@ -1,0 +1,79 @@
+"""The one place that talks to ``torch.distributed`` for the analyses (torchrun sharding).
+
+Everything here is a no-op in a single process, so analysis code calls it
+unconditionally. Two ways of merging state across processes, chosen by shape:
+
+* fixed-shape running sums (ridge statistics, counters): :func:`all_reduce_sum`,
+  one flat collective for a whole list of tensors, in place;
+* state whose size differs between processes, or that a process may not have
+  at all (it saw no batch): :func:`all_gather_object`, then merge in Python.
+
+Examples
+--------
+>>> import torch
+>>> rank_world()
+(0, 1)
+>>> t = [torch.ones(2), torch.zeros(1)]
+>>> all_reduce_sum(t)[0].tolist()      # one process: unchanged
+[1.0, 1.0]
+>>> all_gather_object({"n": 3})
+[{'n': 3}]
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["is_distributed", "rank_world", "all_reduce_sum", "all_gather_object"]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is available and a process group is initialised."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_world(group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; ``(0, 1)`` when not distributed."""
+    if not is_distributed():
+        return 0, 1
+    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+
+def _collective_device(group=None):
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensors, group=None):
+    """Sum each tensor of ``tensors`` over all processes, in place; returns ``tensors``.
+
+    The tensors are packed into one flat buffer per dtype (one collective instead of
+    one per tensor), on the device the backend needs, and the sums copied back into
+    the originals, wherever they live. Every process must pass tensors of the same
+    shapes and dtypes in the same order.
+    """
+    tensors = list(tensors)
+    if not is_distributed() or not tensors:
+        return tensors
+    device = _collective_device(group)
+    by_dtype = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, same in by_dtype.items():
+        flat = torch.cat([t.detach().reshape(-1).to(device=device) for t in same])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return tensors
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    everyone = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(everyone, obj, group=group)
+    return everyone
