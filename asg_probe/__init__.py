@@ -36,6 +36,8 @@ _LAZY = {
     "check_equivariance": "asg_probe.analysis.shuffle",
     "resolution_transfer": "asg_probe.analysis.resolution",
     "probe_attribution": "asg_probe.analysis.attribution",
+    "collect_activations": "asg_probe.activations",
+    "ActivationCache": "asg_probe.activations",
     "list_reference_models": "asg_probe.reference",
     "load_reference_model": "asg_probe.reference",
 }

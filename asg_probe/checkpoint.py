@@ -353,7 +353,9 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
     Parameters
     ----------
     path : str or Path
-        A file, or a training run directory holding ``model.safetensors``.
+        A file, or a training run directory holding ``model.safetensors``; also a
+        Hugging Face ``save_pretrained`` folder, ``hf:ORG/NAME`` (local cache only) or
+        ``timm:NAME`` (timm pretrained weights from the local cache).
     arch : str, optional
         Architecture for files that don't describe themselves: a name from
         :func:`asg_probe.list_models` or any timm model name.
@@ -377,6 +379,13 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
     CheckpointError
         One line saying what is wrong and what to pass or do.
     """
+    # --- hook: `timm:NAME`, `hf:ORG/NAME` and Hugging Face folders (asg_probe/pretrained.py, hf.py)
+    from .pretrained import load_named
+
+    named = load_named(path, arch=arch, map_location=map_location, **model_kwargs)
+    if named is not None:
+        return named
+    # ---
     path = Path(path)
     if path.is_dir():
         if not (path / _RUN_DIR_FILE).exists():

@@ -47,6 +47,8 @@ RANKS = [
     (5, "asg_probe.probes_new"),  # the probes package while it is being split out
     (6, "asg_probe.analysis"),
     (6, "asg_probe.results"),     # result base class: analyses build on it
+    (6, "asg_probe.activations"), # collect_activations: the analyses' extraction, kept per layer
+    (7, "asg_probe.compat"),      # compatibility table: runs analyses on many architectures
     (7, "asg_probe.report"),
     (7, "asg_probe.widgets"),
     (8, "asg_probe.cli"),
