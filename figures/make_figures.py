@@ -5,7 +5,7 @@
     python figures/make_figures.py --runs runs/reference --out figures/readme --formats png   # the README's
 
 Inputs are labelled checkpoints: bundled reference names, or run directories laid
-out as ``<runs>/<label>/seed<k>/model.safetensors`` (what ``python -m train.reference``
+out as ``<runs>/<label>/seed<k>/model.safetensors`` (what ``python -m asg_train.reference``
 writes); several seeds of a label are drawn as mean ± std. Images: held-out
 procedural scenes (``--images scenes``, the data the reference models were trained
 on) or the embedded photographs (``--images photos``) or any folder.

@@ -107,7 +107,7 @@ def test_attention_distance_fused_cuda_kernels_equal_unfused(kind):
 
 @pytest.mark.parametrize("pos", ["none", "ape", "rope-mixed", "alibi2d", "relpos", "rmt-decay", "sdt-decay"])
 def test_every_mechanism_trains_in_bf16_on_cuda(pos):
-    from train.bench import bench_steps
+    from asg_train.bench import bench_steps
 
     row = bench_steps("vit_tiny_patch4_32", pos, img_size=32, batch_size=16, steps=3, warmup=1, device=CUDA,
                       precision="bf16", guidance=(pos == "none"), compile_model=False, num_classes=10)

@@ -2,7 +2,7 @@
 import torch
 
 import asg_probe
-from train import bench
+from asg_train import bench
 
 
 def test_matmul_flops_known_answer():

@@ -1,11 +1,11 @@
 """train.config, schedules, the batch plan and optimiser groups: fast, no training."""
 import pytest
 
-from train import cli
-from train.config import ConfigError, apply_overrides, load_yaml, DEFAULTS, resolve
-from train.data import BatchPlan, random_resized_crop_box, sample_rng
-from train.schedule import guidance_lambda, lr_at
-from train.trainer import param_groups
+from asg_train import cli
+from asg_train.config import ConfigError, apply_overrides, load_yaml, DEFAULTS, resolve
+from asg_train.data import BatchPlan, random_resized_crop_box, sample_rng
+from asg_train.schedule import guidance_lambda, lr_at
+from asg_train.build import param_groups
 
 
 def test_defaults_follow_spec_table():

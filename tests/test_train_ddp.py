@@ -11,7 +11,7 @@ import torch
 DRIVER = textwrap.dedent("""
     # Runs the real CLI under torchrun; only captures each rank's model to compare afterwards.
     import os, sys, torch
-    from train import cli, trainer
+    from asg_train import cli, trainer
 
     captured = {}
     build = trainer.build_model

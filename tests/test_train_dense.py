@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import asg_probe
-from train.dense import (DPTDepthHead, UPerNetHead, confusion_matrix, depth_loss, depth_metrics, mean_iou,
+from asg_train.dense import (DPTDepthHead, UPerNetHead, confusion_matrix, depth_loss, depth_metrics, mean_iou,
                          token_maps)
 
 
@@ -107,8 +107,8 @@ def _hypersim_tree(root):
 
 @pytest.mark.parametrize("task", ["segmentation", "depth"])
 def test_dense_training_end_to_end(tmp_path, task):
-    from train import trainer
-    from train.config import resolve
+    from asg_train import trainer
+    from asg_train.config import resolve
 
     root = tmp_path / "data"
     (_ade20k_tree if task == "segmentation" else _hypersim_tree)(root)
@@ -131,7 +131,7 @@ def test_dense_training_end_to_end(tmp_path, task):
 
 
 def test_dense_task_needs_its_data_kind():
-    from train.config import ConfigError, resolve
+    from asg_train.config import ConfigError, resolve
 
     with pytest.raises(ConfigError, match="task=segmentation takes data.kind"):
         resolve(overrides=["task=segmentation", "data.kind=synthetic"])

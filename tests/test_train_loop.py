@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import asg_probe
-from train import cli, trainer
-from train.config import ConfigError, resolve
-from train.state import load_train_state
+from asg_train import cli, trainer
+from asg_train.config import ConfigError, resolve
+from asg_train.state import load_train_state
 
 
 def tiny(tmp_path, *extra, name="run"):
@@ -163,7 +163,7 @@ def test_several_seeds_give_run_dirs_and_a_mean_std_table(tmp_path, capsys):
 
 
 def test_embedded_photos_recipe_runs(tmp_path):
-    from train.config import CONFIG_DIR
+    from asg_train.config import CONFIG_DIR
 
     cfg = resolve(CONFIG_DIR / "cpu_photos.yaml", [
         f"out={tmp_path / 'run'}", "max_steps=2", "batch_size=8", "data.num_train=40", "data.num_val=20",
@@ -176,7 +176,7 @@ def test_embedded_photos_recipe_runs(tmp_path):
 
 def test_scene_recipe_runs_with_the_scenes_normalisation(tmp_path):
     from asg_probe.scenes import SceneDataset
-    from train.config import CONFIG_DIR
+    from asg_train.config import CONFIG_DIR
 
     cfg = resolve(CONFIG_DIR / "cpu_scenes_guidance.yaml", [
         f"out={tmp_path / 'run'}", "max_steps=2", "batch_size=8", "data.num_train=32", "data.num_val=16",

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 import asg_probe
-from train import trainer
-from train.config import CONFIG_DIR, changed_keys, resolve
+from asg_train import trainer
+from asg_train.config import CONFIG_DIR, changed_keys, resolve
 
 RECIPES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name != "default.yaml")
 # What a per-mechanism recipe may change relative to its architecture's base recipe.

@@ -1,6 +1,6 @@
 """train.reference: the recipe list matches the bundled reference set; the table aggregates seeds."""
-from train import reference
-from train.config import CONFIG_DIR, resolve
+from asg_train import reference
+from asg_train.config import CONFIG_DIR, resolve
 
 
 def test_reference_recipes_exist_and_differ_only_in_mechanism():

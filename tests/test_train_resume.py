@@ -18,7 +18,7 @@ ARGS = ["--config", "train/configs/default.yaml", "data.kind=synthetic", "model.
 
 
 def _train(out, *extra):
-    return [sys.executable, "-m", "train", *ARGS, f"out={out}", *extra]
+    return [sys.executable, "-m", "asg_train", *ARGS, f"out={out}", *extra]
 
 
 def _env():
@@ -44,7 +44,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     killed_at = torch.load(state, weights_only=True)["step"]
     assert 0 < killed_at < 60
 
-    result = subprocess.run([sys.executable, "-m", "train", "--resume", str(cut)], cwd=root, env=_env(),
+    result = subprocess.run([sys.executable, "-m", "asg_train", "--resume", str(cut)], cwd=root, env=_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     a = asg_probe.load_checkpoint(full).state_dict()

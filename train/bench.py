@@ -1,12 +1,12 @@
 """Benchmarks: training-step throughput per mechanism, and the image-loading pipeline.
 
-    python -m train.bench steps --model vit_base_patch16_dinov3 --pos none,ape,rope-mixed,alibi2d,relpos,rmt-decay,sdt-decay \
+    python -m asg_train.bench steps --model vit_base_patch16_dinov3 --pos none,ape,rope-mixed,alibi2d,relpos,rmt-decay,sdt-decay \
         --guidance --img-size 224 --batch-size 128 --device cuda --out bench_b16.json
-    python -m train.bench steps --model vit_tiny_patch4_32 --pos none,ape --img-size 32 --batch-size 64 --device cpu
-    python -m train.bench data --workers 0,1,2 --images 256
+    python -m asg_train.bench steps --model vit_tiny_patch4_32 --pos none,ape --img-size 32 --batch-size 64 --device cpu
+    python -m asg_train.bench data --workers 0,1,2 --images 256
 
 ``steps`` times full training steps (forward, backward, AdamW, grad-clip) of the same
-:class:`~train.trainer.TrainModule` that ``asg-train`` uses, on synthetic images held in
+:class:`~asg_train.modules.ClassificationModule` that ``asg-train`` uses, on synthetic images held in
 device memory (no data loading). MFU = analytic matmul FLOPs per step / step time /
 the measured matmul peak of this device (bf16 on GPU, the run's dtype on CPU).
 """
@@ -93,12 +93,13 @@ def bench_steps(model_name: str, pos: str, *, img_size: int, batch_size: int, st
                 peak: float | None = None) -> dict:
     import asg_probe
 
-    from .trainer import TrainModule, param_groups
+    from .build import param_groups
+    from .modules import ClassificationModule
 
     torch.manual_seed(0)
     model = asg_probe.create_model(model_name, pos=pos, num_classes=num_classes, img_size=img_size)
     head = asg_probe.GuidanceHead(model.embed_dim, hidden_dim=256) if guidance else None
-    module = TrainModule(model, head).to(device)
+    module = ClassificationModule(model, head).to(device)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(param_groups(model, head, 0.01), lr=1e-4, fused=fused)
     step_module = torch.compile(module) if compile_model else module
@@ -212,7 +213,7 @@ def _print_table(rows: list[dict], keys: list[str]):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m asg_train.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("steps", help="training-step throughput, memory and MFU per mechanism")
     s.add_argument("--model", default="vit_small_patch16_dinov3")
@@ -269,7 +270,9 @@ def main(argv=None) -> int:
         _print_table(rows, ["pos", "guidance", "img_size", "batch_size", "step_ms", "images_per_s",
                             "peak_mem_mb", "tflops_per_s", "mfu", "vs_none"])
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        from asg_probe.files import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(rows, indent=2))
     return 0
 
 

@@ -1,11 +1,13 @@
-"""``asg-train`` / ``python -m train``: resolve the config, then train one run per seed.
+"""``asg-train`` / ``python -m asg_train``: resolve the config, then train one run per seed.
 
     asg-train --config train/configs/cpu_scenes_none.yaml out=runs/none max_steps=300 device=cpu seed=0
     asg-train --config ... seeds=[0,1,2]           # one run dir per seed + summary.{csv,md,json}
     asg-train --resume runs/none                   # continue from runs/none/train_state.pt
     asg-train --config ... out=runs/none --resume  # the same, from the original command
 
-Configuration errors are one line on stderr and exit code 2, before any work starts.
+Exit codes: 0 done; 2 a configuration error (one line on stderr, before any work starts);
+3 the loss became non-finite; 130 interrupted; 1 anything else (one line, and the traceback
+with ``--debug``).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def _parser():
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue a run: from RUN_DIR's saved config, or from out= of --config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
@@ -58,35 +61,43 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
-        cfg = resolve_from_args(args)
+        return _main(args, argv)
     except config_mod.ConfigError as exc:
         print(f"asg-train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("asg-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment failure: one line unless --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"asg-train: error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        from .dist import cleanup
+
+        cleanup()
+
+
+def _main(args, argv) -> int:
+    cfg = resolve_from_args(args)
     if args.print_config:
         print(config_mod.dump(cfg), end="")
         return 0
 
-    from .trainer import EXIT_NONFINITE, NonFiniteLoss, run  # heavy imports only once the config is good
     from .summary import write_seed_summary
+    from .trainer import EXIT_NONFINITE, NonFiniteLoss, run  # heavy imports only once the config is good
 
     command = "asg-train " + " ".join(shlex.quote(a) for a in argv)
     summaries = []
     try:
         for one in seed_runs(cfg):
             summaries.append(run(one, resume=args.resume is not None, command=command))
-    except config_mod.ConfigError as exc:
-        print(f"asg-train: error: {exc}", file=sys.stderr)
-        return 2
     except NonFiniteLoss as exc:
         print(f"asg-train: stopped: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
-    except KeyboardInterrupt:
-        print("asg-train: interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    finally:
-        from .dist import cleanup
-
-        cleanup()
     if cfg["seeds"] and summaries:
         if int(os.environ.get("RANK", "0")) == 0:
             table = write_seed_summary(cfg["out"], summaries)

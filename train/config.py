@@ -152,10 +152,58 @@ def apply_overrides(cfg: dict, overrides, defaults: dict) -> dict:
     return cfg
 
 
+def _check_number(name: str, value, *, low: float, inclusive: bool, integer: bool = False):
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= low if inclusive else value > low)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bound = f">= {low}" if inclusive else f"> {low}"
+        raise ConfigError(f"{name} must be {what} {bound}, got {value!r}")
+
+
 def validate(cfg: dict):
     """Checks that need more than a key name; all before any work starts."""
+    import asg_probe
     from asg_probe.layers.guidance import GUIDANCE_TARGETS
 
+    model = cfg["model"]
+    if model["name"] not in asg_probe.list_models():
+        raise ConfigError(f"model.name must be one of {', '.join(asg_probe.list_models())}, got {model['name']!r}")
+    if model["pos"] not in asg_probe.list_positions():
+        raise ConfigError(f"model.pos must be one of {', '.join(asg_probe.list_positions())}, got {model['pos']!r}")
+    if not isinstance(model["kwargs"], dict):
+        raise ConfigError(f"model.kwargs must be a mapping like {{depth: 2}}, got {model['kwargs']!r}")
+    _check_number("model.img_size", model["img_size"], low=0, inclusive=False, integer=True)
+    optim = cfg["optim"]
+    _check_number("optim.lr", optim["lr"], low=0, inclusive=False)
+    for key in ("min_lr", "weight_decay"):
+        _check_number(f"optim.{key}", optim[key], low=0, inclusive=True)
+    _check_number("optim.grad_clip", optim["grad_clip"], low=0, inclusive=False)
+    _check_number("optim.warmup_steps", optim["warmup_steps"], low=0, inclusive=True, integer=True)
+    betas = optim["betas"]
+    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                for b in betas)):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1) like [0.9,0.999], got {betas!r}")
+    g = cfg["guidance"]
+    for key in ("rc_lambda", "lambda_min"):
+        _check_number(f"guidance.{key}", g[key], low=0, inclusive=True)
+    _check_number("guidance.hidden_dim", g["hidden_dim"], low=0, inclusive=False, integer=True)
+    _check_number("guidance.warmup_steps_for_aux", g["warmup_steps_for_aux"], low=0, inclusive=True, integer=True)
+    for key in ("num_train", "num_val"):
+        _check_number(f"data.{key}", cfg["data"][key], low=0, inclusive=False, integer=True)
+    _check_number("eval.batch_size", cfg["eval"]["batch_size"], low=0, inclusive=False, integer=True)
+    _check_number("eval.every_epochs", cfg["eval"]["every_epochs"], low=0, inclusive=True, integer=True)
+    eval_sizes = cfg["eval"]["sizes"]
+    if eval_sizes is not None and (not isinstance(eval_sizes, list) or not eval_sizes
+                                   or not all(isinstance(s, int) and s > 0 for s in eval_sizes)):
+        raise ConfigError(f"eval.sizes must be a list of positive integers or null, got {eval_sizes!r}")
+    _check_number("snapshot_every", cfg["snapshot_every"], low=0, inclusive=True, integer=True)
+    if cfg["snapshot_schedule"] not in (None, "log"):
+        raise ConfigError(f"snapshot_schedule must be log or null, got {cfg['snapshot_schedule']!r}")
+    if cfg["snapshot_max"] is not None:
+        _check_number("snapshot_max", cfg["snapshot_max"], low=2, inclusive=True, integer=True)
+    if cfg["snapshot_dtype"] not in (None, "fp32", "fp16", "bf16"):
+        raise ConfigError(f"snapshot_dtype must be fp32, fp16, bf16 or null, got {cfg['snapshot_dtype']!r}")
     if cfg["guidance"]["target"] not in GUIDANCE_TARGETS:
         raise ConfigError(f"guidance.target must be one of {', '.join(GUIDANCE_TARGETS)}, "
                           f"got {cfg['guidance']['target']!r}")
@@ -182,6 +230,34 @@ def validate(cfg: dict):
         raise ConfigError(f"data.multires_sizes must be a list of positive integers, got {sizes!r}")
     if cfg["data"]["kind"] in ("imagefolder", "ade20k", "hypersim") and not cfg["data"]["root"]:
         raise ConfigError("data.root is not set; pass data.root=/path/to/images")
+
+
+def check_output(out) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``out`` can be (or already is) a run directory.
+
+    Checked before any work, so that a bad ``out=`` never costs a training run.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"; _ = f.write_text("x")
+    >>> check_output(f)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    asg_train.config.ConfigError: out=... is a file; pass a directory for the run
+    """
+    import os
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; pass a directory for the run")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out={out}: {existing} is a file, so the run directory cannot be created there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out={out}: {existing} is not writable; pass out= somewhere you can write")
 
 
 def resolve(recipe=None, overrides=(), base: dict | None = None) -> dict:

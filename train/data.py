@@ -341,14 +341,15 @@ class Splits:
     std: tuple = (0.229, 0.224, 0.225)    # recorded in the exported checkpoint
 
 
-def build_splits(cfg: dict) -> Splits:
-    """Train and validation datasets for a resolved config; raises one-line errors on bad data."""
+def build_image_splits(cfg: dict) -> Splits:
+    """Train and validation sets of a classification config; raises one-line errors on bad data.
+
+    ``data.kind``: ``synthetic``, ``photos``, ``scenes`` (in memory) or ``imagefolder``. The dense
+    tasks' data is in :mod:`asg_train.dense_data`; :meth:`asg_train.tasks.Task.build_splits`
+    picks the right one.
+    """
     d = cfg["data"]
     size = cfg["model"]["img_size"]
-    if d["kind"] in ("ade20k", "hypersim"):
-        from .dense import build_dense_splits
-
-        return build_dense_splits(cfg)
     if d["kind"] == "synthetic":
         n_cls = d["num_classes"] or 10
         return Splits(synthetic_images(d["num_train"], size, n_cls, 0, "train"),

@@ -1,10 +1,10 @@
 """Train the CPU reference models and probe them: one command from recipes to a results table.
 
-    python -m train.reference --out runs/reference                 # train (skips finished runs), probe, tabulate
-    python -m train.reference --out runs/reference --seeds 0 1 2   # several seeds, mean ± std in the table
-    python -m train.reference --out runs/reference --probe-only
-    python -m train.reference --out runs/reference --seeds 1 2 --variants none guidance guidance_shuffled
-    python -m train.reference --base cpu_photos --out runs/photos     # the same set on the photo crops
+    python -m asg_train.reference --out runs/reference                 # train (skips finished runs), probe, tabulate
+    python -m asg_train.reference --out runs/reference --seeds 0 1 2   # several seeds, mean ± std in the table
+    python -m asg_train.reference --out runs/reference --probe-only
+    python -m asg_train.reference --out runs/reference --seeds 1 2 --variants none guidance guidance_shuffled
+    python -m asg_train.reference --base cpu_photos --out runs/photos     # the same set on the photo crops
 
 For each variant (none, ape, rope-mixed, sdt-decay, guidance, and two guidance controls: a fixed
 random permutation of the targets, and a fresh one per image — position-free) it runs
@@ -21,6 +21,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from asg_probe.files import atomic_write_text
 
 from .config import CONFIG_DIR
 
@@ -65,14 +67,14 @@ def probe_run(run_dir: Path, num_images: int) -> dict:
     from asg_probe.analysis.shuffle import shuffle_test
 
     from .config import load_yaml, merge
-    from .data import build_splits
+    from .tasks import make_task
 
     model = asg_probe.load_checkpoint(run_dir).eval()
     cfg = load_yaml(run_dir / "config.yaml")
     # Held-out images of the run's own data, normalised exactly as in training
     # (a float tensor is used as is by the probes).
     cfg = merge(cfg, {"data": {"num_train": 1, "num_val": num_images}})
-    images = build_splits(cfg).val.images[:num_images]
+    images = make_task(cfg).build_splits().val.images[:num_images]
     layer = asg_probe.layerwise_probes(model, images=images, progress=False)
     last = layer.rows[-1]
     shuffle = shuffle_test(model, images=images, progress=False).rows[-1]
@@ -119,7 +121,7 @@ def tabulate(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.reference", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m asg_train.reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/reference")
     p.add_argument("--base", default="cpu_scenes", help="recipe family in train/configs (cpu_scenes, cpu_photos)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -140,9 +142,9 @@ def main(argv=None) -> int:
     for recipe, seed, run_dir in runs:
         results.setdefault(recipe, {})[seed] = probe_run(run_dir, args.probe_images)
         print(f"probed {recipe} seed {seed}", file=sys.stderr)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     table = tabulate(results)
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     print(table)
     return 0
 

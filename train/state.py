@@ -5,13 +5,13 @@ Everything in it is a tensor or a plain Python value, so it loads with
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from asg_probe.files import atomic_write_path
 
 STATE_FILE = "train_state.pt"
 
@@ -41,44 +41,15 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _default_mode(path):
-    """mkstemp creates 0600 files; give the final file the usual umask-based mode instead."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def atomic_torch_save(obj, path: Path):
-    """Temp file in the same folder + fsync + ``os.replace``: old or new file, never half."""
+    """``torch.save`` through a temporary file beside ``path``: the old file or the new, never half.
+
+    A process killed mid-write leaves a ``.train_state.pt.*.tmp`` file that the next run removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_safetensors_save(tensors: dict, path: Path, metadata: dict | None = None):
-    """A safetensors file written through a temp file + ``os.replace``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_train_state(run_dir, *, model, head, optimizer, scaler, step: int, epoch: int, batch_in_epoch: int,

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from pathlib import Path
+
+from asg_probe.files import atomic_write_text
 
 
 def mean_std(values):
@@ -33,11 +36,12 @@ def write_seed_summary(out, summaries: list[dict]) -> str:
     for name, values in metrics.items():
         mean, std = mean_std(values)
         rows.append({"metric": name, "mean": mean, "std": std, **{f"seed{k}": v for k, v in zip(seeds, values)}})
-    (out / "summary.json").write_text(json.dumps({"seeds": seeds, "rows": rows, "runs": summaries}, indent=2))
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(out / "summary.json", json.dumps({"seeds": seeds, "rows": rows, "runs": summaries}, indent=2))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "summary.csv", text.getvalue())
 
     def fmt(v):
         return "–" if v is None else f"{v:.4f}"
@@ -48,5 +52,5 @@ def write_seed_summary(out, summaries: list[dict]) -> str:
         ms = "–" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
         lines.append(f"| {r['metric']} | {ms} | " + " | ".join(fmt(r[f'seed{s}']) for s in seeds) + " |")
     table = "\n".join(lines)
-    (out / "summary.md").write_text(table + "\n")
+    atomic_write_text(out / "summary.md", table + "\n")
     return table

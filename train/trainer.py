@@ -1,194 +1,46 @@
-"""The training loop: one file, plain ``python`` or ``torchrun`` (nanoGPT-style).
+"""The training loop: one file, plain ``python`` or ``torchrun`` (nanoGPT-style), every task.
 
-``run(cfg)`` trains one seed into ``cfg["out"]`` and returns a summary dict.
-Process 0 logs and saves; every process computes the same batch plan, so DDP
-steps stay in lock-step, and metrics are summed over processes before logging.
+``run(cfg)`` trains one seed into ``cfg["out"]`` and returns a summary dict. What differs
+between classification, segmentation and depth is behind :class:`asg_train.tasks.Task`; this
+loop has no task branches. Process 0 logs and saves; every process computes the same batch
+plan, so DDP steps stay in lock-step, and metrics are summed over processes before logging.
+
+A run directory holds ``config.yaml``, ``command.txt``, ``train_state.pt`` (resumable),
+``metrics.{jsonl,csv}``, ``eval.json`` (+ ``eval.csv``), ``model.safetensors`` (inference),
+the task's exports, ``summary.json`` and, with a snapshot schedule, ``snapshots/``.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from asg_probe.files import atomic_write_text, remove_stale_temporaries
 
 from . import config as config_mod
-from .data import BatchPlan, build_splits, iterate_batches
+from .build import (build_guidance_head, build_model, gather_rng_states, param_groups, pick_device,
+                    pick_precision, ranks_in_sync, seed_everything)
+from .data import BatchPlan, iterate_batches
 from .dist import all_reduce_sum, any_process, barrier, init_distributed
-from .evaluate import evaluate, transfer_sizes, write_eval
+from .evaluate import num_eval_batches
+from .runlog import MetricsLog, progress_bar
 from .schedule import guidance_lambda, lr_at
-from .state import STATE_FILE, load_train_state, save_train_state
+from .snapshots import Snapshots
+from .state import STATE_FILE, load_train_state, save_train_state, set_rng_state
+from .tasks import make_task
 
 EXIT_NONFINITE = 3
-METRIC_FIELDS = ["step", "epoch", "lr", "lambda", "loss", "loss_task", "loss_coord", "train_acc",
-                 "grad_norm", "images_per_s", "unreadable", "elapsed_s"]
+# Settings that may change on --resume: they do not change what is trained.
+RESUMABLE_CHANGES = ("device", "progress", "num_workers", "log_every", "threads", "eval.enabled", "eval.sizes",
+                     "eval.batch_size", "seeds", "out")
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
-
-
-class TrainModule(nn.Module):
-    """Model + optional guidance head as one module, so that one DDP wrapper syncs both.
-
-    ``forward(x, y, lam)`` returns ``(loss, loss_task, loss_coord, correct, n)``: the total
-    loss and detached statistics (the contract :class:`train.dense.DenseModule` shares).
-    ``lam`` is a tensor so that a changing λ does not recompile under ``torch.compile``.
-    """
-
-    def __init__(self, model, head=None):
-        super().__init__()
-        self.model = model
-        self.head = head
-
-    def forward(self, x, y, lam):
-        feats = self.model.forward_features(x)                     # (B, P+N, D), after the final norm
-        logits = self.model.forward_head(feats)                    # (B, classes)
-        valid = (y >= 0).float()                                   # label -1: unreadable placeholder
-        ce = F.cross_entropy(logits.float(), y.clamp(min=0), reduction="none")
-        n_valid = valid.sum()
-        loss_cls = (ce * valid).sum() / n_valid.clamp(min=1)
-        correct = ((logits.argmax(-1) == y).float() * valid).sum()
-        if self.head is not None:
-            p = self.model.patch_embed.patch_size[0]
-            grid = (x.shape[-2] // p, x.shape[-1] // p)
-            patch_tokens = feats[:, self.model.num_prefix_tokens:]  # (B, N, D)
-            loss_coord = self.head(patch_tokens, grid) * (n_valid > 0).float()
-        else:
-            loss_coord = torch.zeros((), device=x.device)
-        loss = loss_cls + lam * loss_coord
-        return loss, loss_cls.detach(), loss_coord.detach(), correct.detach(), n_valid.detach()
-
-
-# --------------------------------------------------------------------------- building blocks
-
-def pick_device(cfg) -> torch.device:
-    want = cfg["device"]
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise config_mod.ConfigError("device=cuda but no CUDA device is visible; use device=cpu")
-    return torch.device(want)
-
-
-def pick_precision(cfg, device) -> str:
-    precision = cfg["precision"]
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise config_mod.ConfigError("precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
-    return precision
-
-
-def build_model(cfg, num_classes: int):
-    """The model to train; a separate function so that tests can wrap it."""
-    from asg_probe import create_model
-
-    m = cfg["model"]
-    return create_model(m["name"], pos=m["pos"], num_classes=num_classes, img_size=m["img_size"], **m["kwargs"])
-
-
-def build_head(cfg, model):
-    g = cfg["guidance"]
-    if not g["enabled"]:
-        return None
-    from asg_probe import GuidanceHead
-
-    return GuidanceHead(embed_dim=model.embed_dim, hidden_dim=g["hidden_dim"], target=g["target"], seed=cfg["seed"])
-
-
-def param_groups(model, head, weight_decay: float, dense_head=None) -> list[dict]:
-    """AdamW groups: decay only on ≥2-d weights not named by ``no_weight_decay()``.
-
-    Biases, norms, other 1-d tensors, tokens/position tables (timm's list) and the whole
-    guidance head get weight decay 0 (SPEC §1). A dense head decays its ≥2-d weights.
-    """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip or name.split(".")[0] in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    if dense_head is not None:
-        for p in dense_head.parameters():
-            (decay if p.ndim > 1 else no_decay).append(p)
-    if head is not None:
-        groups.append({"params": list(head.parameters()), "weight_decay": 0.0, "name": "guidance_head"})
-    return [g for g in groups if g["params"]]
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-class MetricsLog:
-    """``metrics.jsonl`` + ``metrics.csv`` on process 0; a resume drops rows past the checkpoint."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
-        self.enabled = enabled
-        self.jsonl = run_dir / "metrics.jsonl"
-        self.csv = run_dir / "metrics.csv"
-        if not enabled:
-            return
-        rows = []
-        if resume_step is not None and self.jsonl.is_file():
-            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if r.get("step", 0) <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, row: dict):
-        if not self.enabled:
-            return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore").writerow(row)
-
-
-def gather_rng_states(ctx) -> list:
-    """Every process's RNG state, in rank order (rank 0 saves them all)."""
-    from .state import rng_state
-
-    mine = rng_state()
-    if not ctx.enabled:
-        return [mine]
-    import torch.distributed as dist
-
-    states = [None] * ctx.world_size
-    dist.all_gather_object(states, mine)
-    return states
-
-
-@torch.no_grad()
-def ranks_in_sync(module) -> bool:
-    """True when every process holds bit-identical parameters (DDP's promise, checked)."""
-    import torch.distributed as dist
-
-    flat = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
-    hi, lo = flat.clone(), flat.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    return bool(torch.equal(hi, lo))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -197,22 +49,7 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-# --------------------------------------------------------------------------- the run
-
-def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
-    """Train one seed into ``cfg["out"]``; returns the summary (also in ``summary.json``).
-
-    Raises
-    ------
-    ConfigError
-        Bad data folder, device or resume mismatch, before any training work.
-    NonFiniteLoss
-        The loss became NaN/inf; the last good checkpoint is left in place.
-    """
-    device = pick_device(cfg)
-    ctx = init_distributed(device.type)
-    if device.type == "cuda" and cfg["device"] in ("auto", "cuda"):
-        device = torch.device("cuda", ctx.local_rank)
+def _configure_torch(cfg):
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     if cfg["deterministic"]:
@@ -221,286 +58,364 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    precision = pick_precision(cfg, device)
+
+
+def _finished_summary(run_dir: Path, saved) -> dict | None:
+    """The summary of a run that already trained to its last step and exported its model."""
+    done = saved is not None and saved["step"] >= saved["scheduler"]["total_steps"]
+    if done and (run_dir / "model.safetensors").is_file() and (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text())
+    return None
+
+
+class Trainer:
+    """One seed's run: built from a resolved config, then :meth:`train`, :meth:`evaluate`, :meth:`finish`."""
+
+    def __init__(self, cfg: dict, saved: dict | None, command: str | None, device, ctx):
+        self.cfg, self.saved, self.command, self.device, self.ctx = cfg, saved, command, device, ctx
+        self.run_dir = Path(cfg["out"])
+        self.precision = pick_precision(cfg, device)
+        self.task = make_task(cfg)
+        # Data before the model: a missing folder is reported before anything heavy happens.
+        self.splits = self.task.build_splits()
+        seed_everything(cfg["seed"])
+        self.model = build_model(cfg, self.task.num_classes(self.splits))
+        self.guidance = build_guidance_head(cfg, self.model)
+        self.module = self.task.build_module(self.model, self.guidance).to(device)
+        # Initial weights are the same on every process (seeded above); from here on drop-path and
+        # other noise differ per process, as they would with independent GPUs.
+        torch.manual_seed(cfg["seed"] * 1000 + ctx.rank)
+        # The normalisation the model was trained with travels with it (probes need it to feed
+        # images the way the model saw them, e.g. the scenes' own mean/std).
+        self.data_config = {"mean": list(self.splits.mean), "std": list(self.splits.std),
+                            "img_size": cfg["model"]["img_size"], "interpolation": cfg["data"]["interpolation"],
+                            "crop_pct": 1 / cfg["data"]["eval_crop_ratio"]}
+        self.model.pretrained_cfg = {**(getattr(self.model, "pretrained_cfg", None) or {}),
+                                     "mean": tuple(self.splits.mean), "std": tuple(self.splits.std)}
+        self._check_sizes()
+        self._build_optimizer()
+        self._build_plan()
+        self._restore()
+        self.train_module = self.module
+        if cfg["compile"]:
+            self.train_module = torch.compile(self.module)
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_module = DDP(self.train_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ----------------------------------------------------------------------- building
+
+    def _check_sizes(self):
+        patch = self.model.patch_embed.patch_size[0]
+        self.train_size = self.cfg["model"]["img_size"]
+        self.eval_sizes = self.task.eval_sizes(self.train_size, patch)
+        for s in [self.train_size] + list(self.cfg["data"]["multires_sizes"] or []) + list(self.eval_sizes):
+            if s % patch:
+                raise config_mod.ConfigError(f"image size {s} (model.img_size, data.multires_sizes or eval.sizes) "
+                                             f"is not a multiple of the patch size {patch}")
+
+    def _build_optimizer(self):
+        optim = self.cfg["optim"]
+        groups = param_groups(self.model, self.guidance, optim["weight_decay"], self.task.head)
+        self.optimizer = torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]),
+                                           fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(self.precision == "fp16"))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _build_plan(self):
+        cfg, ctx = self.cfg, self.ctx
+        self.plan = BatchPlan(len(self.splits.train), cfg["batch_size"], seed=cfg["seed"], rank=ctx.rank,
+                              world_size=ctx.world_size, sizes=cfg["data"]["multires_sizes"],
+                              base_size=self.train_size, pixel_budget=cfg["data"]["pixel_budget"])
+        accum = cfg["grad_accum"]
+        self.steps_per_epoch = [self.plan.num_batches(e) // accum for e in range(cfg["epochs"])]
+        if self.steps_per_epoch[0] == 0:
+            raise config_mod.ConfigError(
+                f"{len(self.splits.train)} training images are fewer than one batch of "
+                f"{cfg['batch_size']}×{ctx.world_size} processes×{accum} accumulation")
+        self.total_steps = sum(self.steps_per_epoch)
+        if cfg["max_steps"]:
+            self.total_steps = min(self.total_steps, cfg["max_steps"])
+
+    def _restore(self):
+        """Loop state: fresh, or everything a checkpoint saved (weights, optimiser, RNG, windows, clocks)."""
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.unreadable, self.time_before = 0, 0.0
+        # Running sums of the current log window on the device (no host sync per step):
+        # loss_task·n, loss_coord·n, correct, n; then unreadable and images seen, window seconds.
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.window = {"unreadable": 0, "images": 0, "seconds": 0.0}
+        self.last_row: dict = {}
+        self.last_good = (None, None)
+        saved = self.saved
+        if saved is None:
+            return
+        self.model.load_state_dict(saved["model"])
+        if self.guidance is not None:
+            self.guidance.load_state_dict(saved["guidance_head"])
+        extra = saved["extra"]
+        self.task.load_head_state(extra.get("task_head", extra.get("dense_head")))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.step = saved["step"]
+        self.epoch, self.batch_in_epoch = saved["sampler"]["epoch"], saved["sampler"]["batch_in_epoch"]
+        rng = saved["rng"]
+        set_rng_state(rng[self.ctx.rank] if isinstance(rng, list) and len(rng) == self.ctx.world_size else
+                      rng[0] if isinstance(rng, list) else rng)
+        self.unreadable = int(extra.get("unreadable", 0))
+        self.time_before = float(extra.get("train_time_s", 0.0))
+        self.last_row = dict(extra.get("last_row", {}))
+        window = extra.get("window")
+        if window is not None and self.ctx.is_main:  # the window's sums over all processes, kept once
+            self.sums += torch.tensor(window["sums"], dtype=torch.float64, device=self.device)
+            self.window = {k: window[k] for k in ("unreadable", "images", "seconds")}
+        self.last_good = (self.run_dir / STATE_FILE, self.step)
+
+    # ----------------------------------------------------------------------- saving
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, across resumes (up to each checkpoint)."""
+        return self.time_before + time.perf_counter() - self.t_start
+
+    def save_state(self, at_epoch: int, at_batch: int):
+        rngs = gather_rng_states(self.ctx)
+        now = time.perf_counter()
+        sums = all_reduce_sum(self.sums.tolist() + [self.window["unreadable"], self.window["images"]], self.device)
+        window = {"sums": sums[:4], "unreadable": int(sums[4]), "images": int(sums[5]),
+                  "seconds": self.window["seconds"] + now - self.t_window}
+        if self.ctx.is_main:
+            extra = {"unreadable": self.unreadable, "train_time_s": self.elapsed(), "window": window,
+                     "last_row": self.last_row}
+            head_state = self.task.head_state()
+            if head_state is not None:
+                extra["task_head"] = head_state
+            path = save_train_state(self.run_dir, rng=rngs, model=self.model, head=self.guidance,
+                                    optimizer=self.optimizer, scaler=self.scaler, step=self.step, epoch=at_epoch,
+                                    batch_in_epoch=at_batch, total_steps=self.total_steps, config=self.cfg,
+                                    extra=extra)
+            self.last_good = (path, self.step)
+        barrier()
+
+    def check_finite(self):
+        local_bad = int(self.bad_step.item())
+        if not any_process(local_bad >= 0, self.device):
+            return
+        where = f"at step {local_bad}" if local_bad >= 0 else "on another process"
+        path, at = self.last_good
+        ckpt = f"last good checkpoint: {path} (step {at})" if path is not None else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"non-finite loss {where}; run stopped without saving the bad state; {ckpt}. "
+                            "Lower optim.lr or guidance.rc_lambda, or use precision=fp32.")
+
+    # ----------------------------------------------------------------------- training
+
+    def prepare_run_dir(self):
+        """Process 0: the run directory, leftovers of killed writes removed, config and command recorded."""
+        if not self.ctx.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.run_dir)
+        atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(self.cfg))
+        if self.command:
+            with open(self.run_dir / "command.txt", "a") as f:
+                f.write(self.command + "\n")
+
+    def train(self):
+        cfg, g = self.cfg, self.cfg["guidance"]
+        self.log = MetricsLog(self.run_dir, self.ctx.is_main, self.step if self.saved is not None else None)
+        snapshots = Snapshots(self.run_dir, cfg, self.ctx.is_main, self.total_steps,
+                              meta={"data_config": self.data_config})
+        snapshots.start(self.step, self.model)
+        bar = progress_bar(self.ctx, cfg["progress"], total=self.total_steps, initial=self.step,
+                           desc=f"{cfg['model']['pos']} seed {cfg['seed']}")
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.t_start = self.t_window = time.perf_counter()
+        grad_norm = torch.zeros((), device=self.device)
+        accum = cfg["grad_accum"]
+        self.module.train()
+        done = self.step >= self.total_steps
+        while not done and self.epoch < len(self.steps_per_epoch):
+            n_micro = self.steps_per_epoch[self.epoch] * accum
+            if n_micro == 0:
+                break
+            batches = self.plan.batches(self.epoch, start_batch=self.batch_in_epoch)[: n_micro - self.batch_in_epoch]
+            loader = iterate_batches(self.splits.train, batches, num_workers=cfg["num_workers"],
+                                     seed=cfg["seed"] * 100_003 + self.epoch, pin_memory=self.device.type == "cuda")
+            for x, y, n_bad in loader:
+                lam = guidance_lambda(self.step, lambda_min=g["lambda_min"], rc_lambda=g["rc_lambda"],
+                                      warmup_steps_for_aux=g["warmup_steps_for_aux"])
+                last_micro = (self.batch_in_epoch + 1) % accum == 0
+                self.micro_step(x, y, n_bad, lam, sync=last_micro)
+                if not last_micro:
+                    continue
+                lr = lr_at(self.step, lr=cfg["optim"]["lr"], min_lr=cfg["optim"]["min_lr"],
+                           warmup_steps=cfg["optim"]["warmup_steps"], total_steps=self.total_steps)
+                grad_norm = self.optimizer_step(lr)
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                at_end = self.step >= self.total_steps
+                if self.step % cfg["log_every"] == 0 or at_end:
+                    self.log_window(lr, lam if self.guidance is not None else 0.0, grad_norm, bar)
+                end_of_epoch = self.batch_in_epoch >= n_micro
+                if self.step % cfg["ckpt_every"] == 0 or end_of_epoch or at_end:
+                    self.check_finite()
+                    self.save_state(*((self.epoch + 1, 0) if end_of_epoch else (self.epoch, self.batch_in_epoch)))
+                snapshots.maybe_save(self.step, self.model)
+                if at_end:
+                    done = True
+                    break
+            if self.batch_in_epoch >= n_micro:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                every = cfg["eval"]["every_epochs"]
+                if every and self.epoch % every == 0 and not done:
+                    metrics, _ = self.run_eval([self.train_size])
+                    self.log.write({"step": self.step, "epoch": self.epoch,
+                                    f"val_{self.task.primary}": metrics[self.task.primary]})
+        if bar is not None:
+            bar.close()
+        self.train_time = self.elapsed()
+
+    def micro_step(self, x, y, n_bad, lam: float, sync: bool):
+        """Forward and backward of one micro-batch; statistics added to the window on the device."""
+        self.window["unreadable"] += n_bad
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        no_sync = self.ctx.enabled and not sync  # accumulate locally; DDP syncs on the last micro-step
+        with self.train_module.no_sync() if no_sync else contextlib.nullcontext():
+            with self.autocast():
+                loss, loss_task, loss_coord, correct, n = self.train_module(x, y, torch.tensor(lam, device=self.device))
+            self.scaler.scale(loss / self.cfg["grad_accum"]).backward()
+        self.sums += torch.stack([loss_task * n, loss_coord * n, correct, n]).double()
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
+                                    torch.full_like(self.bad_step, self.step), self.bad_step)
+        self.window["images"] += int(x.shape[0])
+        self.batch_in_epoch += 1
+
+    def optimizer_step(self, lr: float):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg["optim"]["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def log_window(self, lr: float, lam: float, grad_norm, bar):
+        """One metrics row: means over the steps since the previous row (across a resume too)."""
+        self.check_finite()
+        s_task, s_coord, s_correct, s_n, s_bad, images = all_reduce_sum(
+            self.sums.tolist() + [self.window["unreadable"], self.window["images"]], self.device)
+        self.unreadable += int(s_bad)
+        now = time.perf_counter()
+        seconds = self.window["seconds"] + now - self.t_window
+        row = {"step": self.step, "epoch": self.epoch, "lr": lr, "lambda": lam,
+               "loss_task": s_task / max(s_n, 1), "loss_coord": s_coord / max(s_n, 1),
+               "train_acc": s_correct / max(s_n, 1), "grad_norm": float(grad_norm),
+               "images_per_s": images / max(seconds, 1e-9), "unreadable": self.unreadable,
+               "elapsed_s": self.elapsed()}
+        row["loss"] = row["loss_task"] + row["lambda"] * row["loss_coord"]
+        self.last_row = row
+        self.log.write(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+        self.sums.zero_()
+        self.window = {"unreadable": 0, "images": 0, "seconds": 0.0}
+        self.t_window = now
+
+    # ----------------------------------------------------------------------- evaluation and export
+
+    def run_eval(self, sizes) -> tuple[dict, dict]:
+        cfg = self.cfg
+        kwargs = dict(train_size=self.train_size, base_batch=cfg["eval"]["batch_size"], ctx=self.ctx)
+        bar = progress_bar(self.ctx, cfg["progress"], total=num_eval_batches(self.splits.val, sizes, **kwargs),
+                           desc=f"eval {','.join(map(str, sizes))} px" if len(sizes) < 4 else f"eval {len(sizes)} sizes")
+        try:
+            return self.task.evaluate(self.module, self.splits.val, sizes, device=self.device, amp=self.autocast,
+                                      num_workers=cfg["num_workers"], bar=bar, **kwargs)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def finish(self) -> dict:
+        """Final evaluation, the exported model, ``summary.json`` and the one-line report."""
+        cfg, ctx = self.cfg, self.ctx
+        metrics = {"steps": self.step, "train_time_s": round(self.train_time, 2), "unreadable": self.unreadable,
+                   "final_loss": self.last_row.get("loss"), "final_loss_coord": self.last_row.get("loss_coord")}
+        eval_doc = None
+        if cfg["eval"]["enabled"]:
+            results, eval_doc = self.run_eval(self.eval_sizes)
+            metrics.update(results)
+            if ctx.is_main:
+                self.task.write_eval(self.run_dir, eval_doc)
+        if ctx.enabled:
+            metrics["ranks_in_sync"] = ranks_in_sync(self.module)
+        g = cfg["guidance"]
+        summary = {"out": str(self.run_dir), "seed": cfg["seed"], "pos": cfg["model"]["pos"],
+                   "guidance": g["target"] if g["enabled"] else None, **metrics}
+        if ctx.is_main:
+            from asg_probe import save_checkpoint
+
+            save_checkpoint(self.run_dir / "model.safetensors", self.model, config=cfg, metrics=metrics,
+                            data_config=self.data_config, train={"command": self.command, "eval": eval_doc})
+            self.task.export(self.run_dir)
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            evaluation = self.task.headline(metrics) if eval_doc is not None else "no eval"
+            loss = f"loss {metrics['final_loss']:.4f}" if metrics["final_loss"] is not None else ""
+            extra = f", {self.unreadable} unreadable images skipped" if self.unreadable else ""
+            print(f"[asg-train] {cfg['model']['name']} pos={cfg['model']['pos']} "
+                  f"guidance={summary['guidance'] or 'off'} seed={cfg['seed']}: {self.step} steps in "
+                  f"{_fmt_time(self.train_time)}, {loss}, {evaluation}{extra} → {self.run_dir / 'model.safetensors'}")
+        barrier()
+        return summary
+
+
+def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
+    """Train one seed into ``cfg["out"]``; returns the summary (also in ``summary.json``).
+
+    With ``resume``, continue from ``train_state.pt`` when there is one; a run that already
+    finished is reported and left unchanged (its summary is returned).
+
+    Raises
+    ------
+    ConfigError
+        Bad data folder, device or resume mismatch, before any training work.
+    NonFiniteLoss
+        The loss became NaN/inf; the last good checkpoint is left in place.
+    """
+    config_mod.check_output(cfg["out"])
+    device = pick_device(cfg)
+    ctx = init_distributed(device.type)
+    if device.type == "cuda" and cfg["device"] in ("auto", "cuda"):
+        device = torch.device("cuda", ctx.local_rank)
+    _configure_torch(cfg)
     run_dir = Path(cfg["out"])
 
     saved = load_train_state(run_dir) if resume else None
     if resume and saved is None and ctx.is_main:
         print(f"[asg-train] --resume: no {STATE_FILE} in {run_dir} yet; starting from scratch", file=sys.stderr)
     if saved is not None:
-        changed = [k for k in config_mod.changed_keys(saved["config"], cfg)
-                   if k not in ("device", "progress", "num_workers", "log_every", "threads", "eval.enabled",
-                                "eval.sizes", "eval.batch_size", "seeds", "out")]
+        changed = [k for k in config_mod.changed_keys(saved["config"], cfg) if k not in RESUMABLE_CHANGES]
         if changed:
             raise config_mod.ConfigError(
                 f"--resume: the config differs from the saved run in {', '.join(changed)}; "
                 "resume with the same settings or start a new out=")
+        finished = _finished_summary(run_dir, saved)
+        if finished is not None:
+            if ctx.is_main:
+                print(f"[asg-train] {run_dir} already finished ({saved['step']} steps); nothing to do",
+                      file=sys.stderr)
+            return finished
 
-    # Data before the model: a missing folder is reported before anything heavy happens.
-    splits = build_splits(cfg)
-    seed_everything(cfg["seed"])
-    dense = cfg["task"] != "classification"
-    model = build_model(cfg, 0 if dense else splits.num_classes)
-    head = build_head(cfg, model)
-    dense_head = None
-    if dense:
-        from .dense import DenseModule, build_dense_head
-
-        dense_head = build_dense_head(cfg, model)
-        module = DenseModule(model, dense_head, cfg["task"], cfg["dense"]["layers"], head,
-                             cfg["dense"]["ignore_index"]).to(device)
-    else:
-        module = TrainModule(model, head).to(device)
-    # Initial weights are the same on every process (seeded above); from here on drop-path and
-    # other noise differ per process, as they would with independent GPUs.
-    torch.manual_seed(cfg["seed"] * 1000 + ctx.rank)
-    patch = model.patch_embed.patch_size[0]
-    train_size = cfg["model"]["img_size"]
-    sizes = cfg["data"]["multires_sizes"]
-    eval_sizes = cfg["eval"]["sizes"] or transfer_sizes(train_size, patch)
-    if train_size not in eval_sizes:
-        eval_sizes = sorted(set(eval_sizes) | {train_size})
-    for s in [train_size] + list(sizes or []) + list(eval_sizes):
-        if s % patch:
-            raise config_mod.ConfigError(f"image size {s} (model.img_size, data.multires_sizes or eval.sizes) "
-                                         f"is not a multiple of the patch size {patch}")
-
-    optim = cfg["optim"]
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, head, optim["weight_decay"], dense_head), lr=optim["lr"],
-                                  betas=tuple(optim["betas"]), fused=fused)
-    scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16"))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    plan = BatchPlan(len(splits.train), cfg["batch_size"], seed=cfg["seed"], rank=ctx.rank,
-                     world_size=ctx.world_size, sizes=sizes, base_size=train_size,
-                     pixel_budget=cfg["data"]["pixel_budget"])
-    accum = cfg["grad_accum"]
-    steps_per_epoch = [plan.num_batches(e) // accum for e in range(cfg["epochs"])]
-    if steps_per_epoch[0] == 0:
-        raise config_mod.ConfigError(
-            f"{len(splits.train)} training images are fewer than one batch of "
-            f"{cfg['batch_size']}×{ctx.world_size} processes×{accum} accumulation")
-    total_steps = sum(steps_per_epoch)
-    if cfg["max_steps"]:
-        total_steps = min(total_steps, cfg["max_steps"])
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        if head is not None:
-            head.load_state_dict(saved["guidance_head"])
-        if dense_head is not None:
-            dense_head.load_state_dict(saved["extra"]["dense_head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if saved["scaler"] is not None:
-            scaler.load_state_dict(saved["scaler"])
-        step = saved["step"]
-        epoch, batch_in_epoch = saved["sampler"]["epoch"], saved["sampler"]["batch_in_epoch"]
-        from .state import set_rng_state
-
-        rng = saved["rng"]
-        set_rng_state(rng[ctx.rank] if isinstance(rng, list) and len(rng) == ctx.world_size else
-                      rng[0] if isinstance(rng, list) else rng)
-    last_good = (run_dir / STATE_FILE, step) if saved is not None else (None, None)
-
-    train_module = module
-    if cfg["compile"]:
-        train_module = torch.compile(module)
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_module = DDP(train_module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
-        if command:
-            with open(run_dir / "command.txt", "a") as f:
-                f.write(command + "\n")
-    log = MetricsLog(run_dir, ctx.is_main, step if saved is not None else None)
-    g = cfg["guidance"]
-
-    def save(at_step, at_epoch, at_batch):
-        nonlocal last_good
-        rngs = gather_rng_states(ctx)
-        if ctx.is_main:
-            path = save_train_state(run_dir, rng=rngs, model=model, head=head, optimizer=optimizer, scaler=scaler,
-                                    step=at_step, epoch=at_epoch, batch_in_epoch=at_batch,
-                                    total_steps=total_steps, config=cfg,
-                                    extra={"unreadable": unreadable,
-                                           **({"dense_head": dense_head.state_dict()} if dense else {})})
-            last_good = (path, at_step)
-        barrier()
-
-    bar = None
-    if ctx.is_main and cfg["progress"]:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc=f"{cfg['model']['pos']} seed {cfg['seed']}",
-                   dynamic_ncols=True, leave=False)
-
-    # Running sums on the device (no host sync per step): loss_task·n, loss_coord·n, correct, n.
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    unreadable = int(saved["extra"].get("unreadable", 0)) if saved is not None else 0
-    unreadable_window = 0
-    images_window = 0
-    t_window = t_start = time.perf_counter()
-    last_row: dict = {}
-    grad_norm = torch.zeros((), device=device)
-
-    def check_finite():
-        local_bad = int(bad_step.item())
-        if not any_process(local_bad >= 0, device):
-            return
-        where = f"at step {local_bad}" if local_bad >= 0 else "on another process"
-        ckpt = (f"last good checkpoint: {last_good[0]} (step {last_good[1]})" if last_good[0] is not None
-                else "no checkpoint was written yet")
-        raise NonFiniteLoss(f"non-finite loss {where}; run stopped without saving the bad state; {ckpt}. "
-                            "Lower optim.lr or guidance.rc_lambda, or use precision=fp32.")
-
-    module.train()
-    done = step >= total_steps
-    while not done:
-        n_micro = steps_per_epoch[epoch] * accum if epoch < len(steps_per_epoch) else 0
-        if n_micro == 0:
-            break
-        batches = plan.batches(epoch, start_batch=batch_in_epoch)[: n_micro - batch_in_epoch]
-        loader = iterate_batches(splits.train, batches, num_workers=cfg["num_workers"],
-                                 seed=cfg["seed"] * 100_003 + epoch, pin_memory=device.type == "cuda")
-        for x, y, n_bad in loader:
-            unreadable_window += n_bad
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            lam = guidance_lambda(step, lambda_min=g["lambda_min"], rc_lambda=g["rc_lambda"],
-                                  warmup_steps_for_aux=g["warmup_steps_for_aux"])
-            last_micro = (batch_in_epoch + 1) % accum == 0
-            sync = contextlib.nullcontext() if (last_micro or not ctx.enabled) else train_module.no_sync()
-            with sync:
-                with autocast():
-                    loss, loss_task, loss_coord, correct, n = train_module(
-                        x, y, torch.tensor(lam, device=device))
-                scaler.scale(loss / accum).backward()
-            sums += torch.stack([loss_task * n, loss_coord * n, correct, n]).double()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
-            images_window += int(x.shape[0])
-            batch_in_epoch += 1
-            if not last_micro:
-                continue
-
-            lr = lr_at(step, lr=optim["lr"], min_lr=optim["min_lr"], warmup_steps=optim["warmup_steps"],
-                       total_steps=total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), optim["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-
-            at_end = step >= total_steps
-            if step % cfg["log_every"] == 0 or at_end:
-                check_finite()
-                s_task, s_coord, s_correct, s_n, s_bad = all_reduce_sum(sums.tolist() + [unreadable_window], device)
-                unreadable += int(s_bad)
-                now = time.perf_counter()
-                imgs = all_reduce_sum([images_window], device)[0]
-                last_row = {
-                    "step": step, "epoch": epoch, "lr": lr, "lambda": lam if head is not None else 0.0,
-                    "loss_task": s_task / max(s_n, 1), "loss_coord": s_coord / max(s_n, 1),
-                    "train_acc": s_correct / max(s_n, 1), "grad_norm": float(grad_norm),
-                    "images_per_s": imgs / max(now - t_window, 1e-9), "unreadable": unreadable,
-                    "elapsed_s": now - t_start,
-                }
-                last_row["loss"] = last_row["loss_task"] + last_row["lambda"] * last_row["loss_coord"]
-                log.write(last_row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_row['loss']:.3f}", lr=f"{lr:.2e}")
-                sums.zero_()
-                unreadable_window = images_window = 0
-                t_window = now
-            end_of_epoch = batch_in_epoch >= n_micro
-            if step % cfg["ckpt_every"] == 0 or end_of_epoch or at_end:
-                check_finite()
-                if end_of_epoch:
-                    save(step, epoch + 1, 0)
-                else:
-                    save(step, epoch, batch_in_epoch)
-            if at_end:
-                done = True
-                break
-        if batch_in_epoch >= n_micro:
-            epoch += 1
-            batch_in_epoch = 0
-            if cfg["eval"]["every_epochs"] and epoch % cfg["eval"]["every_epochs"] == 0 and not done and not dense:
-                rows = evaluate(model, splits.val, [train_size], train_size=train_size,
-                                base_batch=cfg["eval"]["batch_size"], device=device, ctx=ctx, amp=autocast,
-                                num_workers=cfg["num_workers"])
-                log.write({"step": step, "epoch": epoch, "val_top1": rows[0]["top1"]})
-    if bar is not None:
-        bar.close()
-    train_time = time.perf_counter() - t_start
-
-    # Evaluation: top-1 at the training size and the transfer sweep.
-    metrics = {"steps": step, "train_time_s": round(train_time, 2), "unreadable": unreadable,
-               "final_loss": last_row.get("loss"), "final_loss_coord": last_row.get("loss_coord")}
-    eval_doc = None
-    if cfg["eval"]["enabled"] and dense:
-        from .dense import evaluate_dense
-
-        row = evaluate_dense(module, splits.val, train_size, base_batch=cfg["eval"]["batch_size"], device=device,
-                             ctx=ctx, amp=autocast, num_workers=cfg["num_workers"])
-        if ctx.is_main:
-            eval_doc = {"train_size": train_size, **row}
-            (run_dir / "eval.json").write_text(json.dumps(eval_doc, indent=2))
-        metrics.update({k: v for k, v in row.items() if k not in ("size", "n", "unreadable")})
-    elif cfg["eval"]["enabled"]:
-        rows = evaluate(model, splits.val, eval_sizes, train_size=train_size, base_batch=cfg["eval"]["batch_size"],
-                        device=device, ctx=ctx, amp=autocast, num_workers=cfg["num_workers"])
-        if ctx.is_main:
-            eval_doc = write_eval(run_dir, rows, train_size)
-        metrics["top1"] = next(r["top1"] for r in rows if r["size"] == train_size)
-        metrics["transfer"] = {str(r["size"]): r["top1"] for r in rows}
-
-    if ctx.enabled:
-        metrics["ranks_in_sync"] = ranks_in_sync(module)
-    summary = {"out": str(run_dir), "seed": cfg["seed"], "pos": cfg["model"]["pos"],
-               "guidance": cfg["guidance"]["target"] if g["enabled"] else None, **metrics}
-    if ctx.is_main:
-        from asg_probe import save_checkpoint
-
-        # The normalisation the model was trained with travels with it (probes need it to
-        # feed images the way the model saw them, e.g. the scenes' own mean/std).
-        data_config = {"mean": list(splits.mean), "std": list(splits.std), "img_size": train_size,
-                       "interpolation": cfg["data"]["interpolation"], "crop_pct": 1 / cfg["data"]["eval_crop_ratio"]}
-        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": tuple(splits.mean),
-                                "std": tuple(splits.std)}
-        save_checkpoint(run_dir / "model.safetensors", model, config=cfg, metrics=metrics,
-                        data_config=data_config, train={"command": command, "eval": eval_doc})
-        if dense:
-            from .state import atomic_safetensors_save
-
-            atomic_safetensors_save(dense_head.state_dict(), run_dir / "dense_head.safetensors",
-                                    {"task": cfg["task"], "layers": json.dumps(cfg["dense"]["layers"])})
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        top1 = (f"top1@{train_size} {metrics['top1']:.4f}" if "top1" in metrics
-                else f"mIoU {metrics['miou']:.4f}" if "miou" in metrics
-                else f"AbsRel {metrics['abs_rel']:.4f} δ1 {metrics['delta1']:.4f}" if "abs_rel" in metrics
-                else "no eval")
-        loss = f"loss {metrics['final_loss']:.4f}" if metrics["final_loss"] is not None else ""
-        extra = f", {unreadable} unreadable images skipped" if unreadable else ""
-        print(f"[asg-train] {cfg['model']['name']} pos={cfg['model']['pos']} "
-              f"guidance={summary['guidance'] or 'off'} seed={cfg['seed']}: {step} steps in "
-              f"{_fmt_time(train_time)}, {loss}, {top1}{extra} → {run_dir / 'model.safetensors'}")
-    barrier()
-    return summary
-
+    trainer = Trainer(cfg, saved, command, device, ctx)
+    trainer.prepare_run_dir()
+    trainer.train()
+    return trainer.finish()
