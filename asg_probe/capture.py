@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import threading
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .geometry import resolve_layers
 
 __all__ = ["AttentionRecorder", "attention_probabilities", "capture_attention", "MODES"]
 
@@ -197,25 +198,6 @@ def _attention_modules(block):
     return found
 
 
-def _resolve_layers(layers, depth):
-    if layers is None:
-        return None
-    if isinstance(layers, (int, str)):
-        layers = [layers]
-    out = set()
-    for layer in layers:
-        try:
-            layer = operator.index(layer)
-        except TypeError:
-            raise TypeError(f"layers must be integers (1-based block numbers), got {layer!r}") from None
-        layer = depth + 1 + layer if layer < 0 else layer  # -1 is the last block
-        if not 1 <= layer <= depth:
-            raise ValueError(f"layer {layer} has no attention: this model's blocks are layers 1..{depth} "
-                             "(layer 0 is the patch embedding)")
-        out.add(layer)
-    return out
-
-
 @contextlib.contextmanager
 def capture_attention(model, layers=None, reduce=None, mode="auto"):
     """Record attention probabilities of ``model``'s blocks during forward passes.
@@ -277,7 +259,9 @@ def capture_attention(model, layers=None, reduce=None, mode="auto"):
     if blocks is None or not isinstance(blocks, nn.Module) or len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no `blocks`: capture_attention needs a timm-style ViT")
     blocks = list(blocks)
-    recorder = AttentionRecorder(_resolve_layers(layers, len(blocks)), reduce)
+    # layer 0 (the patch embedding) has no attention: blocks are layers 1..depth
+    wanted = None if layers is None else set(resolve_layers(layers, len(blocks), first=1))
+    recorder = AttentionRecorder(wanted, reduce)
     original_sdpa = F.scaled_dot_product_attention
     state = {"open": True}
     handles, flags = [], []

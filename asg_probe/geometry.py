@@ -147,12 +147,12 @@ def resolve_layers(layers, depth, *, first=0):
     """
     if layers is None:
         return list(range(first, depth + 1))
-    if isinstance(layers, (int, str)):
+    if isinstance(layers, int):
         layers = [layers]
     out = set()
     for layer in layers:
         try:
-            layer = int(layer) if isinstance(layer, str) else operator.index(layer)
+            layer = operator.index(layer)  # ints (also numpy's), not strings or floats
         except TypeError:
             raise TypeError(f"layers must be integers, got {layer!r}") from None
         layer = depth + 1 + layer if layer < 0 else layer

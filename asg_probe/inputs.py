@@ -56,6 +56,8 @@ class ImageBatches:
     renumber : bool
         Yield positions ``0, 1, 2, ...`` within ``indices`` instead of indices into
         ``images`` (cross-validation folds, ``index % n_folds``, stay balanced).
+    shard : bool, default=True
+        Under torchrun, keep only this process's share (see Notes).
     provenance : dict, optional
         See :meth:`provenance`.
 
@@ -75,7 +77,7 @@ class ImageBatches:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int = 32, mean=None, std=None, *, indices=None,
-                 size=None, renumber=False, provenance=None):
+                 size=None, renumber=False, shard=True, provenance=None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (N, 3, H, W) tensor, got {shape}")
@@ -88,7 +90,7 @@ class ImageBatches:
         self.size = None if size is None else int(size)
         self.renumber = bool(renumber)
         self.selected = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
-        self.rank, self.world = rank_world()
+        self.rank, self.world = rank_world() if shard else (0, 1)
         self.positions = torch.arange(self.rank, len(self.selected), self.world)
         self._provenance = dict(provenance or {"source": "tensor"})
 
@@ -130,10 +132,10 @@ class ImageBatches:
         out["img_size"] = self.img_size
         return out
 
-    def subset(self, indices, *, size=None, renumber=False) -> "ImageBatches":
+    def subset(self, indices, *, size=None, renumber=False, shard=True) -> "ImageBatches":
         """The same images, restricted to ``indices`` (into :attr:`images`) and optionally resized."""
         return ImageBatches(self.images, self.batch_size, self.mean, self.std, indices=indices, size=size,
-                            renumber=renumber, provenance=self._provenance)
+                            renumber=renumber, shard=shard, provenance=self._provenance)
 
     def __len__(self):
         return (len(self.positions) + self.batch_size - 1) // self.batch_size
@@ -169,6 +171,9 @@ class ImageBatches:
 
         A float input was already normalised: the normalisation is undone.
         """
+        if self.images.dtype == torch.uint8 and self.size is None:
+            idx = self.selected[self.positions]
+            return self.images[idx].permute(0, 2, 3, 1).float().div(255.0)
         x = self.tensor()
         m = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
         s = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)

@@ -39,7 +39,7 @@ def test_attention_spreads_attribution_outside_the_patch(images):
 
 def test_result_contract_and_outputs(images, tmp_path):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
-    res = probe_attribution(model, images, layer=-1, image_index=3, n_steps=4, progress=False, checkpoint="ape")
+    res = probe_attribution(model, images, layer=-1, image_index=3, n_steps=4, progress=False, label="ape")
     assert isinstance(res, AttributionResult) and res.layer == 1 and res.patch == (4, 4)  # default: centre
     d = json.loads(res.to_json())
     for key in ("checkpoint", "layer", "patch", "img_size", "predicted", "true", "attribution",

@@ -58,7 +58,10 @@ def test_mosaic_and_plot_into_a_given_axes():
     import matplotlib.pyplot as plt
 
     table = torch.randn(16, 192)
-    res = pos_similarity(_planted_vit(table), checkpoint="planted")
+    res = pos_similarity(_planted_vit(table), label="planted")
+    with pytest.warns(DeprecationWarning, match="label="):  # the old keyword still works
+        assert pos_similarity(_planted_vit(table), checkpoint="planted").to_dict()["checkpoint"] == "planted"
+    assert res.to_dict()["checkpoint"] == "planted"
     mosaic = res.mosaic()
     assert mosaic.shape == (4 * 5 - 1, 4 * 5 - 1)
     # tile (r, c) holds position (r, c)'s similarities; its own cell is 1

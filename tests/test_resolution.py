@@ -87,7 +87,7 @@ def test_no_position_gives_zero_at_every_size(images):
 
 def test_result_contract_plot_and_save(images, tmp_path):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2)
-    res = resolution_transfer(model, images[:10], sizes=[24, 32, 40], progress=False, checkpoint="ape")
+    res = resolution_transfer(model, images[:10], sizes=[24, 32, 40], progress=False, label="ape")
     d = res.to_dict()
     assert d["checkpoint"] == "ape" and d["train_size"] == 32 and d["sizes"] == [24, 32, 40]
     assert {"layer", "size", "r2_row", "r2_col", "r2"} <= set(d["layers"][0])

@@ -319,7 +319,8 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
     bias = torch.as_tensor(fit.fold_intercept_[fold][cols], dtype=torch.float32, device=device)  # (T,)
     query = row * gw + col
 
-    x = data._normalise(data.images[int(image_index):int(image_index) + 1]).to(device)
+    one = data.subset([int(image_index)], shard=False)  # every process explains the same image
+    x = one.tensor().to(device)
     names = [("row", "col")[c] for c in cols]
     model.eval().to(device)
     with patch_tokens_with_grad(model, layer) as tokens:
@@ -342,12 +343,11 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
     maps = {n: attr[i].abs().sum(0).numpy() for i, n in enumerate(names)}
     signed = {n: attr[i].sum(0).numpy() for i, n in enumerate(names)}
     truth = [row / max(gh - 1, 1), col / max(gw - 1, 1)]
-    mean = torch.tensor(data.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(data.std, dtype=torch.float32).view(-1, 1, 1)
-    shown = (x[0].detach().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-    return AttributionResult(
+    shown = one.display()[0].numpy()
+    result = AttributionResult(
         image=shown, maps=maps, signed=signed, patch=(row, col), grid=(gh, gw), patch_size=patch_size, layer=layer,
         predicted={n: float(p) for n, p in zip(names, predicted)}, true={n: truth[c] for n, c in zip(names, cols)},
         method=method, convergence_delta=deltas, image_index=image_index,
         probe_r2={n: float(fit.cv_r2_[c]) for n, c in zip(names, cols)}, checkpoint=label,
         n_steps=int(n_steps) if method == "integrated_gradients" else None)
+    return result.record_inputs(data, device=device)

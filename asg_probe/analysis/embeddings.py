@@ -27,7 +27,7 @@ from ..layers.grid import grid_coords
 from ..probes import TokenReservoir
 from ..results import AnalysisResult
 
-__all__ = ["EmbeddingsAccumulator", "EmbeddingsResult", "embed_2d", "position_score", "token_embeddings",
+__all__ = ["EmbeddingsAccumulator", "EmbeddingsResult", "EMBEDDING_METHODS", "embed_2d", "position_score", "token_embeddings",
            "compare_embeddings"]
 
 #: Neighbours used by :func:`position_score`.
@@ -158,17 +158,51 @@ def _pca(features, dims):
     return X @ (axes * np.where(flip == 0, 1, flip))
 
 
-def embed_2d(features, seed=0, n_neighbors=15, min_dist=0.1, pca_dims=PCA_DIMS):
-    """2-D layout of ``features`` (n, D): PCA to ``pca_dims``, then UMAP.
+EMBEDDING_METHODS = ("umap", "pca")
 
-    Returns ``(xy (n, 2), reduced (n, pca_dims), method)`` with ``method`` ``"umap"``,
-    or ``"pca"`` (with a warning) when umap-learn cannot be imported.
+
+def embed_2d(features, seed=0, n_neighbors=15, min_dist=0.1, pca_dims=PCA_DIMS, *, method="umap", n_epochs=None):
+    """2-D layout of ``features`` (n, D): PCA to ``pca_dims``, then UMAP (or the first two PCs).
+
+    The one PCA/UMAP implementation of the package: the analyses and the widgets use it.
+
+    Parameters
+    ----------
+    features : array (n, D)
+    seed : int
+        UMAP's random state.
+    n_neighbors, min_dist : UMAP parameters.
+    pca_dims : int
+        Dimensions kept by the PCA that precedes UMAP.
+    method : {"umap", "pca"}
+        ``"pca"``: the first two principal components (instant, deterministic).
+    n_epochs : int, optional
+        UMAP epochs (default: UMAP's, 500 below 10k points; the widgets pass 200,
+        by which the layout of a few thousand tokens is settled).
+
+    Returns
+    -------
+    xy : ndarray (n, 2) float32
+    reduced : ndarray (n, min(D, pca_dims))
+        The centred PCA scores UMAP was run on.
+    method : str
+        ``"umap"``, or ``"pca"`` when asked or (with a warning) when umap-learn cannot be imported.
+
+    Examples
+    --------
+    >>> xy, reduced, how = embed_2d(np.random.default_rng(0).normal(size=(20, 8)), method="pca")
+    >>> xy.shape, reduced.shape, how
+    ((20, 2), (20, 8), 'pca')
     """
+    if method not in EMBEDDING_METHODS:
+        raise ValueError(f"method must be one of {EMBEDDING_METHODS}, got {method!r}")
     features = np.asarray(features, dtype=np.float32)
     n = features.shape[0]
     if n < 4:
         raise ValueError(f"{n} tokens are too few for a 2-D embedding; sample more images (num_images)")
     reduced = _pca(features, pca_dims) if features.shape[1] > pca_dims else features - features.mean(0)
+    if method == "pca":
+        return np.asarray(_pca(reduced, 2), dtype=np.float32), reduced, "pca"
     try:
         import umap
     except ImportError as exc:
@@ -181,7 +215,7 @@ def embed_2d(features, seed=0, n_neighbors=15, min_dist=0.1, pca_dims=PCA_DIMS):
     # (seconds for a few thousand points); an exact kNN from torch is much faster.
     knn = _nearest(reduced, k)
     reducer = umap.UMAP(n_neighbors=k, n_components=2, min_dist=min_dist, random_state=int(seed), n_jobs=1,
-                        precomputed_knn=(knn[0], knn[1].astype(np.float32)))
+                        n_epochs=n_epochs, precomputed_knn=(knn[0], knn[1].astype(np.float32)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # we never call transform
         xy = reducer.fit_transform(np.asarray(reduced, dtype=np.float32))
@@ -533,4 +567,4 @@ def token_embeddings(model, images=None, *, layers=None, num_images=64, img_size
         raise ValueError(f"token embeddings need at least 2 images, got {data.num_images}; pass num_images >= 2")
     acc = EmbeddingsAccumulator(layers=layers, max_tokens=max_tokens, seed=seed, k=k)
     run_analyses(model, data, [acc], layers=layers, device=device, progress=progress, desc="embeddings")
-    return acc.result(label, num_images=data.num_images)
+    return acc.result(label, num_images=data.num_images).record_inputs(data, device=device)

@@ -276,8 +276,8 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
     geo = model_geometry(model)
     patch, depth = geo.patch_size, geo.depth
     layers = resolve_layers(layers, depth)
-    native = tuple(int(s) for s in model.patch_embed.img_size)
-    train_size = _check_size(_as_size(img_size if img_size is not None else native, "img_size"), patch, "img_size")
+    train_size = _check_size(_as_size(img_size if img_size is not None else geo.img_size, "img_size"), patch,
+                             "img_size")
     if sizes is None:
         sizes = default_sizes(train_size, patch)
     else:
@@ -313,5 +313,6 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
     rows.sort(key=lambda r: (r["layer"], r["size"]))
     fit_rows = [{"layer": int(layer), "r2_cv": float(np.mean(fit.cv_r2_[:2])),
                  "alpha": float(np.sqrt(fit.alpha_[0] * fit.alpha_[1]))} for layer, fit in fits.items()]
-    return ResolutionResult(rows, train_size, sizes, patch, fit=fit_rows, checkpoint=label,
-                            num_images_fit=len(fit_idx), num_images_eval=len(eval_idx))
+    result = ResolutionResult(rows, train_size, sizes, patch, fit=fit_rows, checkpoint=label,
+                              num_images_fit=len(fit_idx), num_images_eval=len(eval_idx))
+    return result.record_inputs(source, device=device)

@@ -22,20 +22,20 @@ import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..extract import forward_tokens
-from ..geometry import model_geometry
+from ..analysis.embeddings import EMBEDDING_METHODS, embed_2d
+from ..geometry import model_geometry, resolve_layers
+from ..inputs import ImageBatches
 from ..probes import DEFAULT_ALPHAS, RidgeCVResult, RidgeStats, probe_targets, solve_ridge_cv
 
 __all__ = ["ModelView", "ProbeFit", "Embedding2D", "as_views"]
 
 #: Images held in a view's attention cache (one forward pass each).
 ATTENTION_CACHE_IMAGES = 8
-EMBEDDING_METHODS = ("umap", "pca")
 
 
 @dataclass
@@ -100,72 +100,6 @@ class Embedding2D:
 def _model_label(model, index: int) -> str:
     config = getattr(model, "asg_config", None) or {}
     return str(config.get("pos") or getattr(model, "pos", None) or f"model {index}")
-
-
-def _resolve_images(model, images, num_images: int, img_size, seed: int):
-    """``(model input float (n, 3, H, W), display RGB in [0, 1] (n, H, W, 3))``.
-
-    ``images`` as in :func:`asg_probe.layerwise_probes`: ``None`` (embedded
-    photographs), a folder, an ``ImageSet``, a uint8 tensor (normalised with the
-    model's mean/std) or a float tensor (taken as already normalised).
-    """
-    from ..data import data_config_for, load_images, preprocess
-
-    mean, std, native, patch = data_config_for(model)
-    if images is None or isinstance(images, (str, Path)):
-        size = int(img_size or native)
-        images = load_images(images, num_images=num_images, img_size=size, seed=seed).images
-    elif hasattr(images, "images") and isinstance(images.images, torch.Tensor):
-        images = images.images
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be None, a folder, an ImageSet or a (N, 3, H, W) tensor, got {shape}")
-    if images.shape[-2] % patch or images.shape[-1] % patch:
-        raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {patch}")
-    if images.dtype == torch.uint8:
-        x = preprocess(images, mean, std)
-        display = images.permute(0, 2, 3, 1).float().div(255.0)
-    else:
-        x = images.float()
-        # A float tensor is already normalised: undo it only for display.
-        m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-        display = (x * s + m).clamp(0, 1).permute(0, 2, 3, 1)
-    return x, display.numpy()
-
-
-def _pca(X: np.ndarray, dims: int) -> np.ndarray:
-    """Scores of centred ``X`` on its top ``dims`` principal axes, signs fixed for determinism."""
-    Xc = torch.as_tensor(X, dtype=torch.float64)
-    Xc = Xc - Xc.mean(0)
-    dims = int(min(dims, Xc.shape[0], Xc.shape[1]))
-    U, S, _ = torch.linalg.svd(Xc, full_matrices=False)
-    scores = U[:, :dims] * S[:dims]
-    flip = torch.sign(scores[scores.abs().argmax(0), torch.arange(dims)])
-    return (scores * torch.where(flip == 0, torch.ones_like(flip), flip)).numpy()
-
-
-def _umap_2d(X: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
-    import warnings
-
-    import umap
-
-    reduced = _pca(X, 50).astype(np.float32)
-    n = reduced.shape[0]
-    k = int(min(n_neighbors, n - 1))
-    # An exact kNN from torch: for small data UMAP's own exact path evaluates its metric
-    # pair by pair and is several times slower than the layout itself.
-    pts = torch.as_tensor(reduced, dtype=torch.float32)
-    d = torch.cdist(pts, pts)
-    d.fill_diagonal_(-1.0)  # the point itself first, as UMAP expects
-    dist, idx = torch.topk(d, k, dim=1, largest=False)
-    # 200 epochs (UMAP's choice for large data; 500 below 10k points): the layout is settled
-    # by then for a few thousand tokens, at 40% of the wait when a new layer is chosen.
-    reducer = umap.UMAP(n_neighbors=k, n_components=2, random_state=int(seed), n_jobs=1, n_epochs=200,
-                        precomputed_knn=(idx.numpy(), dist.clamp_min(0).numpy()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # n_jobs with random_state, knn_search_index: both expected here
-        return np.asarray(reducer.fit_transform(reduced), dtype=np.float32)
 
 
 @contextlib.contextmanager
@@ -244,7 +178,10 @@ class ModelView:
         geo = model_geometry(model)
         self.patch_size, self.num_prefix_tokens, self.depth = geo.patch_size, geo.num_prefix_tokens, geo.depth
         self.num_heads = int(model.blocks[0].attn.num_heads)
-        self.inputs, self.display_images = _resolve_images(model, images, int(num_images), img_size, seed)
+        data = ImageBatches.prepare(model, images, num_images=int(num_images), img_size=img_size,
+                                    batch_size=batch_size, seed=seed)
+        self.inputs, self.display_images = data.tensor(), data.display().numpy()
+        self.provenance = data.provenance()
         self.num_images = int(self.inputs.shape[0])
         if self.num_images < 2:
             raise ValueError(f"a view needs at least 2 images to fit a cross-validated probe, "
@@ -284,10 +221,7 @@ class ModelView:
 
     def check_layer(self, layer) -> int:
         """``layer`` as an int in ``0..depth`` (negative counts from the end)."""
-        layer = int(layer)
-        layer = self.depth + 1 + layer if layer < 0 else layer
-        if not 0 <= layer <= self.depth:
-            raise ValueError(f"layer {layer} does not exist: {self.label} has layers 0..{self.depth}")
+        (layer,) = resolve_layers([int(layer)], self.depth)
         return layer
 
     def check_image(self, image) -> int:
@@ -433,12 +367,9 @@ class ModelView:
             image = np.repeat(np.arange(n_img), self.num_patches)
             patch = np.tile(np.arange(self.num_patches), n_img)
             with torch_threads(self.solver_threads):
-                if self.embedding_method == "umap":
-                    xy = _umap_2d(feats, self.seed)
-                else:
-                    xy = _pca(feats, 2).astype(np.float32)
-            self._embeddings[layer] = Embedding2D(layer=layer, xy=xy, image=image, patch=patch,
-                                                  method=self.embedding_method)
+                # 200 UMAP epochs: settled for a few thousand tokens, at 40% of the wait
+                xy, _, method = embed_2d(feats, self.seed, method=self.embedding_method, n_epochs=200)
+            self._embeddings[layer] = Embedding2D(layer=layer, xy=xy, image=image, patch=patch, method=method)
             self.timings["embedding"] = time.perf_counter() - start
         return self._embeddings[layer]
 
