@@ -1,6 +1,10 @@
 """Layerwise probes and the shared extraction engine: known answers, hooks, invariances."""
+import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 import asg_probe
 from asg_probe.analysis.layerwise import layerwise_probes
@@ -78,9 +82,48 @@ def test_stop_early_gives_the_same_tokens(images):
 
 def test_result_objects_render(images, tmp_path):
     res = layerwise_probes(asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1), images[:10],
-                           progress=False, checkpoint="tiny-ape")
+                           progress=False, label="tiny-ape")
+    assert res.to_dict()["checkpoint"] == "tiny-ape"
     html = res._repr_html_()
     assert "<table" in html and "data:image/png;base64" in html
     paths = res.save(tmp_path)
     assert [p.suffix for p in paths] == [".json", ".csv", ".png"] and all(p.stat().st_size > 0 for p in paths)
     assert "last layer" in res.summary_line()
+
+
+def test_the_result_keeps_each_layers_fitted_probe(images):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="rope-axial", depth=2)
+    res = layerwise_probes(model, images[:15], progress=False)
+    tokens = forward_tokens(model.eval(), images[:15], layers=[1])[1].double()        # what the probe saw
+    new = forward_tokens(model, images[15:], layers=[1])[1].double()                  # five unseen images
+    probe = res.probe(1)
+    row = res.rows[1]
+    assert (probe.cv_r2_[0], probe.cv_r2_[1]) == (row["r2_row"], row["r2_col"])
+    assert 0.5 * (probe.control_cv_r2_[0] + probe.control_cv_r2_[1]) == row["r2_control"]
+    assert res.probe(-1) is res.probe(2) and res.probe(0) is not probe
+    # a direct ridge (standardised features, scikit-learn) at the chosen alpha, refit on every image
+    X, Xn = tokens.reshape(-1, tokens.shape[-1]).numpy(), new.reshape(-1, new.shape[-1]).numpy()
+    y = asg_probe.probes.coordinate_targets(res.grid, dtype=torch.float64).repeat(15, 1).numpy()
+    predicted = probe.predict(Xn)
+    for col, alpha in enumerate(probe.alpha_):
+        direct = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X, y[:, col])
+        np.testing.assert_allclose(predicted[:, col], direct.predict(Xn), rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match=r"no probe for layer 5: this result has layers \[0, 1, 2\]"):
+        res.probe(5)
+
+
+def test_checkpoint_is_a_deprecated_alias_of_label(images):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    with pytest.warns(DeprecationWarning, match="pass label="):
+        res = layerwise_probes(model, images[:6], layers=[1], progress=False, checkpoint="old")
+    assert res.checkpoint == "old" and res.to_dict()["checkpoint"] == "old"
+
+
+def test_near_perfect_layer0_fit_stays_at_most_one_by_default():
+    """Layer 0 of an APE model decodes the slot from the learned table: R² just below 1, ill-conditioned.
+
+    The float32 Gram path reads 1.00001 here (3e-4 off); the float64 default must not exceed 1."""
+    torch.manual_seed(0)
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    row = layerwise_probes(model, torch.randn(20, 3, 32, 32), layers=[0], progress=False).rows[0]
+    assert 0.999 < row["r2_row"] <= 1.0 and 0.999 < row["r2_col"] <= 1.0

@@ -49,3 +49,20 @@ def test_shuffle_outputs_render(images, tmp_path):
     assert {p.suffix for p in res.save(tmp_path)} == {".json", ".csv", ".png"}
     eq = check_equivariance(asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1), images[:2])
     assert eq.to_dict()["certified"] is True and len(eq.save(tmp_path)) == 3
+
+
+def test_the_shuffle_result_keeps_its_fitted_probes(images):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    res = shuffle_test(model, images, layers=[0], progress=False, label="tiny")
+    row = res.rows[0]
+    slot, original = res.probe(0, "slot"), res.probe(0)
+    assert slot.target_names_ == ("slot_row", "slot_col") and original.target_names_[0] == "original_row"
+    assert (slot.cv_r2_[0], slot.cv_r2_[1]) == (row["r2_slot_row"], row["r2_slot_col"])
+    assert float(res.probe(0, "unshuffled").cv_r2_.mean()) == row["r2_unshuffled"]
+    # APE at layer 0: the slot probe reads each slot's coordinates off unseen tokens
+    tokens = asg_probe.extract.forward_tokens(model.eval(), torch.randn(2, 3, 32, 32), layers=[0])[0]
+    grid = asg_probe.probes.coordinate_targets((8, 8), dtype=torch.float64)
+    assert float((slot.predict(tokens) - grid).abs().max()) < 0.05
+    assert res.to_dict()["checkpoint"] == "tiny"
+    with pytest.raises(ValueError, match="task must be one of original, slot, unshuffled"):
+        res.probe(0, "control")

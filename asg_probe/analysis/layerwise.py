@@ -4,8 +4,10 @@ For every layer (0 = tokens entering block 1, ``i`` = output of block ``i``) a
 ridge probe maps patch tokens to normalised (row, col), regularisation chosen by
 k-fold cross-validation split by image, scored by held-out R². A control probe on
 a fixed random permutation of positions gives the selectivity (true − control).
-Statistics are streamed (:mod:`asg_probe.probes`), so the cost is one forward
-pass and memory does not grow with the number of images.
+Each layer's probe is a streaming :class:`asg_probe.probes.CoordinateProbe`
+(statistics, not tokens), so the cost is one forward pass and memory does not grow
+with the number of images; the result keeps the fitted probes
+(:meth:`LayerwiseResult.probe`).
 """
 from __future__ import annotations
 
@@ -13,100 +15,175 @@ import math
 
 import numpy as np
 
-from ..probes import DEFAULT_ALPHAS, CellAccuracy, RidgeStats, probe_targets, solve_ridge_cv
+from ..extract import Accumulator
+from ..probes import CellAccuracy, CoordinateProbe
 from ..results import AnalysisResult
 
 
-class LayerwiseAccumulator:
-    """Streams per-fold ridge statistics for every requested layer."""
+class LayerwiseAccumulator(Accumulator):
+    """One streaming :class:`~asg_probe.probes.CoordinateProbe` per layer (true task + control).
 
-    def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=True):
+    Follows :class:`~asg_probe.extract.Accumulator`: each batch's tokens go to
+    ``probes[layer].partial_fit``; :meth:`all_reduce` sums the probes' statistics over
+    processes; :meth:`fitted` solves them (once) and :meth:`LayerwiseResult.from_accumulator`
+    builds the result.
+
+    Examples
+    --------
+    >>> import asg_probe, torch
+    >>> from asg_probe.extract import run_analyses
+    >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    >>> (acc,) = run_analyses(m, [(torch.randn(5, 3, 32, 32), torch.arange(5))], [LayerwiseAccumulator()],
+    ...                       progress=False)
+    >>> sorted(acc.fitted()), acc.fitted()[0].coef_.shape
+    ([0, 1], (2, 128))
+    """
+
+    def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=True, method="fast"):
         self.n_folds = n_folds
-        self.exact = exact
         self.control_seed = control_seed
-        self.alphas = DEFAULT_ALPHAS if alphas is None else alphas
-        self.stats = {}
+        self.alphas = alphas
+        self.exact = exact
+        self.method = method
+        self.probes = {}
         self.grid = None
-        self.num_images = 0
-        self._targets = None
-        self._fits = None
+        self._fitted = None
 
     def update(self, batch):
         if self.grid is None:
             self.grid = tuple(batch.grid)
         elif tuple(batch.grid) != self.grid:
             raise ValueError(f"all images must have one size; got grids {self.grid} and {tuple(batch.grid)}")
-        if self._targets is None:
-            self._targets = probe_targets(self.grid, control=True, control_seed=self.control_seed,
-                                          device=batch.image_index.device)
         for layer, tokens in batch.tokens.items():
-            if layer not in self.stats:
-                self.stats[layer] = RidgeStats(n_folds=self.n_folds, exact=self.exact)
-            self.stats[layer].update(tokens, self._targets, batch.image_index)
-        self.num_images += len(batch.image_index)
+            if layer not in self.probes:
+                self.probes[layer] = CoordinateProbe(n_folds=self.n_folds, control=True, control_seed=self.control_seed,
+                                                     alphas=self.alphas, exact=self.exact, method=self.method)
+            self.probes[layer].partial_fit(tokens, batch.image_index, grid=self.grid)
+        self._fitted = None
+
+    def all_reduce(self, group=None):
+        """Sum every layer's statistics over torch.distributed processes (once; no-op in one process)."""
+        for layer in sorted(self.probes):
+            self.probes[layer].all_reduce(group)
 
     def fitted(self):
-        """``{layer: RidgeCVResult}`` after combining statistics across processes (done once)."""
-        if self._fits is None:
-            self._fits = {layer: solve_ridge_cv(self.stats[layer].all_reduce(), alphas=self.alphas)
-                          for layer in sorted(self.stats)}
-        return self._fits
+        """``{layer: fitted CoordinateProbe}``, solved once (after :meth:`all_reduce`)."""
+        if self._fitted is None:
+            self.all_reduce()  # a no-op when run_analyses already did it
+            self._fitted = {layer: self.probes[layer].finalize() for layer in sorted(self.probes)}
+        return self._fitted
 
-    def finalize(self, checkpoint="", img_size=None):
-        fits = self.fitted()
-        num_images = int(sum(self.stats[min(self.stats)].n_images)) if self.stats else 0
-        return LayerwiseResult.from_fits(fits, self.grid, num_images=num_images, checkpoint=checkpoint,
-                                         img_size=img_size)
+    @property
+    def num_images(self) -> int:
+        """Images seen (by every process, once reduced)."""
+        if not self.probes:
+            return 0
+        return int(self.probes[min(self.probes)].stats_.n_images.sum())
 
 
-class CellAccuracyAccumulator:
-    """Second pass: held-out per-cell classification accuracy from the fitted fold probes."""
+class CellAccuracyAccumulator(Accumulator):
+    """Second pass: held-out per-cell classification accuracy of fitted probes, per layer.
 
-    def __init__(self, fits, grid):
-        self.counters = {layer: CellAccuracy(fit, grid) for layer, fit in fits.items()}
+    Parameters
+    ----------
+    probes : dict
+        ``{layer: fitted CoordinateProbe}`` (e.g. :meth:`LayerwiseAccumulator.fitted`);
+        each image is scored by the fold model that never saw it.
+    grid : (int, int)
+    """
+
+    def __init__(self, probes, grid):
+        self.counters = {layer: CellAccuracy(probe, grid) for layer, probe in probes.items()}
+        self._reduced = False
 
     def update(self, batch):
         for layer, tokens in batch.tokens.items():
             self.counters[layer].update(tokens, batch.image_index)
 
-    def finalize(self):
-        return {layer: c.all_reduce().accuracy for layer, c in self.counters.items()}
+    def all_reduce(self, group=None):
+        """Sum the counts over torch.distributed processes (once; no-op in one process)."""
+        if not self._reduced:
+            for layer in sorted(self.counters):
+                self.counters[layer].all_reduce(group)
+            self._reduced = True
+
+    def accuracy(self):
+        """``{layer: held-out exact-cell accuracy}``."""
+        self.all_reduce()
+        return {layer: c.accuracy for layer, c in self.counters.items()}
 
 
 def _geomean(a, b):
     return float(math.sqrt(a * b))
 
 
+def _row(layer, probe):
+    r2_row, r2_col = (float(v) for v in probe.cv_r2_)
+    c_row, c_col = (float(v) for v in probe.control_cv_r2_)
+    mean = 0.5 * (r2_row + r2_col)
+    control = 0.5 * (c_row + c_col)
+    return {"layer": int(layer), "r2_row": r2_row, "r2_col": r2_col, "r2": mean,
+            "r2_control": control, "selectivity": mean - control,
+            "alpha": _geomean(probe.alpha_[0], probe.alpha_[1]),
+            "alpha_row": float(probe.alpha_[0]), "alpha_col": float(probe.alpha_[1]),
+            "alpha_at_edge": bool(probe.alpha_at_edge_.any()),
+            "r2_control_row": c_row, "r2_control_col": c_col}
+
+
 class LayerwiseResult(AnalysisResult):
-    """Per-layer probe scores. ``rows`` is a list of dicts, one per layer (see :meth:`to_dict`)."""
+    """Per-layer probe scores, and the fitted probes themselves.
+
+    ``rows`` is a list of dicts, one per layer (see :meth:`to_dict`);
+    :meth:`probe` returns a layer's fitted :class:`~asg_probe.probes.CoordinateProbe`
+    (``coef_``, ``intercept_``, ``predict``), to apply it elsewhere.
+
+    Examples
+    --------
+    >>> import asg_probe, torch
+    >>> model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    >>> res = asg_probe.layerwise_probes(model, torch.randn(10, 3, 32, 32), progress=False)
+    >>> probe = res.probe(0)
+    >>> probe.coef_.shape, bool(abs(probe.cv_r2_.mean() - res.rows[0]["r2"]) < 1e-12)
+    ((2, 128), True)
+    """
 
     name = "layerwise"
 
-    def __init__(self, rows, grid, num_images, checkpoint="", img_size=None, extra=None):
+    def __init__(self, rows, grid, num_images, checkpoint="", img_size=None, extra=None, probes=None):
         self.rows = rows
         self.grid = tuple(grid) if grid else None
         self.num_images = num_images
         self.checkpoint = checkpoint
         self.img_size = img_size
         self.extra = extra or {}
+        self.probes = dict(probes or {})
 
     @classmethod
-    def from_fits(cls, fits, grid, num_images, checkpoint="", img_size=None):
-        rows = []
-        for layer, fit in fits.items():
-            r2 = fit.cv_r2_
-            r2_row, r2_col, c_row, c_col = (float(v) for v in r2[:4])
-            mean = 0.5 * (r2_row + r2_col)
-            control = 0.5 * (c_row + c_col)
-            rows.append({
-                "layer": int(layer), "r2_row": r2_row, "r2_col": r2_col, "r2": mean,
-                "r2_control": control, "selectivity": mean - control,
-                "alpha": _geomean(fit.alpha_[0], fit.alpha_[1]),
-                "alpha_row": float(fit.alpha_[0]), "alpha_col": float(fit.alpha_[1]),
-                "alpha_at_edge": bool(fit.alpha_at_edge[:2].any()),
-                "r2_control_row": c_row, "r2_control_col": c_col,
-            })
-        return cls(rows, grid, num_images, checkpoint=checkpoint, img_size=img_size)
+    def from_probes(cls, probes, grid, num_images, label="", img_size=None):
+        """Rows from ``{layer: fitted CoordinateProbe}`` (true task + control), probes kept."""
+        rows = [_row(layer, probe) for layer, probe in probes.items()]
+        return cls(rows, grid, num_images, checkpoint=label, img_size=img_size, probes=probes)
+
+    @classmethod
+    def from_accumulator(cls, acc, *, label="", img_size=None):
+        """The result of a :class:`LayerwiseAccumulator` that :func:`~asg_probe.extract.run_analyses` filled."""
+        return cls.from_probes(acc.fitted(), acc.grid, acc.num_images, label=label, img_size=img_size)
+
+    def probe(self, layer) -> CoordinateProbe:
+        """The fitted probe of ``layer`` (negative counts from the end), e.g. to predict on new tokens.
+
+        Its ``cv_r2_`` are this table's ``r2_row``/``r2_col``, ``control_cv_r2_`` the control
+        columns; ``probe(layer).select([2, 3])`` is the control task's probe.
+        """
+        if not self.probes:
+            raise ValueError("this result carries no fitted probes (it was built from rows alone)")
+        layers = sorted(self.probes)
+        key = int(layer)
+        if key < 0 and layers:
+            key = layers[-1] + 1 + key
+        if key not in self.probes:
+            raise ValueError(f"no probe for layer {layer}: this result has layers {layers}")
+        return self.probes[key]
 
     def add_column(self, name, values_by_layer):
         for row in self.rows:
@@ -190,7 +267,7 @@ def compare_layerwise(results, labels=None, column="r2", ax=None):
 
 def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None,
                      n_folds=5, control_seed=0, alphas=None, cell_accuracy=False, seed=0, device="cpu",
-                     progress=True, checkpoint="", exact=True):
+                     progress=True, label="", exact=True, checkpoint=None):
     """Fit cross-validated coordinate probes on every layer of ``model``.
 
     Parameters
@@ -207,16 +284,27 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
         Default: all, ``0..depth``.
     n_folds : int
         Cross-validation folds, split by image.
+    control_seed : int
+        Seed of the control task's permutation.
+    alphas : array-like, optional
+        Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`).
     cell_accuracy : bool
         Also report held-out per-cell classification accuracy (costs a second forward pass).
     exact : bool, default=True
         Accumulate every product in float64 (see :class:`~asg_probe.probes.RidgeStats`): results
         independent of batching and process count to rounding. ``False`` forms the Gram matrices
         in float32, about 5% faster overall on CPU, but R² moves by up to ~1e-3 (bundled ``ape`` model).
+    batch_size, device, progress
+        Images per forward pass, where the model runs, whether to show a progress bar.
+    label : str
+        Display name stored in the result (its JSON ``checkpoint`` field) and shown in plots.
+    checkpoint : str, optional
+        Deprecated alias of ``label``.
 
     Returns
     -------
     LayerwiseResult
+        Rows per layer, and the fitted probes (:meth:`LayerwiseResult.probe`).
 
     Examples
     --------
@@ -226,22 +314,22 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     >>> res.to_frame().columns[:4].tolist()
     ['layer', 'r2_row', 'r2_col', 'r2']
     """
+    from ..errors import UsageError
     from ..extract import run_analyses
-    from ..inputs import ImageBatches
+    from ..inputs import ImageBatches, display_label
 
+    label = display_label(label, checkpoint)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
     if data.num_images < n_folds:
-        raise ValueError(f"{data.num_images} images are too few for {n_folds}-fold cross-validation; "
+        raise UsageError(f"{data.num_images} images are too few for {n_folds}-fold cross-validation; "
                          f"use at least {n_folds} (--num-images)")
-    acc = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed, alphas=alphas, exact=exact)
-    run_analyses(model, data, [acc], layers=layers, device=device, progress=progress,
-                 total=len(data), desc="layerwise")
-    result = acc.finalize(checkpoint=checkpoint, img_size=data.img_size)
+    (acc,) = run_analyses(model, data, [LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed,
+                                                             alphas=alphas, exact=exact)],
+                          layers=layers, device=device, progress=progress, desc="layerwise")
+    result = LayerwiseResult.from_accumulator(acc, label=label, img_size=data.img_size)
     if cell_accuracy:
-        fits = acc.fitted()
-        cells = CellAccuracyAccumulator(fits, acc.grid)
-        run_analyses(model, data, [cells], layers=layers, device=device, progress=progress,
-                     total=len(data), desc="cell accuracy")
-        result.add_column("cell_accuracy", cells.finalize())
-    return result
+        (cells,) = run_analyses(model, data, [CellAccuracyAccumulator(acc.fitted(), acc.grid)], layers=layers,
+                                device=device, progress=progress, desc="cell accuracy")
+        result.add_column("cell_accuracy", cells.accuracy())
+    return result.record_inputs(data, device=device)

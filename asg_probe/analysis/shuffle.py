@@ -16,22 +16,33 @@ from __future__ import annotations
 
 import torch
 
-from ..probes import DEFAULT_ALPHAS, RidgeStats, coordinate_targets, solve_ridge_cv
+from ..extract import Accumulator
+from ..probes import CoordinateProbe, coordinate_targets
 from ..results import AnalysisResult
 from .layerwise import LayerwiseAccumulator
 
+#: Target columns of the shuffled-token probes: the patch's original position, then its slot.
+SHUFFLE_TARGETS = ("original_row", "original_col", "slot_row", "slot_col")
 
-class ShuffleAccumulator:
-    """Ridge statistics on shuffled tokens for (original position, slot) targets."""
+
+class ShuffleAccumulator(Accumulator):
+    """Streaming probes on shuffled tokens, per layer, for (original position, slot) targets.
+
+    One :class:`~asg_probe.probes.CoordinateProbe` per layer fits the four columns of
+    :data:`SHUFFLE_TARGETS` at once (they share ``X^T X``); :meth:`fitted` splits each
+    into an ``"original"`` and a ``"slot"`` probe.
+    """
 
     view = "shuffled"
 
-    def __init__(self, n_folds=5, shuffle_seed=0, alphas=None):
+    def __init__(self, n_folds=5, shuffle_seed=0, alphas=None, exact=True):
         self.n_folds = n_folds
         self.shuffle_seed = shuffle_seed
-        self.alphas = DEFAULT_ALPHAS if alphas is None else alphas
-        self.stats = {}
+        self.alphas = alphas
+        self.exact = exact
+        self.probes = {}
         self.grid = None
+        self._fitted = None
 
     def update(self, batch):
         self.grid = tuple(batch.grid)
@@ -40,28 +51,67 @@ class ShuffleAccumulator:
         slot = coords.expand_as(original)
         targets = torch.cat([original, slot], dim=-1)                      # (B, N, 4)
         for layer, tokens in batch.tokens.items():
-            if layer not in self.stats:
-                self.stats[layer] = RidgeStats(n_folds=self.n_folds)
-            self.stats[layer].update(tokens, targets, batch.image_index)
+            if layer not in self.probes:
+                self.probes[layer] = CoordinateProbe(n_folds=self.n_folds, control=False, alphas=self.alphas,
+                                                     exact=self.exact)
+            self.probes[layer].partial_fit(tokens, batch.image_index, grid=self.grid, y=targets,
+                                           target_names=SHUFFLE_TARGETS)
+        self._fitted = None
 
-    def finalize(self):
-        out = {}
-        for layer in sorted(self.stats):
-            fit = solve_ridge_cv(self.stats[layer].all_reduce(), alphas=self.alphas)
-            out[layer] = [float(v) for v in fit.cv_r2_[:4]]
-        return out
+    def all_reduce(self, group=None):
+        """Sum every layer's statistics over torch.distributed processes (once; no-op in one process)."""
+        for layer in sorted(self.probes):
+            self.probes[layer].all_reduce(group)
+
+    def fitted(self):
+        """``{layer: {"original": CoordinateProbe, "slot": CoordinateProbe}}``, solved once."""
+        if self._fitted is None:
+            self.all_reduce()  # a no-op when run_analyses already did it
+            self._fitted = {}
+            for layer in sorted(self.probes):
+                both = self.probes[layer].finalize()
+                self._fitted[layer] = {"original": both.select([0, 1]), "slot": both.select([2, 3])}
+        return self._fitted
+
+    @property
+    def num_images(self) -> int:
+        """Images seen (by every process, once reduced)."""
+        if not self.probes:
+            return 0
+        return int(self.probes[min(self.probes)].stats_.n_images.sum())
 
 
 class ShuffleResult(AnalysisResult):
-    """Per layer: R² of original position and of slot on shuffled tokens, and unshuffled R²."""
+    """Per layer: R² of original position and of slot on shuffled tokens, and unshuffled R².
+
+    :meth:`probe` returns the fitted probes (``"original"``, ``"slot"``, ``"unshuffled"``).
+    """
 
     name = "shuffle_test"
 
-    def __init__(self, rows, grid, num_images, checkpoint=""):
+    def __init__(self, rows, grid, num_images, checkpoint="", probes=None):
         self.rows = rows
         self.grid = tuple(grid)
         self.num_images = num_images
         self.checkpoint = checkpoint
+        self.probes = dict(probes or {})
+
+    @classmethod
+    def from_accumulators(cls, shuffled, unshuffled, *, label=""):
+        """The result of a :class:`ShuffleAccumulator` and a :class:`~asg_probe.analysis.layerwise.LayerwiseAccumulator`
+        filled by one :func:`~asg_probe.extract.run_analyses` pass over the same images."""
+        plain = unshuffled.fitted()
+        probes = {layer: dict(tasks, unshuffled=plain[layer]) for layer, tasks in shuffled.fitted().items()}
+        return cls(shuffle_rows(probes), shuffled.grid, shuffled.num_images, checkpoint=label, probes=probes)
+
+    def probe(self, layer, task="original") -> CoordinateProbe:
+        """A layer's fitted probe: ``task`` is ``"original"``, ``"slot"`` (on shuffled tokens) or ``"unshuffled"``."""
+        layer = int(layer)
+        if layer not in self.probes:
+            raise ValueError(f"no probe for layer {layer}: this result has layers {sorted(self.probes)}")
+        if task not in self.probes[layer]:
+            raise ValueError(f"task must be one of {', '.join(self.probes[layer])}; got {task!r}")
+        return self.probes[layer][task]
 
     @staticmethod
     def source(r2_original, r2_slot, threshold=0.2):
@@ -105,14 +155,29 @@ class ShuffleResult(AnalysisResult):
 
 
 def shuffle_test(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None, n_folds=5,
-                 seed=0, device="cpu", progress=True, checkpoint=""):
+                 seed=0, device="cpu", progress=True, label="", checkpoint=None):
     """Does each layer know the patch's original position (content) or its slot (injection)?
+
+    Parameters
+    ----------
+    model : nn.Module
+    images, num_images, img_size, batch_size, seed, device, progress
+        As in :func:`asg_probe.layerwise_probes`; ``seed`` also seeds the per-image shuffles.
+    layers : list of int, optional
+        Default: all, ``0..depth``.
+    n_folds : int
+        Cross-validation folds, split by image.
+    label : str
+        Display name stored in the result (its JSON ``checkpoint`` field).
+    checkpoint : str, optional
+        Deprecated alias of ``label``.
 
     Returns
     -------
     ShuffleResult
         Columns ``r2_original``, ``r2_slot`` (shuffled images) and ``r2_unshuffled``
-        (the ordinary probe on the same images), per layer, plus a ``source`` verdict.
+        (the ordinary probe on the same images), per layer, plus a ``source`` verdict;
+        the fitted probes through :meth:`ShuffleResult.probe`.
 
     Examples
     --------
@@ -123,27 +188,28 @@ def shuffle_test(model, images=None, *, num_images=64, img_size=None, batch_size
     True
     """
     from ..extract import run_analyses
-    from ..inputs import ImageBatches
+    from ..inputs import ImageBatches, display_label
 
+    label = display_label(label, checkpoint)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
     if data.num_images < n_folds:
         raise ValueError(f"{data.num_images} images are too few for {n_folds}-fold cross-validation; "
                          f"use at least {n_folds} (--num-images)")
-    plain = LayerwiseAccumulator(n_folds=n_folds)
-    shuffled = ShuffleAccumulator(n_folds=n_folds, shuffle_seed=seed)
-    _, by_layer = run_analyses(model, data, [plain, shuffled], layers=layers, device=device,
-                               progress=progress, total=len(data), desc="shuffle test")
-    return ShuffleResult(shuffle_rows(by_layer, plain.fitted()), shuffled.grid, data.num_images,
-                         checkpoint=checkpoint)
+    plain, shuffled = run_analyses(model, data, [LayerwiseAccumulator(n_folds=n_folds),
+                                                 ShuffleAccumulator(n_folds=n_folds, shuffle_seed=seed)],
+                                   layers=layers, device=device, progress=progress, desc="shuffle test")
+    return ShuffleResult.from_accumulators(shuffled, plain, label=label).record_inputs(data, device=device)
 
 
-def shuffle_rows(by_layer, unshuffled_fits):
-    """Result rows from :class:`ShuffleAccumulator` output and the unshuffled probes' fits."""
+def shuffle_rows(probes):
+    """Result rows from ``{layer: {"original", "slot", "unshuffled": fitted CoordinateProbe}}``."""
     rows = []
-    for layer, (o_row, o_col, s_row, s_col) in by_layer.items():
+    for layer, tasks in probes.items():
+        o_row, o_col = (float(v) for v in tasks["original"].cv_r2_)
+        s_row, s_col = (float(v) for v in tasks["slot"].cv_r2_)
         r2_original, r2_slot = 0.5 * (o_row + o_col), 0.5 * (s_row + s_col)
-        unshuffled = float(unshuffled_fits[layer].cv_r2_[:2].mean())
+        unshuffled = float(tasks["unshuffled"].cv_r2_.mean())
         rows.append({"layer": layer, "r2_unshuffled": unshuffled, "r2_original": r2_original, "r2_slot": r2_slot,
                      "r2_original_row": o_row, "r2_original_col": o_col, "r2_slot_row": s_row,
                      "r2_slot_col": s_col, "source": ShuffleResult.source(r2_original, r2_slot)})
@@ -208,7 +274,7 @@ class EquivarianceResult(AnalysisResult):
 
 
 def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch_size=8, num_permutations=2,
-                       tol=1e-4, seed=0, device="cpu", checkpoint=""):
+                       tol=1e-4, seed=0, device="cpu", progress=False, label="", checkpoint=None):
     """Certify (or refute) that ``model`` has no positional injection.
 
     Shuffles each image's patches and checks, at every layer, that output token
@@ -225,15 +291,18 @@ def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch
     """
     from ..extract import forward_tokens, image_permutations
     from ..geometry import model_geometry
+    from ..inputs import ImageBatches, display_label
     from ..layers.grid import permute_patches
-    from ..inputs import ImageBatches
+    from ..progress import progress_bar
 
+    label = display_label(label, checkpoint)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
     patch = model_geometry(model).patch_size
     model.eval().to(device)
     worst = {}
-    for images_b, index in data:
+    for images_b, index in progress_bar(data, total=len(data), desc="equivariance", unit="batch",
+                                        disable=not progress, leave=False):
         images_b = images_b.to(device)
         grid = (images_b.shape[-2] // patch, images_b.shape[-1] // patch)
         ref = forward_tokens(model, images_b)
@@ -245,4 +314,5 @@ def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch
                 err = ((out[layer] - expected).abs().max() / ref[layer].abs().max().clamp_min(1e-12)).item()
                 worst[layer] = max(worst.get(layer, 0.0), err)
     rows = [{"layer": layer, "max_rel_error": err, "equivariant": err <= tol} for layer, err in sorted(worst.items())]
-    return EquivarianceResult(rows, tol, data.num_images, num_permutations, checkpoint=checkpoint)
+    return EquivarianceResult(rows, tol, data.num_images, num_permutations, checkpoint=label).record_inputs(
+        data, device=device)

@@ -23,18 +23,36 @@ def grid_coords(grid, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=-1)
 
 
+def check_grid(grid) -> tuple[int, int]:
+    """``grid`` as a validated ``(grid_h, grid_w)`` pair of positive ints (one-line ``ValueError`` otherwise).
+
+    Examples
+    --------
+    >>> check_grid([4, 5])
+    (4, 5)
+    """
+    try:
+        gh, gw = int(grid[0]), int(grid[1])
+    except (TypeError, IndexError, ValueError):
+        raise ValueError(f"grid must be a pair (grid_h, grid_w), got {grid!r}") from None
+    if gh < 1 or gw < 1:
+        raise ValueError(f"grid sides must be >= 1, got {gh}x{gw}")
+    return gh, gw
+
+
 def coordinate_targets(grid, device=None, dtype=torch.float32) -> torch.Tensor:
     """Normalised (row, col) of every patch, ``row/(gh-1)`` and ``col/(gw-1)``, in [0, 1].
 
-    The regression target of both the guidance loss and the coordinate probes. A grid
-    side of 1 has no extent and gives 0.
+    The regression target of both the guidance loss and the coordinate probes (the
+    package's only definition; :mod:`asg_probe.probes` re-exports it). A grid side of
+    1 has no extent and gives 0.
 
     Examples
     --------
     >>> coordinate_targets((2, 3)).tolist()
     [[0.0, 0.0], [0.0, 0.5], [0.0, 1.0], [1.0, 0.0], [1.0, 0.5], [1.0, 1.0]]
     """
-    gh, gw = int(grid[0]), int(grid[1])
+    gh, gw = check_grid(grid)
     coords = grid_coords((gh, gw), device=device, dtype=torch.float64)
     scale = torch.tensor([max(gh - 1, 1), max(gw - 1, 1)], dtype=torch.float64, device=device)
     return (coords / scale).to(dtype)

@@ -5,9 +5,9 @@ request only, everything the widgets draw:
 
 * **tokens** of every layer (one forward pass over all images, kept for all layers:
   a slider is likely to visit them all, and one pass is cheaper than one per layer);
-* a **ridge coordinate probe** per layer, fitted from streamed statistics
-  (:class:`asg_probe.probes.RidgeStats`) with folds split by image, and each image's
-  **held-out** prediction from the fold model that did not see it;
+* a **ridge coordinate probe** per layer (:class:`asg_probe.probes.CoordinateProbe`,
+  the analyses' probe) with folds split by image, and each image's **held-out**
+  prediction from the fold model that did not see it;
 * **attention** maps of one image (one forward pass of that image, all blocks at
   once, through :func:`asg_probe.capture.capture_attention`), restricted to patch
   tokens and renormalised;
@@ -30,7 +30,7 @@ from ..extract import forward_tokens
 from ..analysis.embeddings import EMBEDDING_METHODS, embed_2d
 from ..geometry import model_geometry, resolve_layers
 from ..inputs import ImageBatches
-from ..probes import DEFAULT_ALPHAS, RidgeCVResult, RidgeStats, probe_targets, solve_ridge_cv
+from ..probes import DEFAULT_ALPHAS, CoordinateProbe, RidgeCVResult, coordinate_targets
 
 __all__ = ["ModelView", "ProbeFit", "Embedding2D", "as_views"]
 
@@ -54,8 +54,8 @@ class ProbeFit:
         Cross-validated R², mean of row and column.
     cv_r2 : ndarray (2,)
         Per column (row, col).
-    result : RidgeCVResult
-        The full solve, for anything else.
+    probe : CoordinateProbe
+        The fitted probe (``coef_``, ``predict``, ...); ``result`` is its full solve.
     """
 
     layer: int
@@ -63,7 +63,12 @@ class ProbeFit:
     true: np.ndarray
     r2: float
     cv_r2: np.ndarray
-    result: RidgeCVResult
+    probe: CoordinateProbe
+
+    @property
+    def result(self) -> RidgeCVResult:
+        """The full cross-validated solve (:class:`asg_probe.probes.RidgeCVResult`)."""
+        return self.probe.cv_results_
 
     def mean_predictions(self) -> np.ndarray:
         """Held-out predictions averaged over images, ``(N, 2)`` in cell units."""
@@ -336,19 +341,15 @@ class ModelView:
             start = time.perf_counter()
             index = torch.arange(self.num_images)
             with torch_threads(self.solver_threads):
-                stats = RidgeStats(n_folds=self.n_folds, target_names=("row", "col"))
-                stats.update(X, probe_targets(self.grid, control=False), index)
-                result = solve_ridge_cv(stats, alphas=self.alphas)
+                probe = CoordinateProbe(n_folds=self.n_folds, control=False, alphas=self.alphas)
+                probe.partial_fit(X, index, grid=self.grid).finalize()
                 # Each image is predicted by the fold model that never saw it, so short arrows
                 # mean position is decodable, not memorised.
-                W = torch.as_tensor(result.fold_coef_)[index % self.n_folds]           # (n, 2, D)
-                b = torch.as_tensor(result.fold_intercept_)[index % self.n_folds]      # (n, 2)
-                pred = torch.einsum("bnd,btd->bnt", X.double(), W) + b[:, None]
+                pred = probe.predict_heldout(X, index)                                 # (n, N, 2)
             scale = torch.tensor([max(self.grid[0] - 1, 1), max(self.grid[1] - 1, 1)], dtype=torch.float64)
-            true = probe_targets(self.grid, control=False, dtype=torch.float64) * scale
+            true = coordinate_targets(self.grid, dtype=torch.float64) * scale
             self._probes[layer] = ProbeFit(layer=layer, predictions=(pred * scale).numpy(), true=true.numpy(),
-                                           r2=float(np.mean(result.cv_r2_)), cv_r2=result.cv_r2_,
-                                           result=result)
+                                           r2=float(np.mean(probe.cv_r2_)), cv_r2=probe.cv_r2_, probe=probe)
             self.timings["probe"] = time.perf_counter() - start
         return self._probes[layer]
 

@@ -1,0 +1,44 @@
+"""Coordinate probes: how linearly (and non-linearly) patch tokens encode their grid position.
+
+One concern per module, so each is found by its name:
+
+=================  ==========================================================================
+``targets``        what is regressed: :func:`coordinate_targets` (normalised row, col; defined in
+                   :mod:`asg_probe.layers.grid`), the control task (:func:`control_permutation`),
+                   :func:`probe_targets` stacking both
+``stats``          :class:`RidgeStats`, per-fold float64 sufficient statistics streamed from
+                   batches of tokens (``fold = image_index % n_folds``), mergeable across processes
+``solver``         :func:`solve_ridge_cv` → :class:`RidgeCVResult`: every fold and alpha from the
+                   statistics alone; ``method="fast"`` or the ``"eigh"`` reference
+``_lapack``        the solver's fast path (``dsytrd`` without the GIL, tridiagonal solves)
+``metrics``        :class:`CellAccuracy` (held-out cell decoding), :func:`r2_columns`
+``coordinate``     :class:`CoordinateProbe`, the estimator every analysis uses: ``fit``, or
+                   ``partial_fit`` per batch + ``all_reduce`` + ``finalize``; ``predict``, ``score``
+``reservoir``      :class:`TokenReservoir`, a bounded order-free token sample
+``mlp``            :class:`MLPProbe`, a small non-linear probe on such a sample
+=================  ==========================================================================
+
+Examples
+--------
+>>> import torch
+>>> from asg_probe.probes import CoordinateProbe, coordinate_targets
+>>> g = torch.Generator().manual_seed(0)
+>>> coords = coordinate_targets((4, 5))                       # (20, 2)
+>>> X = coords @ torch.randn(2, 8, generator=g) + 0.01 * torch.randn(10, 20, 8, generator=g)
+>>> probe = CoordinateProbe(n_folds=5).fit(X, grid=(4, 5))
+>>> bool(probe.cv_r2_.min() > 0.99)
+True
+"""
+from .coordinate import CoordinateProbe
+from .metrics import CellAccuracy, r2_columns
+from .mlp import MLPProbe
+from .reservoir import TokenReservoir
+from .solver import DEFAULT_ALPHAS, METHODS, RidgeCVResult, solve_ridge_cv
+from .stats import RidgeStats
+from .targets import TARGET_NAMES, control_permutation, coordinate_targets, probe_targets
+
+__all__ = [
+    "DEFAULT_ALPHAS", "METHODS", "TARGET_NAMES", "coordinate_targets", "control_permutation", "probe_targets",
+    "RidgeStats", "RidgeCVResult", "solve_ridge_cv", "CellAccuracy", "r2_columns", "CoordinateProbe",
+    "TokenReservoir", "MLPProbe",
+]

@@ -1,0 +1,158 @@
+"""A small non-linear probe, :class:`MLPProbe`: is position decodable, if not linearly?
+
+Trained on a :class:`~asg_probe.probes.reservoir.TokenReservoir` sample of the
+tokens (bounded memory), with one held-out split by image.
+"""
+from __future__ import annotations
+
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from ._inputs import as_features, as_tensor, dense_ids, prepare_targets
+from .metrics import r2_columns
+from .reservoir import TokenReservoir
+from .targets import coordinate_targets, resolve_grid
+
+__all__ = ["MLPProbe"]
+
+
+class MLPProbe(RegressorMixin, BaseEstimator):
+    """Small non-linear probe (D → hidden → ReLU → T) on a bounded token sample, split by image.
+
+    Tokens are sampled into a :class:`TokenReservoir`; images with
+    ``image_index % n_folds == 0`` are held out for ``heldout_r2_`` and the rest
+    train the MLP (one split, not full CV, to stay cheap; no refit on all
+    images). Features are standardised with the training tokens' mean and std.
+    MSE loss, AdamW, mini-batches.
+
+    Parameters
+    ----------
+    hidden : int, default=64
+    max_tokens : int, default=20000
+        Reservoir size; the memory cap.
+    n_folds : int, default=5
+        ``1 / n_folds`` of the images are held out.
+    steps : int, default=300
+    lr : float, default=3e-3
+    weight_decay : float, default=1e-4
+    batch_size : int, default=1024
+        Tokens per optimisation step.
+    seed : int, default=0
+    device : str or torch.device, optional
+
+    Attributes
+    ----------
+    heldout_r2_ : ndarray (T,)
+        R² per column on held-out images' tokens (SST around their own mean).
+    model_ : torch.nn.Sequential
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> g = torch.Generator().manual_seed(0)
+    >>> c = coordinate_targets((4, 4))
+    >>> X = torch.cat([torch.sin(3 * c), torch.cos(3 * c)], 1) @ torch.randn(4, 8, generator=g)
+    >>> X = X + 0.01 * torch.randn(10, 16, 8, generator=g)
+    >>> mlp = MLPProbe(steps=200).fit(X, grid=(4, 4))
+    >>> bool(mlp.heldout_r2_.min() > 0.9)
+    True
+    """
+
+    def __init__(self, *, hidden=64, max_tokens=20000, n_folds=5, steps=300, lr=3e-3, weight_decay=1e-4,
+                 batch_size=1024, seed=0, device=None):
+        self.hidden = hidden
+        self.max_tokens = max_tokens
+        self.n_folds = n_folds
+        self.steps = steps
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+
+    def fit(self, X, y=None, groups=None, *, grid=None):
+        """Same inputs as :meth:`CoordinateProbe.fit` (no control task)."""
+        X = as_features(X)
+        res = TokenReservoir(self.max_tokens, self.seed)
+        if X.ndim == 3:
+            n_images, N, _ = X.shape
+            ids = torch.arange(n_images) if groups is None else dense_ids(groups, n_images, "image")
+            Y = coordinate_targets(resolve_grid(N, grid)) if y is None else prepare_targets(y, n_images, N)
+            for s in range(0, n_images, 64):
+                res.update(X[s:s + 64], Y[s:s + 64] if Y.ndim == 3 else Y, ids[s:s + 64])
+        else:
+            if y is None or groups is None:
+                raise ValueError("2-D token input (n_tokens, D) needs both y and groups (the image of each token)")
+            Y = as_tensor(y)
+            Y = Y[:, None] if Y.ndim == 1 else Y
+            if Y.ndim != 2 or Y.shape[0] != X.shape[0]:
+                raise ValueError(f"y must be (n_tokens, T) or (n_tokens,), got {tuple(Y.shape)}")
+            ids = dense_ids(groups, X.shape[0], "token")
+            gen = torch.Generator().manual_seed(int(self.seed))
+            res._offer(X, Y, ids, torch.rand(X.shape[0], generator=gen, dtype=torch.float64))
+        return self.fit_reservoir(res)
+
+    def fit_reservoir(self, reservoir: TokenReservoir):
+        """Train on a filled :class:`TokenReservoir`."""
+        if reservoir.keys is None:
+            raise ValueError("the reservoir is empty: call update() first")
+        F = int(self.n_folds)
+        if F < 2:
+            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
+        dev = torch.device(self.device) if self.device is not None else reservoir.features.device
+        X = reservoir.features.to(dev)
+        Y = reservoir.targets.to(dev)
+        test = torch.remainder(reservoir.image_index.to(dev), F) == 0
+        if test.all() or not test.any():
+            raise ValueError(f"the held-out split needs images in fold 0 and in the other folds "
+                             f"(image_index % {F}); sample more images")
+        Xtr, Ytr = X[~test], Y[~test]
+        self.x_mean_ = Xtr.mean(0)
+        self.x_scale_ = Xtr.std(0, unbiased=False).clamp_min(1e-8)
+        Ztr = (Xtr - self.x_mean_) / self.x_scale_
+        D, T = X.shape[1], Y.shape[1]
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(int(self.seed))
+            model = torch.nn.Sequential(torch.nn.Linear(D, int(self.hidden)), torch.nn.ReLU(),
+                                        torch.nn.Linear(int(self.hidden), T)).to(dev)
+            opt = torch.optim.AdamW(model.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
+            bs = min(int(self.batch_size), Ztr.shape[0])
+            for _ in range(int(self.steps)):
+                pick = torch.randint(0, Ztr.shape[0], (bs,), device=dev)
+                loss = torch.nn.functional.mse_loss(model(Ztr[pick]), Ytr[pick])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.eval()
+        self.model_ = model
+        self.n_features_in_ = D
+        with torch.no_grad():
+            self.heldout_r2_ = r2_columns(Y[test], model((X[test] - self.x_mean_) / self.x_scale_))
+        return self
+
+    def predict(self, X):
+        """Predictions ``(..., T)`` for ``X (..., D)``; tensor in → tensor out."""
+        if not hasattr(self, "model_"):
+            raise ValueError("this MLPProbe is not fitted yet: call fit first")
+        is_tensor = isinstance(X, torch.Tensor)
+        Xt = as_features(X)
+        if Xt.shape[-1] != self.n_features_in_:
+            raise ValueError(f"X has {Xt.shape[-1]} features, the probe was fit on {self.n_features_in_}")
+        dev = self.x_mean_.device
+        with torch.no_grad():
+            out = self.model_((Xt.to(dev, torch.float32) - self.x_mean_) / self.x_scale_)
+        return out if is_tensor else out.cpu().numpy()
+
+    def score(self, X, y=None, sample_weight=None, *, grid=None):
+        """Mean R² over columns; ``y=None`` with 3-D ``X`` scores the grid coordinates."""
+        if sample_weight is not None:
+            raise ValueError("sample_weight is not supported")
+        Xt = as_features(X)
+        pred = torch.as_tensor(self.predict(Xt)).cpu().double()
+        if y is None:
+            if Xt.ndim != 3:
+                raise ValueError("score on 2-D token input needs y")
+            Y = coordinate_targets(resolve_grid(Xt.shape[1], grid), dtype=torch.float64).expand_as(pred)
+        else:
+            Y = as_tensor(y).double().cpu().reshape(pred.shape)
+        return float(r2_columns(Y.reshape(-1, pred.shape[-1]), pred.reshape(-1, pred.shape[-1])).mean())

@@ -1,0 +1,278 @@
+"""Cross-validated ridge regression from streamed statistics: :func:`solve_ridge_cv`.
+
+Given a :class:`~asg_probe.probes.stats.RidgeStats`, every fold and every alpha
+is fitted from the sums alone (no tokens), as scikit-learn's
+``StandardScaler`` + ``Ridge(alpha)`` would on the tokens, and scored by held-out R².
+The linear algebra (``(C + alpha I)^{-1} B`` for every alpha) has two
+interchangeable implementations, chosen by ``method``:
+
+* ``"fast"`` (default): :func:`asg_probe.probes._lapack.ridge_paths`, one
+  tridiagonalisation per fold in GIL-free threads;
+* ``"eigh"``: a plain ``scipy.linalg.eigh`` per fold, the reference the tests hold
+  the fast path to.
+
+Examples
+--------
+>>> import torch
+>>> from asg_probe.probes import RidgeStats, coordinate_targets
+>>> g = torch.Generator().manual_seed(0)
+>>> Y = coordinate_targets((3, 3))
+>>> X = Y @ torch.randn(2, 5, generator=g) + 0.01 * torch.randn(6, 9, 5, generator=g)
+>>> stats = RidgeStats(n_folds=3); stats.update(X, Y, torch.arange(6))
+>>> fast, ref = solve_ridge_cv(stats), solve_ridge_cv(stats, method="eigh")
+>>> bool(abs(fast.cv_r2_ - ref.cv_r2_).max() < 1e-9)
+True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._inputs import as_tensor
+from ._lapack import ridge_paths
+from .stats import RidgeStats
+
+__all__ = ["DEFAULT_ALPHAS", "METHODS", "RidgeCVResult", "solve_ridge_cv", "check_alphas"]
+
+#: Default ridge grid. Alpha is in units of standardised features summed over
+#: training tokens (sklearn ``Ridge`` convention), so the grid reaches far enough
+#: up to regularise ``D`` larger than the number of tokens.
+DEFAULT_ALPHAS = np.logspace(-3, 6, 19)
+
+#: Implementations of the per-alpha solves: the LAPACK fast path and the eigh reference.
+METHODS = ("fast", "eigh")
+
+
+def check_alphas(alphas) -> np.ndarray:
+    """``alphas`` (None: :data:`DEFAULT_ALPHAS`) as a 1-D float64 array of positive finite numbers."""
+    a = np.atleast_1d(np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64))
+    if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+        raise ValueError(f"alphas must be a non-empty 1-D sequence of positive finite numbers, got {alphas!r}")
+    return a
+
+
+@dataclass
+class RidgeCVResult:
+    """Output of :func:`solve_ridge_cv`. Arrays are float64 numpy; ``T`` target columns.
+
+    Attributes
+    ----------
+    alphas : (A,) the grid searched.
+    fold_r2 : (F, A, T) held-out R² of each fold, alpha and column (NaN where a fold's target is constant).
+    cv_r2_path : (A, T) mean of ``fold_r2`` over folds.
+    alpha_ : (T,) alpha chosen per column; ``best_index`` its position in ``alphas``.
+    cv_r2_ : (T,) cross-validated R² at ``alpha_`` (the held-out estimate to report).
+    alpha_at_edge : (T,) True where ``alpha_`` is the smallest or largest alpha searched.
+    coef_ : (T, D), intercept_ : (T,) refit on all folds at ``alpha_``, in the original feature units.
+    fold_coef_ : (F, T, D), fold_intercept_ : (F, T) the models that scored each fold, at ``alpha_``.
+    x_mean_, x_scale_ : (D,) mean and std of the features over all tokens (used by the refit).
+    n_tokens, n_images : (F,) per fold.
+    """
+
+    alphas: np.ndarray
+    target_names: tuple
+    fold_r2: np.ndarray
+    cv_r2_path: np.ndarray
+    best_index: np.ndarray
+    alpha_: np.ndarray
+    cv_r2_: np.ndarray
+    alpha_at_edge: np.ndarray
+    coef_: np.ndarray
+    intercept_: np.ndarray
+    fold_coef_: np.ndarray
+    fold_intercept_: np.ndarray
+    x_mean_: np.ndarray
+    x_scale_: np.ndarray
+    n_tokens: np.ndarray
+    n_images: np.ndarray = field(default=None)
+
+    def predict(self, X) -> torch.Tensor:
+        """``X (..., D) @ coef_.T + intercept_`` in float64 on ``X``'s device."""
+        X = as_tensor(X)
+        W = torch.as_tensor(self.coef_, device=X.device)
+        b = torch.as_tensor(self.intercept_, device=X.device)
+        return X.to(torch.float64) @ W.T + b
+
+
+def _moments(n, sx, sy, G, H):
+    """Means and centred (co)variances from raw sums."""
+    mx, my = sx / n, sy / n
+    C = G - n * torch.outer(mx, mx)
+    C = 0.5 * (C + C.T)  # the subtraction can break exact symmetry, which the solvers assume
+    Cxy = H - n * torch.outer(mx, my)
+    return mx, my, C, Cxy
+
+
+def _moments(n, sx, sy, G, H):
+    """Means and centred (co)variances from raw sums."""
+    mx, my = sx / n, sy / n
+    C = G - n * torch.outer(mx, mx)
+    C = 0.5 * (C + C.T)  # the subtraction can break exact symmetry, which the solvers assume
+    Cxy = H - n * torch.outer(mx, my)
+    return mx, my, C, Cxy
+
+
+def _eigh_paths(systems, alphas) -> list:
+    """Reference for :func:`~asg_probe.probes._lapack.ridge_paths`: ``U diag(1 / (lam + alpha)) U^T B``.
+
+    One ``scipy.linalg.eigh`` per system, eigenvalues clipped at 0 (a covariance is
+    PSD: negative ones are rounding). Slower, and simple enough to trust by reading.
+    """
+    from scipy.linalg import eigh
+
+    a = np.asarray(alphas, dtype=np.float64)
+    out = []
+    for C, B in systems:
+        lam, U = eigh(C.numpy())
+        lam = np.clip(lam, 0, None)
+        P = U.T @ B.numpy()                                             # (D, T)
+        W = U @ (P[None] / (lam[None, :, None] + a[:, None, None]))     # (A, D, T)
+        out.append(torch.from_numpy(np.ascontiguousarray(W.transpose(1, 0, 2))))
+    return out
+
+
+def _standardised_paths(problems, alphas, method="fast"):
+    """Ridge weights for every alpha on standardised features, for several problems.
+
+    ``problems`` is a list of raw-sum tuples ``(n, sx, sy, G, H)`` (float64, CPU).
+    Returns one ``(mx, my, scale, Ws)`` per problem, ``Ws`` (D, A, T) the weights on
+    ``(x - mx) / scale``. Features whose variance is lost in rounding count as
+    constant (scale 1, zero weight), so they cannot inject noise.
+    """
+    prepared = []
+    for n, sx, sy, G, H in problems:
+        mx, my, C, Cxy = _moments(n, sx, sy, G, H)
+        var = torch.diagonal(C).clamp_min(0) / n
+        second = torch.diagonal(G) / n
+        constant = var <= 1e-12 * second.clamp_min(torch.finfo(torch.float64).tiny)
+        scale = torch.where(constant, torch.ones_like(var), var.sqrt())
+        keep = (~constant).to(torch.float64)
+        Cs = (C / torch.outer(scale, scale) * torch.outer(keep, keep)).contiguous()
+        prepared.append((mx, my, scale, Cs, Cxy / scale[:, None] * keep[:, None]))
+    solve = ridge_paths if method == "fast" else _eigh_paths
+    paths = solve([(Cs, B) for *_, Cs, B in prepared], alphas)
+    return [(mx, my, scale, Ws) for (mx, my, scale, *_), Ws in zip(prepared, paths)]
+
+
+def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast") -> RidgeCVResult:
+    """Cross-validated ridge regression from streamed statistics, every fold and alpha at once.
+
+    For each fold ``k``, the model is fit on the summed statistics of the other
+    folds and scored on fold ``k``'s statistics alone, without predictions:
+
+    * **Intercept** unpenalised: features and targets are centred on the training mean.
+    * **Standardisation**: features are divided by their training-fold standard
+      deviation (population, ``ddof=0``), so alpha does not depend on feature
+      units. The loss is ``||y - b - Z w||² + alpha ||w||²`` on standardised ``Z``,
+      summed over tokens, i.e. scikit-learn's ``StandardScaler`` + ``Ridge(alpha)``.
+    * **All alphas at once**: one Householder tridiagonalisation of the standardised
+      training covariance per fold (the folds in parallel threads), then one cheap
+      tridiagonal solve per alpha; the final refit at the chosen alphas is a Cholesky
+      solve (``method="fast"``). Works when D exceeds the number of tokens. Runs on the
+      CPU in float64 whatever the statistics' device.
+    * **Held-out R²** per fold and column: ``1 - SSE / SST`` with SST around the
+      held-out fold's *own* mean (as ``sklearn.metrics.r2_score`` on that fold),
+      ``SSE = SST - 2 w·Cxy + w^T C w + m d²`` from the fold's centred statistics,
+      ``d`` the offset between its mean target and the mean prediction. NaN where a
+      fold's target is constant.
+    * **CV R²** = mean over folds of the per-fold R² (NaN folds left out).
+    * **Alpha** chosen *per target column* as the maximiser of CV R² (the largest
+      alpha on ties); each column is an independent ridge problem, so this is
+      exact. The final ``coef_`` / ``intercept_`` are refit on all folds.
+
+    Parameters
+    ----------
+    stats : RidgeStats
+    alphas : array-like, optional
+        Positive penalties; :data:`DEFAULT_ALPHAS` by default.
+    method : {"fast", "eigh"}, default="fast"
+        How the per-alpha systems are solved: the LAPACK fast path
+        (:mod:`asg_probe.probes._lapack`) or the ``scipy.linalg.eigh`` reference.
+        They agree to rounding.
+
+    Returns
+    -------
+    RidgeCVResult
+
+    Examples
+    --------
+    >>> from asg_probe.probes import coordinate_targets
+    >>> g = torch.Generator().manual_seed(0)
+    >>> stats = RidgeStats(n_folds=3)
+    >>> Y = coordinate_targets((3, 3))
+    >>> X = Y @ torch.randn(2, 5, generator=g) + 0.01 * torch.randn(6, 9, 5, generator=g)
+    >>> stats.update(X, Y, torch.arange(6))
+    >>> res = solve_ridge_cv(stats)
+    >>> bool(res.cv_r2_.min() > 0.99)
+    True
+    """
+    alphas = check_alphas(alphas)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if not stats.initialised:
+        raise ValueError("the statistics are empty: call update() before solving")
+    F = stats.n_folds
+    empty = (stats.n <= 0).nonzero().reshape(-1).tolist()
+    if empty:
+        raise ValueError(f"fold(s) {empty} received no tokens: need at least n_folds={F} images "
+                         f"(fold = image_index % {F})")
+    if not all(bool(torch.isfinite(t).all()) for t in stats._tensors()[:-1]):
+        raise ValueError("the statistics contain NaN or inf: the features fed to update() were not finite")
+    # the solve runs on the CPU in float64 (LAPACK); the statistics are O(F D^2), a cheap copy off a GPU
+    n, sx, sy, G, H, sy2 = (t.cpu() for t in (stats.n, stats.sum_x, stats.sum_y, stats.xtx, stats.xty,
+                                                stats.sum_y2))
+    tot = [t.sum(0) for t in (n, sx, sy, G, H, sy2)]
+    A, T = alphas.size, stats.n_targets
+    fold_r2 = torch.empty(F, A, T, dtype=torch.float64)
+    # every fold's training set is all the folds but k
+    problems = [[t - t_k for t, t_k in zip(tot[:5], (n[k], sx[k], sy[k], G[k], H[k]))] for k in range(F)]
+    fold_paths = _standardised_paths(problems, alphas, method)
+    for k in range(F):
+        mx, my, scale, Ws = fold_paths[k]
+        W = Ws.reshape(Ws.shape[0], A * T)                              # (D, A*T): one product per fold
+        m = n[k]
+        hx, hy, Ch, Chy = _moments(m, sx[k], sy[k], G[k], H[k])
+        sst = sy2[k] - m * hy * hy
+        Ch_s = Ch / torch.outer(scale, scale)
+        Chy_s = Chy / scale[:, None]
+        # residual = (y - hy) - (z - hz)·w + d, with d the gap in means; cross terms vanish
+        d = (hy - my)[None] - (((hx - mx) / scale) @ W).reshape(A, T)
+        sse = (sst[None] - 2 * (Ws * Chy_s[:, None]).sum(0)
+               + (W * (Ch_s @ W)).sum(0).reshape(A, T) + m * d * d)
+        degenerate = sst <= 1e-12 * sy2[k].clamp_min(torch.finfo(torch.float64).tiny)
+        r2 = 1 - sse / torch.where(degenerate, torch.ones_like(sst), sst)[None]
+        fold_r2[k] = torch.where(degenerate[None], torch.full_like(r2, float("nan")), r2)
+    fold_r2_np = fold_r2.numpy()
+    valid = ~np.isnan(fold_r2_np)
+    counts = valid.sum(0)
+    path = np.where(counts > 0, np.where(valid, fold_r2_np, 0).sum(0) / np.maximum(counts, 1), np.nan)
+    best = np.empty(T, dtype=np.int64)
+    for t in range(T):
+        col = path[:, t]
+        if np.all(np.isnan(col)):
+            best[t] = A - 1  # nothing to predict: the strongest penalty gives weights ~0
+        else:
+            best[t] = A - 1 - int(np.nanargmax(col[::-1]))
+    cols = np.arange(T)
+
+    def at_best(mx, my, scale, Ws, index):
+        coef = Ws[:, torch.as_tensor(index), torch.as_tensor(cols)].T / scale[None]  # (T, D)
+        return coef, my - coef @ mx
+
+    fold_coef, fold_icpt = zip(*(at_best(*p, best) for p in fold_paths))
+    # the final refit on all folds needs only the chosen alphas
+    chosen, where = np.unique(best, return_inverse=True)
+    final = _standardised_paths([tot[:5]], alphas[chosen], method)[0]
+    coef, icpt = at_best(*final, where.reshape(-1))
+    names = stats.target_names or tuple(f"y{i}" for i in range(T))
+    return RidgeCVResult(
+        alphas=alphas, target_names=names, fold_r2=fold_r2_np, cv_r2_path=path, best_index=best,
+        alpha_=alphas[best], cv_r2_=path[best, cols], alpha_at_edge=(best == 0) | (best == A - 1),
+        coef_=coef.numpy(), intercept_=icpt.numpy(),
+        fold_coef_=torch.stack(fold_coef).numpy(), fold_intercept_=torch.stack(fold_icpt).numpy(),
+        x_mean_=final[0].numpy(), x_scale_=final[2].numpy(),
+        n_tokens=n.numpy(), n_images=stats.n_images.cpu().numpy())
+
+

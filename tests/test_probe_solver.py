@@ -1,0 +1,175 @@
+"""asg_probe.probes.solver: cross-validated ridge from statistics, against scikit-learn and the eigh reference."""
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge
+from sklearn.metrics import r2_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from asg_probe.probes import RidgeStats, coordinate_targets, probe_targets, solve_ridge_cv
+from asg_probe.probes._lapack import (_lapack_dsytrd, _ridge_path, _ridge_solve, _tridiagonal_path_eigen,
+                                      _tridiagonalise, ridge_paths)
+from probe_data import GRID, N, planted, stats_of
+
+# --------------------------------------------------------------------------- agreement with scikit-learn
+
+
+@pytest.mark.parametrize("method", ["fast", "eigh"])
+def test_fixed_alpha_matches_sklearn_ridge_on_standardised_features(method):
+    X = planted(n_images=8, noise=0.3)
+    Y = probe_targets(GRID)
+    alpha = 3.0
+    res = solve_ridge_cv(stats_of(X, Y, torch.arange(8), batch=3), alphas=[alpha], method=method)
+    tokens = X.reshape(-1, X.shape[-1]).numpy()
+    y = Y.double().expand(8, N, 4).reshape(-1, 4).numpy()
+    scaler = StandardScaler().fit(tokens)
+    ref = Ridge(alpha=alpha).fit(scaler.transform(tokens), y)
+    np.testing.assert_allclose(res.coef_ * scaler.scale_, ref.coef_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(res.predict(tokens).numpy(), ref.predict(scaler.transform(tokens)),
+                               rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["fast", "eigh"])
+def test_cv_r2_matches_a_manual_grouped_loop(method):
+    n_images, n_folds = 10, 4
+    X = planted(n_images=n_images, noise=0.3, seed=2)
+    Y = probe_targets(GRID)
+    alphas = [0.1, 10.0, 1000.0, 3e4, 1e5]  # five: the tridiagonal path, not the few-alpha Cholesky
+    res = solve_ridge_cv(stats_of(X, Y, torch.arange(n_images), batch=4, n_folds=n_folds), alphas=alphas,
+                         method=method)
+    tokens = X.reshape(-1, X.shape[-1]).numpy()
+    y = Y.double().expand(n_images, N, 4).reshape(-1, 4).numpy()
+    fold = np.repeat(np.arange(n_images) % n_folds, N)  # the same folds: image index % n_folds
+    for a_i, alpha in enumerate(alphas):
+        per_fold = []
+        for k in range(n_folds):
+            model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(tokens[fold != k], y[fold != k])
+            per_fold.append(r2_score(y[fold == k], model.predict(tokens[fold == k]), multioutput="raw_values"))
+        np.testing.assert_allclose(res.fold_r2[:, a_i], np.array(per_fold), atol=1e-7)
+        np.testing.assert_allclose(res.cv_r2_path[a_i], np.mean(per_fold, axis=0), atol=1e-7)
+    assert np.all(res.cv_r2_ == res.cv_r2_path.max(axis=0))
+    assert list(res.alpha_at_edge) == [a in (alphas[0], alphas[-1]) for a in res.alpha_]
+
+
+# --------------------------------------------------------------------------- fast path vs eigh reference
+
+def _random_problem(n_images, d, rank, seed):
+    """Tokens of rank ``rank`` in ``d`` dimensions (rank < d: collinear features) with a planted code."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, d, generator=g, dtype=torch.float64)
+    latent = torch.randn(n_images, N, rank, generator=g, dtype=torch.float64)
+    latent[..., :2] += 10 * coordinate_targets(GRID, dtype=torch.float64)
+    return latent @ basis + 0.5 * torch.randn(d, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n_images, d, rank", [
+    (10, 24, 24),    # full rank
+    (10, 40, 12),    # rank-deficient: 28 exactly collinear directions
+    (5, 300, 300),   # more features than training tokens (4 x 48 = 192)
+])
+def test_fast_path_equals_the_eigh_reference(n_images, d, rank):
+    X = _random_problem(n_images, d, rank, seed=d)
+    stats = stats_of(X, probe_targets(GRID), torch.arange(n_images), batch=3, n_folds=4, exact=True)
+    fast, ref = solve_ridge_cv(stats, method="fast"), solve_ridge_cv(stats, method="eigh")
+    np.testing.assert_allclose(fast.fold_r2, ref.fold_r2, atol=1e-8)
+    np.testing.assert_allclose(fast.cv_r2_path, ref.cv_r2_path, atol=1e-8)
+    assert np.array_equal(fast.alpha_, ref.alpha_)
+    scale = np.abs(ref.coef_).max()
+    np.testing.assert_allclose(fast.coef_, ref.coef_, rtol=1e-6, atol=1e-8 * scale)
+    np.testing.assert_allclose(fast.fold_coef_, ref.fold_coef_, rtol=1e-6, atol=1e-8 * np.abs(ref.fold_coef_).max())
+    np.testing.assert_allclose(fast.intercept_, ref.intercept_, rtol=1e-6, atol=1e-8)
+    assert fast.cv_r2_[:2].min() > 0.5  # the planted code is found, so the comparison is not of zeros
+
+
+def test_ridge_paths_equals_a_direct_solve_for_several_systems():
+    g = torch.Generator().manual_seed(0)
+    systems = []
+    for d in (5, 9):
+        F = torch.randn(d, 3, generator=g, dtype=torch.float64)
+        systems.append((F @ F.T, torch.randn(d, 2, generator=g, dtype=torch.float64)))
+    alphas = np.logspace(-2, 2, 6)
+    expected = [torch.stack([torch.linalg.solve(C + a * torch.eye(C.shape[0], dtype=C.dtype), B) for a in alphas], 1)
+                for C, B in systems]
+    for W, E in zip(ridge_paths([(C.clone(), B) for C, B in systems], alphas), expected):
+        torch.testing.assert_close(W, E, rtol=1e-8, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- the fast path's linear algebra
+
+def _psd(d, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(d, rank, generator=g, dtype=torch.float64)
+    return F @ F.T * torch.logspace(0, 3, d, dtype=torch.float64)[:rank].sum() / rank
+
+
+@pytest.mark.parametrize("d, rank", [(2, 2), (37, 37), (120, 40)])  # full rank and rank-deficient
+def test_ridge_path_equals_one_direct_solve_per_alpha(d, rank):
+    C = _psd(d, rank, seed=d)
+    B = torch.randn(d, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    alphas = np.logspace(-3, 6, 19)
+    W = _ridge_path(C.clone(), B, alphas)                                  # (D, A, T)
+    assert W.shape == (d, 19, 3)
+    for i, a in enumerate(alphas):
+        direct = torch.linalg.solve(C + a * torch.eye(d, dtype=torch.float64), B)
+        torch.testing.assert_close(W[:, i], direct, rtol=1e-6, atol=1e-9 * float(direct.abs().max()))
+    # the eigenvector fallback (for a pivot that is exactly zero) and the Cholesky route agree
+    packed, diag, off, tau = _tridiagonalise(C.clone().numpy())
+    Qt = torch.eye(d, dtype=torch.float64)
+    Qt[1:] = torch.ormqr(torch.from_numpy(packed)[1:, :-1], torch.from_numpy(tau), Qt[1:], transpose=True)
+    Y = torch.from_numpy(_tridiagonal_path_eigen(diag, off, (Qt @ B).numpy(), alphas)).reshape(19, d, 3)
+    torch.testing.assert_close(Qt.T @ Y, W.permute(1, 0, 2), rtol=1e-6, atol=1e-9 * float(W.abs().max()))
+    torch.testing.assert_close(_ridge_solve(C.clone(), B, alphas[[0, 9]]), W[:, [0, 9]], rtol=1e-6, atol=1e-9)
+
+
+def test_tridiagonalisation_without_the_gil_equals_scipys_wrapper():
+    from scipy.linalg import lapack
+
+    assert _lapack_dsytrd() is not None  # else the folds are tridiagonalised one at a time
+    C = _psd(50, 50, seed=3).numpy()
+    ours = _tridiagonalise(C.copy())
+    theirs = lapack.dsytrd(C.copy().T, lower=1)
+    for a, b in zip(ours, theirs[:4]):  # equal up to the rounding of a different work-space blocking
+        a, b = (np.tril(a), np.tril(b)) if a.ndim == 2 else (a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
+
+
+# --------------------------------------------------------------------------- edge cases and errors
+
+def test_constant_features_get_zero_weight():
+    X = planted(n_images=10)
+    X = torch.cat([X, torch.full(X.shape[:2] + (3,), 7.0, dtype=X.dtype)], dim=-1)
+    res = solve_ridge_cv(stats_of(X, probe_targets(GRID), torch.arange(10), batch=5, n_folds=5))
+    assert res.cv_r2_[:2].min() > 0.99
+    assert np.all(res.coef_[:, -3:] == 0)
+
+
+def test_a_constant_target_scores_nan_not_a_number_from_rounding():
+    X = planted(n_images=6)
+    Y = torch.cat([probe_targets(GRID, control=False), torch.full((N, 1), 0.5)], dim=1)
+    res = solve_ridge_cv(stats_of(X, Y, torch.arange(6), batch=6, n_folds=3))
+    assert np.isnan(res.cv_r2_[2]) and res.cv_r2_[:2].min() > 0.99
+    assert np.all(np.isfinite(res.coef_))
+
+
+def test_empty_fold_and_non_finite_features_are_reported():
+    stats = RidgeStats(n_folds=3)
+    stats.update(torch.randn(2, N, 4), probe_targets(GRID), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"fold\(s\) \[2\] received no tokens"):
+        solve_ridge_cv(stats)
+    bad = torch.randn(3, N, 4)
+    bad[0, 0, 0] = float("nan")
+    stats.update(bad, probe_targets(GRID), torch.tensor([2, 3, 4]))
+    with pytest.raises(ValueError, match="not finite"):
+        solve_ridge_cv(stats)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: solve_ridge_cv(RidgeStats(2)), "empty"),
+    (lambda: solve_ridge_cv(RidgeStats(2), alphas=[0.0, 1.0]), "positive"),
+    (lambda: solve_ridge_cv(RidgeStats(2), method="qr"), "method must be one of fast, eigh"),
+])
+def test_bad_input_raises_a_one_line_value_error(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert message in str(err.value) and "\n" not in str(err.value)
