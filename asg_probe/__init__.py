@@ -36,6 +36,7 @@ _LAZY = {
     "check_equivariance": "asg_probe.analysis.shuffle",
     "resolution_transfer": "asg_probe.analysis.resolution",
     "probe_attribution": "asg_probe.analysis.attribution",
+    "emergence": "asg_probe.analysis.emergence",
     "collect_activations": "asg_probe.activations",
     "ActivationCache": "asg_probe.activations",
     "list_reference_models": "asg_probe.reference",
