@@ -3,8 +3,9 @@
 The embedded default takes deterministic random crops of the photographs that
 ship inside scikit-image and scikit-learn, so ``asg-probe layerwise`` works on a
 machine with no network. :func:`load_images` walks any folder tree, skips and
-counts unreadable files, and returns square crops. :func:`iter_batches` feeds
-them to a model, optionally sharded across ``torchrun`` ranks.
+counts unreadable files, and returns square crops;
+:class:`asg_probe.inputs.ImageBatches` feeds them to a model, sharded across
+``torchrun`` ranks.
 
 All resizing goes through Pillow's 8-bit bicubic resampler, which is antialiased
 and uses fixed-point arithmetic, so the same arguments give the same bytes on
@@ -13,10 +14,10 @@ between CPUs, which would flip the odd uint8 value).
 
 Examples
 --------
->>> from asg_probe.data import load_images, iter_batches
+>>> from asg_probe.data import load_images
 >>> imgs = load_images(num_images=4, img_size=32)
->>> [tuple(x.shape) for x, idx in iter_batches(imgs, batch_size=3)]
-[(3, 3, 32, 32), (1, 3, 32, 32)]
+>>> tuple(imgs.images.shape), imgs.images.dtype
+((4, 3, 32, 32), torch.uint8)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError, UsageError
 from .geometry import DEFAULT_IMG_SIZE, IMAGENET_MEAN, IMAGENET_STD, input_config  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -257,8 +259,10 @@ def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAUL
     ------
     FileNotFoundError
         The path does not exist.
-    ValueError
-        The folder holds no image file, or none of them can be decoded.
+    UsageError
+        (a ValueError) A size or count below 1, or a folder that holds no image file.
+    InputError
+        (a ValueError) None of the folder's image files can be decoded.
 
     Examples
     --------
@@ -268,9 +272,9 @@ def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAUL
     """
     img_size = int(img_size)
     if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
+        raise UsageError(f"img_size must be positive, got {img_size}")
     if num_images is not None and int(num_images) < 1:
-        raise ValueError(f"num_images must be positive, got {num_images}")
+        raise UsageError(f"num_images must be positive, got {num_images}")
     generated = 64 if num_images is None else int(num_images)  # the built-in sources have no "every image"
     if source is None:
         return embedded_images(num_images=generated, img_size=img_size, seed=seed)
@@ -286,7 +290,7 @@ def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAUL
         raise FileNotFoundError(f"{root}: no such file or folder")
     files = [root] if root.is_file() else _image_files(root)
     if not files:
-        raise ValueError(f"{root}: no image files found (looked recursively for "
+        raise UsageError(f"{root}: no image files found (looked recursively for "
                          f"{', '.join(IMAGE_SUFFIXES)}, any case)")
     want = len(files) if num_images is None else int(num_images)
     order = np.arange(len(files))
@@ -301,7 +305,7 @@ def load_images(source=None, num_images: int | None = 64, img_size: int = DEFAUL
         except Exception as exc:  # corrupt, truncated, not an image at all, or too large to decode safely
             skipped.append((str(files[k]), _describe(exc)))
     if not chosen:
-        raise ValueError(f"{root}: none of the {len(files)} image files could be read "
+        raise InputError(f"{root}: none of the {len(files)} image files could be read "
                          f"(first error: {skipped[0][0]}: {skipped[0][1]})")
     keep = sorted(chosen)
     return ImageSet(torch.stack([chosen[k] for k in keep]), [str(files[k]) for k in keep],
@@ -348,65 +352,3 @@ def preprocess(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> to
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
-
-
-def shard_indices(num: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """Global indices of rank ``rank``'s share: ``rank, rank + world_size, ...`` (disjoint, covering).
-
-    Examples
-    --------
-    >>> shard_indices(5, rank=1, world_size=2)
-    tensor([1, 3])
-    """
-    world_size, rank = int(world_size), int(rank)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
-    return torch.arange(rank, int(num), world_size, dtype=torch.long)
-
-
-def iter_batches(images, batch_size: int = 32, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
-                 rank: int | None = None, world_size: int | None = None):
-    """Yield ``(normalised float batch on device, global image indices)``.
-
-    Parameters
-    ----------
-    images : ImageSet or torch.Tensor
-        uint8 ``(N, 3, H, W)`` (or float in [0, 1]).
-    batch_size : int
-    mean, std : sequence of float
-        Normalisation, e.g. from :func:`data_config_for`.
-    device : str or torch.device
-    rank, world_size : int, optional
-        Shard for ``torchrun``: rank ``r`` of ``w`` gets images ``r, r + w, r + 2w, ...``,
-        so the ranks' shares are disjoint and together cover every image once. Default:
-        the initialised ``torch.distributed`` group, else a single process.
-
-    Yields
-    ------
-    x : torch.Tensor
-        float32 ``(B, 3, H, W)`` on ``device``.
-    index : torch.LongTensor
-        ``(B,)`` indices into ``images`` (global, not per shard), on the CPU.
-
-    Examples
-    --------
-    >>> imgs = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
-    >>> [idx.tolist() for _, idx in iter_batches(imgs, 2, rank=0, world_size=2)]
-    [[0, 2], [4]]
-    """
-    tensor = images.images if isinstance(images, ImageSet) or hasattr(images, "images") else images
-    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[1] != 3:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"images must be an ImageSet or a (N, 3, H, W) tensor, got {shape}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if rank is None or world_size is None:
-        from .distributed import rank_world
-
-        auto_rank, auto_world = rank_world()
-        rank = auto_rank if rank is None else rank
-        world_size = auto_world if world_size is None else world_size
-    indices = shard_indices(len(tensor), rank, world_size)
-    for start in range(0, len(indices), int(batch_size)):
-        idx = indices[start:start + int(batch_size)]
-        yield preprocess(tensor[idx].to(device), mean, std), idx

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_distributed", "rank_world", "all_reduce_sum", "all_gather_object"]
+__all__ = ["is_distributed", "rank_world", "shard_indices", "all_reduce_sum", "all_gather_object"]
 
 
 def is_distributed() -> bool:
@@ -36,6 +36,20 @@ def rank_world(group=None) -> tuple[int, int]:
     if not is_distributed():
         return 0, 1
     return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+
+def shard_indices(num: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Positions ``rank, rank + world_size, ...`` below ``num``: one process's share (disjoint, covering).
+
+    Examples
+    --------
+    >>> shard_indices(5, rank=1, world_size=2)
+    tensor([1, 3])
+    """
+    world_size, rank = int(world_size), int(rank)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
+    return torch.arange(rank, int(num), world_size, dtype=torch.long)
 
 
 def _collective_device(group=None):

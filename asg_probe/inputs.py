@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .distributed import rank_world
+from .distributed import rank_world, shard_indices
 from .errors import UsageError
 from .geometry import IMAGENET_MEAN, IMAGENET_STD, input_config
 
@@ -56,8 +56,9 @@ class ImageBatches:
     renumber : bool
         Yield positions ``0, 1, 2, ...`` within ``indices`` instead of indices into
         ``images`` (cross-validation folds, ``index % n_folds``, stay balanced).
-    shard : bool, default=True
-        Under torchrun, keep only this process's share (see Notes).
+    shard : bool or (int, int), default=True
+        Under torchrun, keep only this process's share (see Notes); ``(rank, world_size)``
+        names the share explicitly, ``False`` keeps every image.
     provenance : dict, optional
         See :meth:`provenance`.
 
@@ -90,8 +91,10 @@ class ImageBatches:
         self.size = None if size is None else int(size)
         self.renumber = bool(renumber)
         self.selected = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
-        self.rank, self.world = rank_world() if shard else (0, 1)
-        self.positions = torch.arange(self.rank, len(self.selected), self.world)
+        if shard is True:
+            shard = rank_world()
+        self.rank, self.world = shard if shard else (0, 1)
+        self.positions = shard_indices(len(self.selected), self.rank, self.world)
         self._provenance = dict(provenance or {"source": "tensor"})
 
     @property

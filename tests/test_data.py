@@ -1,11 +1,16 @@
 """Image loading: embedded crops are reproducible; folders are walked, decoded and survive bad files."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import asg_probe
 from asg_probe.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSet, data_config_for, embedded_images,
-                            iter_batches, load_images, preprocess, shard_indices)
+                            load_images, preprocess)
+from asg_probe.distributed import shard_indices
+from asg_probe.inputs import ImageBatches
 
 
 def test_embedded_is_deterministic_and_seeded():
@@ -138,23 +143,48 @@ def test_data_config_for():
         data_config_for(torch.nn.Linear(2, 2))
 
 
-def test_iter_batches_shards_cover_every_image_once():
+def test_image_batches_shards_cover_every_image_once():
     images = torch.randint(0, 256, (11, 3, 4, 4), dtype=torch.uint8)
     seen = []
     for rank in range(3):
-        for x, idx in iter_batches(images, batch_size=2, mean=(0.1, 0.2, 0.3), std=(1, 2, 3),
-                                   rank=rank, world_size=3):
+        data = ImageBatches(images, batch_size=2, mean=(0.1, 0.2, 0.3), std=(1, 2, 3), shard=(rank, 3))
+        for x, idx in data:
             assert x.dtype == torch.float32 and len(x) <= 2 and idx.dtype == torch.long
             assert torch.equal(x, preprocess(images[idx], (0.1, 0.2, 0.3), (1, 2, 3)))
             seen += idx.tolist()
+        assert data.num_images == 11  # all processes together
     assert sorted(seen) == list(range(11))
-    single = torch.cat([idx for _, idx in iter_batches(ImageSet(images, [""] * 11, "t"), batch_size=4)])
+    single = torch.cat([idx for _, idx in ImageBatches(images, batch_size=4)])
     assert single.tolist() == list(range(11))
     assert shard_indices(11, 2, 3).tolist() == [2, 5, 8]
     with pytest.raises(ValueError, match="rank"):
-        next(iter_batches(images, 2, rank=3, world_size=3))
+        ImageBatches(images, 2, shard=(3, 3))
     with pytest.raises(ValueError, match="N, 3, H, W"):
-        next(iter_batches(torch.zeros(2, 4, 4), 2))
+        ImageBatches(torch.zeros(2, 4, 4), 2)
+
+
+def test_image_batches_prepare_records_provenance_and_resizes(tmp_path):
+    from PIL import Image
+
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    data = ImageBatches.prepare(model, tmp_path, num_images=10, img_size=16, seed=3)
+    prov = data.provenance()
+    assert prov["num_images_requested"] == 10 and prov["num_images"] == 3 and prov["seed"] == 3
+    assert prov["img_size"] == [16, 16] and prov["split"] is None
+    assert [s["path"] for s in prov["skipped"]] == [str(tmp_path / "broken.png")]
+    assert json.loads(json.dumps(prov)) == prov
+    tensor = ImageBatches.prepare(model, torch.zeros(2, 3, 32, 32)).provenance()
+    assert tensor["source"] == "tensor" and tensor["num_images_requested"] is None and tensor["num_images"] == 2
+    # resized batches: a constant grey stays that grey, normalised with the model's mean/std
+    (x, idx), = data.subset([2], size=8)
+    mean, std = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+    assert x.shape == (1, 3, 8, 8) and idx.tolist() == [2]
+    assert torch.allclose(x, (torch.full_like(x, 120 / 255) - mean) / std, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):
+        ImageBatches.prepare(model, torch.zeros(2, 3, 30, 30))
 
 
 def test_scenes_keyword_gives_the_reference_models_held_out_scenes(tmp_path, monkeypatch):
