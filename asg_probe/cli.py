@@ -113,7 +113,7 @@ def cmd_layerwise(args, rank):
 
     model, name = load_model(args.checkpoint, args)
     result = layerwise_probes(model, layers=args.layers, n_folds=args.folds, cell_accuracy=args.cell_accuracy,
-                              exact=not args.fast, checkpoint=name, **_images_kwargs(args, [(model, name)]))
+                              exact=not args.fast, label=name, **_images_kwargs(args, [(model, name)]))
     cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha", "cell_accuracy"]
     _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")
 
@@ -129,7 +129,7 @@ def cmd_embeddings(args, rank):
     from .analysis.embeddings import token_embeddings
 
     model, name = load_model(args.checkpoint, args)
-    result = token_embeddings(model, layers=args.layers, checkpoint=name, **_images_kwargs(args, [(model, name)]))
+    result = token_embeddings(model, layers=args.layers, label=name, **_images_kwargs(args, [(model, name)]))
     _finish(result, args, rank)
 
 
@@ -137,14 +137,14 @@ def cmd_pos_similarity(args, rank):
     from .analysis.pos_similarity import pos_similarity
 
     model, name = load_model(args.checkpoint, args)
-    _finish(pos_similarity(model, checkpoint=name), args, rank)
+    _finish(pos_similarity(model, label=name), args, rank)
 
 
 def cmd_shuffle_test(args, rank):
     from .analysis.shuffle import shuffle_test
 
     model, name = load_model(args.checkpoint, args)
-    _finish(shuffle_test(model, checkpoint=name, **_images_kwargs(args, [(model, name)])), args, rank)
+    _finish(shuffle_test(model, label=name, **_images_kwargs(args, [(model, name)])), args, rank)
 
 
 def cmd_check_equivariance(args, rank):
@@ -153,7 +153,7 @@ def cmd_check_equivariance(args, rank):
     model, name = load_model(args.checkpoint, args)
     kw = _images_kwargs(args, [(model, name)])
     kw.pop("progress")
-    result = check_equivariance(model, tol=args.tol, checkpoint=name, **kw)
+    result = check_equivariance(model, tol=args.tol, label=name, **kw)
     _finish(result, args, rank, extra=result.verdict())
 
 
@@ -161,7 +161,7 @@ def cmd_resolution(args, rank):
     from .analysis.resolution import resolution_transfer
 
     model, name = load_model(args.checkpoint, args)
-    result = resolution_transfer(model, sizes=args.sizes, checkpoint=name, **_images_kwargs(args, [(model, name)]))
+    result = resolution_transfer(model, sizes=args.sizes, label=name, **_images_kwargs(args, [(model, name)]))
     _finish(result, args, rank)
 
 
@@ -170,7 +170,7 @@ def cmd_attribution(args, rank):
 
     model, name = load_model(args.checkpoint, args)
     result = probe_attribution(model, layer=args.layer, patch=args.patch, image_index=args.image_index,
-                               checkpoint=name, **_images_kwargs(args, [(model, name)]))
+                               label=name, **_images_kwargs(args, [(model, name)]))
     _finish(result, args, rank)
 
 

@@ -225,11 +225,13 @@ def check_device(spec: str) -> None:
     raise UsageError(f"--device {spec}: {device.type!r} devices are not supported; use cpu, cuda or mps")
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, recover: bool = True) -> None:
     """Raise UsageError unless results can be written into folder ``out`` (created if missing).
 
     Tried by creating and removing a file in the deepest folder that exists, so a read-only
-    file system or a missing permission is found before the computation, not after it.
+    file system or a missing permission is found before the computation, not after it. With
+    ``recover``, what a killed earlier write left in ``out`` is finished or discarded
+    (:func:`asg_probe.results.recover_output_set`).
     """
     out = Path(out)
     existing = out
@@ -245,6 +247,10 @@ def check_out_dir(out: Path) -> None:
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write in {existing} ({exc.strerror or exc}); "
                          "choose another folder with --out") from None
+    if recover and existing == out:
+        from .results import recover_output_set
+
+        recover_output_set(out)
 
 
 def check_model_options(arch, pos) -> None:
@@ -291,4 +297,5 @@ def validate(args) -> None:
     for spec in checkpoint_specs(args):
         check_checkpoint_spec(spec)
     check_images(getattr(args, "images", None))
-    check_out_dir(out_dir(args))
+    # under torchrun only rank 0 writes, so only rank 0 tidies the folder
+    check_out_dir(out_dir(args), recover=os.environ.get("RANK", "0") == "0")

@@ -121,7 +121,11 @@ def write_output_set(out_dir, contents: dict) -> list:
     finally:
         # complete: publish even while an exception unwinds; incomplete: drop the partial set
         if (stage / _COMPLETE).exists():
-            _publish(stage, out)
+            try:
+                _publish(stage, out)
+            except KeyboardInterrupt:
+                _publish(stage, out)  # Ctrl-C between two renames: finish the set (microseconds), then stop
+                raise
         else:
             shutil.rmtree(stage, ignore_errors=True)
     return [out / name for name in names]

@@ -1,0 +1,390 @@
+"""Every bad input to ``asg-probe`` gets one line on stderr, the right exit code, and leaves the disk tidy.
+
+One table: command line → exit code → stderr pattern → what is on disk afterwards. Exit 2 is
+a usage error (checked before any model is loaded or image read, so no output folder is
+created), exit 1 an input that cannot be read (or a bug: then with a ``--debug`` hint). The
+cases come from issue 14 and include the ones that already passed (hostile pickle, truncated
+checkpoint) so they keep passing. Then: interrupted saves leave the old results or the new
+ones, never a mix, and results say what they were computed on.
+
+Everything runs in-process through ``asg_probe.cli.main`` on a one-block 32-px model and
+a handful of 32-px images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import asg_probe
+from asg_probe.cli import main
+
+FAST = ["--num-images", "6", "--no-progress"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def _png_header_only(path, width, height):
+    """A valid PNG that claims ``width``×``height`` pixels: a decompression bomb to Pillow."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Every input the table refers to, built once."""
+    root = tmp_path_factory.mktemp("inputs")
+    paths = {}
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    paths["ckpt"] = asg_probe.save_checkpoint(root / "tiny-ape.safetensors", model)
+    # a training run folder whose config says it trained on procedural scenes
+    run = root / "scenes-run"
+    asg_probe.save_checkpoint(run / "model.safetensors", model, config={"data": {"kind": "scenes"}})
+    paths["run"] = run
+    # images: 6 readable, one corrupt file, one decompression bomb
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    _png_header_only(images / "bomb.png", 30000, 30000)
+    paths["images"] = images
+    unreadable = root / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "broken.png").write_bytes(b"\x89PNG but no more")
+    paths["unreadable"] = unreadable
+    (root / "no-images").mkdir()
+    (root / "no-images" / "notes.txt").write_text("nothing to see")
+    paths["no_images"] = root / "no-images"
+    paths["file"] = root / "a-file.txt"
+    paths["file"].write_text("keep me")
+    # checkpoints that cannot be read
+    paths["cut"] = root / "cut.safetensors"
+    paths["cut"].write_bytes(paths["ckpt"].read_bytes()[:1000])
+    paths["empty"] = root / "empty.pt"
+    paths["empty"].write_bytes(b"")
+    paths["foreign"] = root / "notes.pt"
+    paths["foreign"].write_text("this is not a checkpoint\n")
+    paths["marker"] = root / "pwned"
+    paths["hostile"] = root / "hostile.pt"
+    paths["hostile"].write_bytes(pickle.dumps(_Payload(str(paths["marker"])), protocol=2))
+    paths["bare_rope"] = root / "rope.pt"
+    torch.save(asg_probe.create_model("vit_tiny_patch4_32", pos="rope-axial", depth=1).state_dict(),
+               paths["bare_rope"])
+    timm_vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                                 num_classes=0)
+    paths["timm"] = root / "timm-vit.pt"
+    torch.save(timm_vit.state_dict(), paths["timm"])
+    return paths
+
+
+class _Payload:
+    """Unpickling this would create a file: the loader must refuse before running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _unavailable_devices():
+    """Device names this machine lacks (so the cases hold on a GPU machine too)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = [f"cuda:{count}", "tpu"]
+    if count == 0:
+        devices.append("cuda")
+    if not torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+# --------------------------------------------------------------------------- the table
+
+@dataclass
+class Case:
+    id: str
+    argv: list            # {name} is replaced by env[name]; {out} by the case's output folder
+    code: int
+    stderr: str           # regex, searched in the one stderr line
+    outputs: list = field(default_factory=list)  # file names expected in {out}; [] = no folder at all
+
+
+DEVICE_CASES = [Case(f"{cmd}-device-{dev}", [cmd, "{ckpt}", "--device", dev, "--out", "{out}"], 2,
+                     rf"--device {re.escape(dev)}: .*(not available|no CUDA GPU|this machine has|not a device)")
+                for cmd in ("layerwise", "attention-distance", "report") for dev in _unavailable_devices()]
+
+CASES = DEVICE_CASES + [
+    # sizes, counts and tolerances (issue 14, item 4)
+    Case("batch-size-0", ["layerwise", "{ckpt}", "--batch-size", "0", "--out", "{out}"], 2,
+         r"--batch-size: must be a positive integer, got 0"),
+    Case("batch-size-negative", ["layerwise", "{ckpt}", "--batch-size", "-1", "--out", "{out}"], 2,
+         r"--batch-size: must be a positive integer, got -1"),
+    Case("img-size-0", ["layerwise", "{ckpt}", "--img-size", "0", "--out", "{out}"], 2,
+         r"--img-size: must be a positive integer, got 0"),
+    Case("num-images-0", ["shuffle-test", "{ckpt}", "--num-images", "0", "--out", "{out}"], 2,
+         r"--num-images: must be a positive integer"),
+    Case("num-images-not-a-number", ["layerwise", "--num-images", "many"], 2, r"invalid int value: 'many'"),
+    Case("tol-negative", ["check-equivariance", "{ckpt}", "--tol", "-1", "--out", "{out}"], 2,
+         r"--tol: must be a positive number, got -1"),
+    Case("tol-nan", ["check-equivariance", "{ckpt}", "--tol", "nan", "--out", "{out}"], 2,
+         r"--tol: must be a positive number"),
+    Case("folds-1", ["layerwise", "{ckpt}", "--folds", "1", "--out", "{out}"], 2, r"--folds: must be at least 2"),
+    Case("img-size-not-multiple-of-patch", ["layerwise", "{ckpt}", "--img-size", "30", "--out", "{out}", *FAST],
+         2, r"image size 30x30 is not a multiple of the patch size 4"),
+    Case("layer-out-of-range", ["layerwise", "{ckpt}", "--layers", "9", "--out", "{out}", *FAST], 2,
+         r"layer 9 does not exist: this model has layers 0\.\.1"),
+    Case("too-few-images-for-folds", ["layerwise", "{ckpt}", "--num-images", "3", "--out", "{out}",
+                                      "--no-progress"], 2, r"3 images are too few for 5-fold"),
+    # --arch / --pos (item 4)
+    Case("pos-with-timm-arch", ["layerwise", "{timm}", "--arch", "vit_tiny_patch16_224", "--pos", "none",
+                                "--out", "{out}"], 2, r"--pos applies only to asg_probe architectures"),
+    Case("unknown-pos", ["layerwise", "{ckpt}", "--pos", "bogus", "--out", "{out}"], 2,
+         r"--pos bogus: unknown mechanism; choose one of .*sdt-decay"),
+    Case("unknown-arch", ["layerwise", "{timm}", "--arch", "vit_bogus", "--out", "{out}"], 2,
+         r"--arch vit_bogus: neither an asg_probe architecture"),
+    # output location (item 3): refused before the computation
+    Case("out-is-a-file", ["layerwise", "{ckpt}", "--out", "{file}"], 2, r"is an existing file; give a folder"),
+    Case("out-below-a-file", ["layerwise", "{ckpt}", "--out", "{file}/sub"], 2, r"which is a file"),
+    # inputs that do not exist, or hold nothing usable
+    Case("no-such-checkpoint", ["layerwise", "{out}/nope.safetensors"], 2, r"no such file or reference model"),
+    Case("no-such-image-folder", ["layerwise", "{ckpt}", "--images", "{out}/nowhere", "--out", "{out}"], 2,
+         r"--images .*nowhere: no such file or folder"),
+    Case("folder-without-images", ["layerwise", "{ckpt}", "--images", "{no_images}", "--out", "{out}", *FAST], 2,
+         r"no image files found"),
+    Case("unknown-command", ["frobnicate"], 2, r"invalid choice: 'frobnicate'"),
+    # inputs that exist but cannot be read: exit 1
+    Case("hostile-pickle", ["layerwise", "{hostile}", "--out", "{out}"], 1,
+         r"refused to unpickle .*nothing was run"),
+    Case("truncated-safetensors", ["layerwise", "{cut}", "--out", "{out}"], 1, r"truncated or corrupt"),
+    Case("empty-file", ["attention-distance", "{empty}", "--out", "{out}"], 1, r"the file is empty"),
+    Case("foreign-file", ["layerwise", "{foreign}", "--out", "{out}"], 1, r"not a checkpoint"),
+    Case("bare-state-dict-needs-pos", ["layerwise", "{bare_rope}", "--out", "{out}"], 1, r"pass pos= \(--pos\)"),
+    Case("bare-timm-state-dict", ["layerwise", "{timm}", "--out", "{out}"], 1,
+         r"weights do not fit .*--arch"),
+    Case("no-image-readable", ["layerwise", "{ckpt}", "--images", "{unreadable}", "--out", "{out}", *FAST], 1,
+         r"none of the 1 image files could be read"),
+]
+
+
+def _fill(argv, env, out):
+    return [a.replace("{out}", str(out)).format(**{k: str(v) for k, v in env.items()}) if "{" in a else a
+            for a in argv]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_gives_one_line_and_its_exit_code(case, env, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = env["file"].read_text()
+    code = main(_fill(case.argv, env, out))
+    captured = capsys.readouterr()
+    assert code == case.code, captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: "), captured.err
+    assert re.search(case.stderr, captured.err), captured.err
+    assert "Traceback" not in captured.err and "--debug" not in captured.err  # a user error, not a bug
+    assert captured.out == ""
+    if case.outputs:
+        assert sorted(p.name for p in out.iterdir()) == sorted(case.outputs)
+    else:
+        assert not out.exists()  # nothing written, not even the folder
+    assert env["file"].read_text() == before and not env["marker"].exists()
+
+
+def test_read_only_output_folder_is_refused_before_the_computation(env, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(asg_probe.checkpoint, "load_checkpoint",
+                        lambda *a, **k: pytest.fail("the model was loaded before the output folder was checked"))
+    assert main(["layerwise", str(env["ckpt"]), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"cannot write in .* \(Read-only file system\); choose another", err)
+
+
+def test_help_shows_each_commands_own_defaults(capsys):
+    for command, default in (("check-equivariance", 8), ("attribution", 32), ("layerwise", 64)):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"number of images (default: {default})" in text
+
+
+# --------------------------------------------------------------------------- bugs: exit 1, --debug
+
+def test_an_unexpected_error_is_one_line_with_a_debug_hint(monkeypatch, capsys):
+    from asg_probe import cli
+
+    def broken(args, rank):
+        return 1 / 0
+
+    monkeypatch.setitem(cli.COMMANDS, "list", broken)
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: ZeroDivisionError: division by zero (rerun with --debug for the traceback)\n"
+    for argv in (["list", "--debug"], ["--debug", "list"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):") and "in broken" in err
+        assert err.endswith("error: ZeroDivisionError: division by zero\n")
+
+
+def test_debug_shows_the_traceback_of_a_usage_error_too(env, tmp_path, capsys):
+    assert main(["layerwise", str(env["cut"]), "--debug", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ") and "truncated" in err
+
+
+# --------------------------------------------------------------------------- results: provenance, overwrite
+
+def test_results_say_what_they_were_computed_on(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["layerwise", str(env["ckpt"]), "--images", str(env["images"]), "--num-images", "50", "--folds", "2",
+            "--seed", "3", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    prov = json.loads((out / "layerwise.json").read_text())["provenance"]
+    images = prov["images"]
+    assert images["source"] == str(env["images"]) and images["seed"] == 3 and images["img_size"] == [32, 32]
+    assert images["num_images_requested"] == 50 and images["num_images"] == 6
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in images["skipped"]}
+    assert set(reasons) == {"broken.jpg", "bomb.png"} and "DecompressionBomb" in reasons["bomb.png"]
+    assert prov["asg_probe_version"] == asg_probe.__version__ and prov["device"] == "cpu"
+    assert prov["command"].startswith("asg-probe layerwise ") and "--num-images 50" in prov["command"]
+    # the printed summary says it too, and the shortfall is a warning
+    assert "computed on: 6 images (50 requested) from " in captured.out and "2 unreadable files skipped" in captured.out
+    warnings = [ln for ln in captured.err.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 2 and "asked for 50 images" in warnings[0] and "skipped 2 unreadable" in warnings[1]
+    # a second run says it replaces the first
+    assert main(argv) == 0
+    assert f"overwriting previous results in {out} (layerwise.json, layerwise.csv, layerwise.png)" in \
+        capsys.readouterr().out
+
+
+def test_a_scenes_run_directory_is_probed_on_held_out_scenes(env, tmp_path, capsys):
+    assert main(["shuffle-test", str(env["run"]), "--out", str(tmp_path), *FAST]) == 0
+    images = json.loads((tmp_path / "shuffle_test.json").read_text())["provenance"]["images"]
+    assert images["source"].startswith("procedural scenes") and images["split"] == "val"
+    assert "computed on: 6 images from procedural scenes" in capsys.readouterr().out
+    # the same weights without the scenes config: the photographs
+    assert main(["shuffle-test", str(env["ckpt"]), "--out", str(tmp_path), *FAST]) == 0
+    images = json.loads((tmp_path / "shuffle_test.json").read_text())["provenance"]["images"]
+    assert images["source"].startswith("embedded photographs")
+
+
+# --------------------------------------------------------------------------- interrupted saves
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() if p.is_file() else "folder" for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def previous_results(env, tmp_path):
+    """An output folder holding a complete earlier pos-similarity result (no images needed)."""
+    out = tmp_path / "out"
+    assert main(["pos-similarity", str(env["ckpt"]), "--out", str(out)]) == 0
+    return out, _snapshot(out)
+
+
+def _no_leftovers(out):
+    return not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupt_while_writing_leaves_the_previous_results(env, previous_results, monkeypatch, capsys):
+    from asg_probe import results
+
+    out, old = previous_results
+    real = results.atomic_write_bytes
+
+    def interrupted(path, data, **kw):  # the PNG is written after the JSON and the CSV
+        real(path, data[: len(data) // 2], **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results, "atomic_write_bytes", interrupted)
+    assert main(["pos-similarity", str(env["ckpt"]), "--seed", "1", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.endswith("error: interrupted\n")
+    assert _snapshot(out) == old and _no_leftovers(out)
+
+
+def test_interrupt_while_renaming_completes_the_new_results(env, previous_results, monkeypatch):
+    from asg_probe import results
+
+    out, old = previous_results
+    real, calls = os.replace, []
+
+    def interrupted_once(src, dst):
+        if os.path.dirname(dst) == str(out):  # publishing (not a write into the staging folder)
+            calls.append(dst)
+            if len(calls) == 2:  # one file of the new set is in place, two are not
+                raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", interrupted_once)
+    assert main(["pos-similarity", str(env["ckpt"]), "--seed", "1", "--out", str(out)]) == 130
+    new = _snapshot(out)
+    assert set(new) == set(old) and _no_leftovers(out)
+    assert json.loads(new["pos_similarity.json"])["provenance"]["command"].endswith("--seed 1 --out " + str(out))
+    assert new["pos_similarity.csv"] == old["pos_similarity.csv"]  # same numbers, new files: all three renamed
+
+
+def test_a_run_killed_between_renames_is_completed_by_the_next_run(env, previous_results, capsys):
+    out, old = previous_results
+    script = (
+        "import os, sys\n"
+        "from asg_probe import results\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if os.path.dirname(dst) == sys.argv[-1]:\n"
+        "        os._exit(9)  # killed right after the first file of the set is in place\n"
+        "results.os.replace = replace\n"
+        "from asg_probe.cli import main\n"
+        "main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", script, "pos-similarity", str(env["ckpt"]), "--seed", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    mixed = _snapshot(out)
+    assert any(n.startswith(".asg-probe-staging.") for n in mixed)  # the complete set waits in staging
+    assert main(["list"]) == 0 and _snapshot(out) == mixed       # commands that write elsewhere leave it
+    # the next command into the folder finishes the killed run's set first, even one that fails later
+    assert main(["layerwise", str(env["ckpt"]), "--images", str(env["no_images"]), "--out", str(out)]) == 2
+    done = _snapshot(out)
+    assert set(done) == set(old) and _no_leftovers(out)
+    assert json.loads(done["pos_similarity.json"])["provenance"]["command"].endswith("--seed 1 --out " + str(out))
+    capsys.readouterr()
+
+
+def test_a_failing_plot_writes_nothing(previous_results, monkeypatch):
+    from asg_probe.analysis.pos_similarity import PosSimilarityResult
+
+    out, old = previous_results
+
+    def broken_plot(self, ax=None):
+        raise RuntimeError("matplotlib fell over")
+
+    monkeypatch.setattr(PosSimilarityResult, "plot", broken_plot)
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    with pytest.raises(RuntimeError, match="fell over"):
+        asg_probe.pos_similarity(model).save(out)
+    assert _snapshot(out) == old and _no_leftovers(out)
