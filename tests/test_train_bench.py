@@ -1,4 +1,7 @@
 """train.bench on CPU with tiny settings: FLOP count known answers and one timed step."""
+import math
+
+import pytest
 import torch
 
 import asg_probe
@@ -15,18 +18,38 @@ def test_matmul_flops_known_answer():
     assert with_head - expected == 4 * n_patch * (d * 256 + 256)
 
 
-def test_step_benchmark_runs_on_cpu():
+def test_step_benchmark_row_is_consistent_with_its_flop_count():
     peak = bench.matmul_peak(torch.device("cpu"), torch.float32, n=256, seconds=0.1)
     row = bench.bench_steps("vit_tiny_patch4_32", "sdt-decay", img_size=32, batch_size=4, steps=1, warmup=1,
                             device=torch.device("cpu"), precision="fp32", guidance=True, compile_model=False,
                             num_classes=10, peak=peak)
-    assert row["images_per_s"] > 0 and row["peak_mem_mb"] > 0 and 0 < row["mfu"]
+    step_s = row["step_ms"] / 1e3
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="sdt-decay", num_classes=10)
+    flops = 3 * bench.vit_matmul_flops(model, 32, guidance_hidden=256) * 4   # forward + backward, 4 images
+    assert row["images_per_s"] == pytest.approx(4 / step_s)
+    assert row["tflops_per_s"] == pytest.approx(flops / step_s / 1e12)
+    assert row["mfu"] == pytest.approx(flops / step_s / peak)
+    assert row["peak_mem_mb"] > 0
+
+
+def test_step_benchmark_trains_the_real_loss():
+    # a fresh classifier predicts ~uniformly: cross-entropy ≈ ln 10 (a benchmark that timed
+    # something else, or dropped the loss, would not report it)
+    row = bench.bench_steps("vit_tiny_patch4_32", "none", img_size=32, batch_size=8, steps=1, warmup=0,
+                            device=torch.device("cpu"), precision="fp32", guidance=False, compile_model=False,
+                            num_classes=10)
+    assert row["loss"] == pytest.approx(math.log(10), abs=0.3)
+    guided = bench.bench_steps("vit_tiny_patch4_32", "none", img_size=32, batch_size=8, steps=1, warmup=0,
+                               device=torch.device("cpu"), precision="fp32", guidance=True, compile_model=False,
+                               num_classes=10)
+    assert guided["loss"] > row["loss"] + 1                 # λ = 300 times a positive coordinate loss
 
 
 def test_data_benchmark_decodes_jpegs(tmp_path):
     bench._write_jpegs(tmp_path, 4, size=(64, 48))
-    rows = bench.bench_data([0], images=4, img_size=32, batch_size=2, folder=str(tmp_path))
-    assert rows[0]["images"] == 4 and rows[0]["images_per_s"] > 0
+    rows = bench.bench_data([0, 1], images=4, img_size=32, batch_size=2, folder=str(tmp_path))
+    assert [(r["workers"], r["images"]) for r in rows] == [(0, 4), (1, 4)]
+    assert all(r["images_per_s"] == pytest.approx(r["images"] / r["seconds"]) for r in rows)
 
 
 def test_cli_prints_a_table(capsys):

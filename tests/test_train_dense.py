@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import asg_probe
-from asg_train.dense import (DPTDepthHead, UPerNetHead, confusion_matrix, depth_loss, depth_metrics, mean_iou,
-                         token_maps)
+from asg_train.dense import (DPTDepthHead, UPerNetHead, confusion_matrix, depth_loss, depth_metrics,
+                             depth_task_loss, mean_iou, segmentation_loss, token_maps)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,50 @@ def test_dpt_head_positive_depth(maps):
     head = DPTDepthHead(128, features=32, reassemble_dims=(16, 32, 64, 128))
     depth = head(maps, out_size=(32, 48))
     assert depth.shape == (2, 32, 48) and (depth > 0).all()
+
+
+def test_dpt_head_known_answers(maps):
+    head = DPTDepthHead(128, features=32, reassemble_dims=(16, 32, 64, 128))
+    # every one of the four token maps reaches the depth map (a head that dropped a level fails)
+    inputs = [m.detach().clone().requires_grad_() for m in maps]
+    head(inputs, out_size=(32, 48)).sum().backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in inputs)
+    # planted: a last convolution with zero weights and bias softplus⁻¹(2.5) gives exactly 2.5
+    # everywhere, at the requested size (the head ends in a softplus, then resizes)
+    last = head.head[-2]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(math.log(math.expm1(2.5)))
+    depth = head(maps, out_size=(20, 28))
+    assert depth.shape == (2, 20, 28)
+    assert torch.allclose(depth, torch.full_like(depth, 2.5), atol=1e-5)
+
+
+def test_segmentation_loss_known_answers():
+    target = torch.tensor([[[0, 1], [255, 1]], [[255, 255], [255, 255]]])
+    right = torch.nn.functional.one_hot(torch.tensor([[[0, 1], [0, 1]]] * 2), 3).permute(0, 3, 1, 2) * 50.0
+    loss, acc, has = segmentation_loss(right.float(), target)
+    assert loss[0] == pytest.approx(0, abs=1e-6) and acc.tolist() == [1.0, 0.0] and has.tolist() == [1.0, 0.0]
+    wrong = torch.zeros(2, 3, 2, 2)                        # uniform logits: CE = ln 3 on every labelled pixel
+    loss, acc, _ = segmentation_loss(wrong, target)
+    assert loss[0] == pytest.approx(math.log(3)) and loss[1] == 0
+
+
+def test_dense_module_with_a_perfect_head_has_zero_depth_loss():
+    from asg_train.modules import DenseModule
+
+    model = asg_probe.create_model("vit_tiny_patch4_32", num_classes=0, depth=2)
+    target = 1 + torch.arange(32.0).view(1, 1, 32).expand(2, 32, 32).clone()
+    target[1] = 0                                          # second image: no valid pixel
+
+    class Oracle(torch.nn.Module):                         # predicts 3·target + 1 whatever it sees
+        def forward(self, maps, out_size):
+            return 3 * target + 1 + 0 * maps[0].mean()
+
+    module = DenseModule(model, Oracle(), [0, 1], depth_task_loss)
+    loss, loss_task, loss_coord, correct, n = module(torch.randn(2, 3, 32, 32), target, torch.tensor(1.0))
+    assert n == 1 and loss_coord == 0                      # only the first image counts
+    assert loss_task == pytest.approx(0, abs=1e-5)         # scale and shift are forgiven
 
 
 def test_miou_known_answers():

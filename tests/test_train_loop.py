@@ -7,6 +7,7 @@ import torch
 import asg_probe
 from asg_train import cli, trainer
 from asg_train.config import ConfigError, resolve
+from asg_train.data import BatchPlan
 from asg_train.state import load_train_state
 
 
@@ -65,11 +66,30 @@ def test_guidance_on_off_and_random_control(tmp_path):
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
 
 
-def test_multiresolution_batches_with_guidance(tmp_path):
+def test_multiresolution_batches_with_guidance(tmp_path, monkeypatch):
+    build = trainer.build_model
+    seen = []
+
+    def recording(cfg, num_classes):  # the shapes the backbone actually receives, step by step
+        model = build(cfg, num_classes)
+        forward_features = model.forward_features
+
+        def record(x, *a, **k):
+            seen.append(tuple(x.shape))
+            return forward_features(x, *a, **k)
+        model.forward_features = record
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", recording)
     cfg = tiny(tmp_path, "data.multires_sizes=[16,32,48]", "guidance.enabled=true", "max_steps=8",
                "eval.enabled=false", "data.num_train=256")
     trainer.run(cfg)
     assert len(metrics(tmp_path / "run")) == 8
+    # known answer: the batch plan of (seed 0, epoch 0) draws these sizes, each with the batch
+    # size that keeps the pixel budget of 8 images at 32 px
+    planned = [b[0][1] for b in BatchPlan(256, 8, seed=0, sizes=[16, 32, 48], base_size=32).batches(0)[:8]]
+    assert len(set(planned)) > 1
+    assert seen == [(round(8 * 32 ** 2 / s ** 2), 3, s, s) for s in planned]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
 """Never lose work: SIGKILL a CPU run after its first checkpoint, ``--resume``, same final weights."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import asg_probe
@@ -60,3 +62,46 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     # the metrics log has no duplicated steps after the resume
     steps = [int(line.split(",")[0]) for line in (cut / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+def test_resume_keeps_the_metric_window_the_clock_and_cleans_killed_writes(tmp_path, monkeypatch):
+    """Interrupted at a checkpoint in the middle of a log window: the first row after the resume
+    averages the whole window (steps 5-8), as in an uninterrupted run."""
+    from asg_train import trainer
+    from asg_train.config import resolve
+
+    def cfg(name):
+        return resolve(overrides=[a for a in ARGS[2:] if not a.startswith(("max_steps", "ckpt_every", "log_every"))]
+                       + ["max_steps=8", "ckpt_every=3", "log_every=4", f"out={tmp_path / name}"])
+
+    def rows(run):
+        return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    trainer.run(cfg("full"))
+    save = trainer.save_train_state
+
+    def killed_after_step_6(run_dir, **kw):
+        path = save(run_dir, **kw)
+        if kw["step"] == 6:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(trainer, "save_train_state", killed_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(cfg("cut"))
+    monkeypatch.setattr(trainer, "save_train_state", save)
+    cut = tmp_path / "cut"
+    state = torch.load(cut / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and sorted(rows(cut)) == [4]
+    (cut / ".train_state.pt.x1y2.tmp").write_bytes(b"half a checkpoint")   # a kill -9 during a save
+
+    summary = trainer.run(cfg("cut"), resume=True)
+    full, resumed = rows(tmp_path / "full"), rows(cut)
+    assert sorted(resumed) == [4, 8]
+    for key in ("loss", "loss_task", "loss_coord", "train_acc", "lr", "lambda"):
+        assert resumed[8][key] == pytest.approx(full[8][key], rel=1e-6), key
+    # the clock counts the part before the interruption too
+    assert summary["train_time_s"] >= round(state["extra"]["train_time_s"], 2) > 0
+    assert resumed[8]["elapsed_s"] > resumed[4]["elapsed_s"]
+    assert summary["final_loss"] == pytest.approx(full[8]["loss"], rel=1e-6)
+    assert not list(cut.glob(".*.tmp"))

@@ -5,9 +5,10 @@
     asg-train --resume runs/none                   # continue from runs/none/train_state.pt
     asg-train --config ... out=runs/none --resume  # the same, from the original command
 
-Exit codes: 0 done; 2 a configuration error (one line on stderr, before any work starts);
-3 the loss became non-finite; 130 interrupted; 1 anything else (one line, and the traceback
-with ``--debug``).
+Exit codes (asg-probe's contract): 0 done; 2 a configuration error (:class:`ConfigError`, an
+``asg_probe.errors.UsageError``: one line on stderr, before any work starts); 1 an input that
+cannot be read, or anything unexpected (one line; the traceback with ``--debug``); 3 the loss
+became non-finite; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import os
 import shlex
 import sys
 from pathlib import Path
+
+from asg_probe.errors import AsgProbeError
 
 from . import config as config_mod
 
@@ -62,9 +65,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _main(args, argv)
-    except config_mod.ConfigError as exc:
+    except AsgProbeError as exc:  # ConfigError and other usage errors: 2; unreadable inputs: 1
         print(f"asg-train: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("asg-train: interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import yaml
 
+from asg_probe.errors import UsageError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULTS = CONFIG_DIR / "default.yaml"
 # Mappings whose sub-keys are not checked against the defaults.
 FREE_FORM = {"model.kwargs"}
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line that says what to change."""
+class ConfigError(UsageError):
+    """A configuration problem; the message is one line that says what to change (exit code 2)."""
 
 
 def load_yaml(path) -> dict:

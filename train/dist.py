@@ -1,4 +1,18 @@
-"""Distributed context from the environment: the same code under ``python`` or ``torchrun``."""
+"""Training's side of ``torch.distributed``: join ``torchrun``'s process group, then a few collectives.
+
+The collectives build on :mod:`asg_probe.distributed` (the one module that talks to
+``torch.distributed`` for the analyses); joining and leaving the process group, and the
+barriers around checkpoints, belong to training alone. Every function is a no-op in a
+single process, so the loop calls them unconditionally.
+
+Examples
+--------
+>>> ctx = init_distributed("cpu")           # no WORLD_SIZE in the environment: one process
+>>> ctx.is_main, ctx.enabled
+(True, False)
+>>> all_reduce_sum([1.0, 2.0], "cpu")
+[1.0, 2.0]
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from asg_probe import distributed
 
 
 @dataclass
@@ -42,12 +58,9 @@ def init_distributed(device_kind: str) -> DistContext:
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few scalars over all processes (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
+    """Sum a few scalars over all processes, in float64 (identity without a process group)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return distributed.all_reduce_sum([t])[0].tolist()
 
 
 def any_process(flag: bool, device) -> bool:
@@ -56,10 +69,10 @@ def any_process(flag: bool, device) -> bool:
 
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if distributed.is_distributed():
         dist.barrier()
 
 
 def cleanup():
-    if dist.is_available() and dist.is_initialized():
+    if distributed.is_distributed():
         dist.destroy_process_group()
