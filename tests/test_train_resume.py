@@ -105,3 +105,16 @@ def test_resume_keeps_the_metric_window_the_clock_and_cleans_killed_writes(tmp_p
     assert resumed[8]["elapsed_s"] > resumed[4]["elapsed_s"]
     assert summary["final_loss"] == pytest.approx(full[8]["loss"], rel=1e-6)
     assert not list(cut.glob(".*.tmp"))
+
+
+def test_metrics_log_resume_drops_rows_past_the_checkpoint_and_a_cut_line(tmp_path):
+    from asg_train.runlog import MetricsLog
+
+    rows = [{"step": s, "loss": 1.0 / s} for s in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')
+    log = MetricsLog(tmp_path, enabled=True, resume_step=4)
+    log.write({"step": 6, "loss": 0.1})
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,epoch,lr") and [line.split(",")[0] for line in csv_lines[1:]] == ["2", "4", "6"]

@@ -222,9 +222,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.run_dir)
         atomic_write_text(self.run_dir / "config.yaml", config_mod.dump(self.cfg))
-        if self.command:
-            with open(self.run_dir / "command.txt", "a") as f:
-                f.write(self.command + "\n")
+        if self.command:  # one line per invocation (the first command, then each --resume)
+            commands = self.run_dir / "command.txt"
+            before = commands.read_text() if commands.is_file() else ""
+            atomic_write_text(commands, before + self.command + "\n")
 
     def train(self):
         cfg, g = self.cfg, self.cfg["guidance"]
