@@ -299,6 +299,19 @@ def _infer_kwargs(state):
     return kw
 
 
+_TIMM_VIT_WIDTHS = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+
+
+def _timm_layout_message(path, kw) -> str:
+    """A bare state dict of a timm VisionTransformer (fused qkv bias, which asg_probe's Eva-based
+    models never have): name the timm architecture to pass instead of guessing one of ours."""
+    size = _TIMM_VIT_WIDTHS.get(kw["embed_dim"])
+    what = (f"likely --arch vit_{size}_patch16_224 (patch size, image size and depth are read from the weights)"
+            if size else "pass its timm model name with --arch")
+    return (f"{path}: a bare state dict in timm's VisionTransformer layout (width {kw['embed_dim']}, patch "
+            f"{kw['patch_size']}, {kw['depth']} blocks) does not name its architecture; {what}")
+
+
 def _closest_registered(kw):
     from .models import _MODEL_CONFIGS
 
@@ -428,6 +441,8 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
             if isinstance(named, str) and named in list_models():
                 arch, inferred["arch"] = named, f"args: {named!r}"
             else:
+                if "blocks.0.attn.qkv.bias" in state:  # timm's VisionTransformer: a guess of ours could not fit
+                    raise CheckpointError(_timm_layout_message(path, kw))
                 arch = _closest_registered(kw)
                 if arch is None:
                     raise CheckpointError(f"{path}: cannot infer the architecture (width {kw['embed_dim']}, "

@@ -178,7 +178,7 @@ CASES = DEVICE_CASES + [
     Case("foreign-file", ["layerwise", "{foreign}", "--out", "{out}"], 1, r"not a checkpoint"),
     Case("bare-state-dict-needs-pos", ["layerwise", "{bare_rope}", "--out", "{out}"], 1, r"pass pos= \(--pos\)"),
     Case("bare-timm-state-dict", ["layerwise", "{timm}", "--out", "{out}"], 1,
-         r"weights do not fit .*--arch"),
+         r"timm's VisionTransformer layout \(width 192, patch 8, 1 blocks\).*likely --arch vit_tiny_patch16_224"),
     Case("no-image-readable", ["layerwise", "{ckpt}", "--images", "{unreadable}", "--out", "{out}", *FAST], 1,
          r"none of the 1 image files could be read"),
 ]
@@ -388,3 +388,10 @@ def test_a_failing_plot_writes_nothing(previous_results, monkeypatch):
     with pytest.raises(RuntimeError, match="fell over"):
         asg_probe.pos_similarity(model).save(out)
     assert _snapshot(out) == old and _no_leftovers(out)
+
+
+def test_the_timm_architecture_named_for_a_bare_state_dict_loads_it(env, tmp_path, capsys):
+    assert main(["attention-distance", str(env["timm"]), "--out", str(tmp_path)]) == 1
+    arch = re.search(r"likely --arch (\S+)", capsys.readouterr().err).group(1)
+    assert main(["attention-distance", str(env["timm"]), "--arch", arch, "--out", str(tmp_path), *FAST]) == 0
+    assert json.loads((tmp_path / "attention_distance.json").read_text())["patch_size"] == 8
