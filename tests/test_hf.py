@@ -208,3 +208,24 @@ def test_timm_name_not_cached_fails_in_one_line(hub_cache, tmp_path, monkeypatch
         asg_probe.load_checkpoint("timm:not_a_model_at_all")
     assert main(["layerwise", f"timm:{TIMM_NAME}", "--no-progress"]) == 1
     assert "pretrained weights are not in the local cache" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the other analyses
+
+def test_other_analyses_read_hf_models(tmp_path):
+    from asg_probe.analysis.pos_similarity import position_embeddings
+
+    hf = hf_model("DeiTModel", "DeiTConfig", {})
+    with torch.no_grad():  # transformers may initialise the table at zero
+        hf.embeddings.position_embeddings.normal_()
+    hf.save_pretrained(tmp_path / "deit")
+    model = asg_probe.load_checkpoint(tmp_path / "deit")
+    table, grid = position_embeddings(model)  # the patch rows of DeiT's table (2 prefix rows dropped)
+    assert grid == (4, 4)
+    torch.testing.assert_close(table, hf.embeddings.position_embeddings[0, 2:].reshape(4, 4, 32))
+    assert not asg_probe.check_equivariance(model, num_images=2).certified
+    # no position table at all: a DeiT is then permutation-equivariant over its patches
+    with torch.no_grad():
+        hf.embeddings.position_embeddings.zero_()
+    hf.save_pretrained(tmp_path / "deit-nope")
+    assert asg_probe.check_equivariance(asg_probe.load_checkpoint(tmp_path / "deit-nope"), num_images=2).certified
