@@ -22,7 +22,10 @@ import torch
 from .geometry import model_geometry, resolve_layers
 from .layers.grid import permute_patches
 
-__all__ = ["Accumulator", "ForwardBatch", "run_analyses", "forward_tokens", "capture_tokens",
+#: The views of a batch an accumulator can ask for.
+VIEWS = ("original", "shuffled")
+
+__all__ = ["Accumulator", "ForwardBatch", "VIEWS", "run_analyses", "forward_tokens", "capture_tokens",
            "image_permutations"]
 
 
@@ -166,24 +169,23 @@ def forward_tokens(model, x, layers=None, stop_early=True):
     ([0, 4], torch.Size([2, 64, 128]))
     """
     with capture_tokens(model, layers, stop_early=stop_early) as store:
-        try:
-            with torch.no_grad():
-                _features(model, x)
-        except _StopForward:
-            pass
+        _forward(model, x)
         return dict(store)
+
+
+def _forward(model, x):
+    """One no-grad forward pass; stops quietly where :func:`capture_tokens` cut it short."""
+    try:
+        with torch.no_grad():
+            _features(model, x)
+    except _StopForward:
+        pass
 
 
 def _features(model, x):
     if hasattr(model, "forward_features"):
         return model.forward_features(x)
     return model(x)
-
-
-def _is_adapted(acc):
-    # TEMPORARY shim until every accumulator implements all_reduce (engineer A's
-    # layerwise/shuffle ones): old-style accumulators are finalised here as before.
-    return callable(getattr(acc, "all_reduce", None))
 
 
 def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", progress=True, total=None,
@@ -223,8 +225,11 @@ def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", pro
     geo = model_geometry(model)
     patch, prefix = geo.patch_size, geo.num_prefix_tokens
     layers = resolve_layers(layers, geo.depth)
-    want_attn = [acc for acc in accumulators if getattr(acc, "attention", None) is not None]
-    shuffled = [acc for acc in accumulators if getattr(acc, "view", "original") == "shuffled"]
+    for acc in accumulators:
+        if acc.view not in VIEWS:
+            raise ValueError(f"{type(acc).__name__}.view must be one of {VIEWS}, got {acc.view!r}")
+    want_attn = [acc for acc in accumulators if acc.attention is not None]
+    shuffled = [acc for acc in accumulators if acc.view == "shuffled"]
     seeds = {int(acc.shuffle_seed) for acc in shuffled}
     if len(seeds) > 1:
         raise ValueError(f"shuffled-view accumulators of one pass must share one shuffle_seed, got {sorted(seeds)}")
@@ -239,14 +244,9 @@ def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", pro
                        patch, prefix, want_attn, shuffled, seeds, attention_mode)
     finally:
         model.train(was_training)
-    out = []
     for acc in accumulators:
-        if _is_adapted(acc):
-            acc.all_reduce()
-            out.append(acc)
-        else:
-            out.append(acc.finalize())
-    return out
+        acc.all_reduce()
+    return list(accumulators)
 
 
 def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_attn, shuffled, seeds, mode):
@@ -271,22 +271,17 @@ def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_a
             from .capture import capture_attention
 
             recorder = stack.enter_context(capture_attention(model, reduce=reduce, mode=mode))
-        try:
-            with torch.no_grad():
-                _features(model, model_input)
-        except _StopForward:
-            pass
+        _forward(model, model_input)
         tokens = dict(store)
         reduced = dict(recorder.attn) if want_attn else {}
     views = {"original": {k: v[:B] for k, v in tokens.items()}}
     if shuffled:
         views["shuffled"] = {k: v[B:] for k, v in tokens.items()}
     for acc in accumulators:
-        view = getattr(acc, "view", "original")
         attn = {}
-        if acc in want_attn:
+        if acc.attention is not None:
             i = next(j for j, a in enumerate(want_attn) if a is acc)
             attn = {layer: values[i] for layer, values in reduced.items()}
-        acc.update(ForwardBatch(tokens=views[view], grid=grid, image_index=index, images=images,
+        acc.update(ForwardBatch(tokens=views[acc.view], grid=grid, image_index=index, images=images,
                                 num_prefix_tokens=prefix, patch_size=patch, attn=attn,
-                                perm=perm if view == "shuffled" else None))
+                                perm=perm if acc.view == "shuffled" else None))

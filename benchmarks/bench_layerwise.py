@@ -44,7 +44,7 @@ def _sync(device):
 
 def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False):
     import asg_probe
-    from asg_probe.analysis.layerwise import LayerwiseAccumulator
+    from asg_probe.analysis.layerwise import LayerwiseAccumulator, LayerwiseResult
     from asg_probe.extract import forward_tokens, run_analyses
 
     device = torch.device(device)
@@ -63,7 +63,8 @@ def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False
         r2 = None
     elif mode == "layerwise":
         acc = LayerwiseAccumulator(n_folds=5, exact=not fast)
-        res = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False, device=device)[0]
+        (acc,) = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False, device=device)
+        res = LayerwiseResult.from_accumulator(acc)
         r2 = [round(r["r2"], 4) for r in res.rows]
     else:  # the hand-written way
         import numpy as np

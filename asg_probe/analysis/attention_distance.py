@@ -321,9 +321,7 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
     progress : bool
         tqdm bar.
     label : str
-        Display name stored in the result (its ``checkpoint`` field).
-    checkpoint : str, optional
-        Deprecated alias of ``label``.
+        Display name stored in the result (``checkpoint=``: a deprecated alias).
     mode : {"auto", "sdpa", "attn_drop"}
         How attention is read; see :func:`asg_probe.capture.capture_attention`.
 
@@ -351,4 +349,4 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
     # layers=[0]: no tokens are needed beyond the first; attention comes from every block.
     run_analyses(model, data, [acc], layers=[0], device=device, progress=progress, desc="attention distance",
                  attention_mode=mode)
-    return acc.result(label)
+    return acc.result(label).record_inputs(data, device=device)

@@ -258,9 +258,7 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
     num_images, img_size, batch_size, seed, device, progress
         Image set and run, as in :func:`asg_probe.layerwise_probes`.
     label : str
-        Display name stored in the result (its ``checkpoint`` field).
-    checkpoint : str, optional
-        Deprecated alias of ``label``.
+        Display name stored in the result (``checkpoint=``: a deprecated alias).
 
     Returns
     -------

@@ -536,9 +536,7 @@ def token_embeddings(model, images=None, *, layers=None, num_images=64, img_size
     device, progress
         Where the model runs; tqdm bar.
     label : str
-        Display name stored in the result (its ``checkpoint`` field).
-    checkpoint : str, optional
-        Deprecated alias of ``label``.
+        Display name stored in the result (``checkpoint=``: a deprecated alias).
 
     Returns
     -------

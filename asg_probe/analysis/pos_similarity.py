@@ -121,9 +121,7 @@ def pos_similarity(model, grid=None, *, label: str = "", checkpoint=None) -> Pos
     grid : (int, int), optional
         Grid to evaluate the embeddings on (default: the model's).
     label : str
-        Display name stored in the result (its ``checkpoint`` field).
-    checkpoint : str, optional
-        Deprecated alias of ``label``.
+        Display name stored in the result (``checkpoint=``: a deprecated alias).
 
     Examples
     --------

@@ -249,9 +249,7 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
     device, progress
         Where the model runs; tqdm bars.
     label : str
-        Display name stored in the result (its ``checkpoint`` field).
-    checkpoint : str, optional
-        Deprecated alias of ``label``.
+        Display name stored in the result (``checkpoint=``: a deprecated alias).
 
     Returns
     -------
