@@ -20,13 +20,68 @@ from ..probes import CellAccuracy, CoordinateProbe
 from ..results import AnalysisResult
 
 
-class LayerwiseAccumulator(Accumulator):
-    """One streaming :class:`~asg_probe.probes.CoordinateProbe` per layer (true task + control).
+class ProbeAccumulator(Accumulator):
+    """One streaming :class:`~asg_probe.probes.CoordinateProbe` per layer: the base of the probe analyses.
 
     Follows :class:`~asg_probe.extract.Accumulator`: each batch's tokens go to
     ``probes[layer].partial_fit``; :meth:`all_reduce` sums the probes' statistics over
-    processes; :meth:`fitted` solves them (once) and :meth:`LayerwiseResult.from_accumulator`
-    builds the result.
+    processes (once); :meth:`fitted` solves them (once). Subclasses choose the probe
+    (:meth:`_new_probe`) and the targets (:meth:`_targets`; ``None``: the grid's coordinates).
+    """
+
+    def __init__(self, n_folds=5, alphas=None, exact=True, method="fast"):
+        self.n_folds = n_folds
+        self.alphas = alphas
+        self.exact = exact
+        self.method = method
+        self.probes = {}
+        self.grid = None
+        self._fitted = None
+
+    def _new_probe(self) -> CoordinateProbe:
+        return CoordinateProbe(n_folds=self.n_folds, alphas=self.alphas, exact=self.exact, method=self.method)
+
+    def _targets(self, batch):
+        """``(y, target_names)`` for ``partial_fit``, or ``None`` for the grid's coordinates."""
+        return None
+
+    def update(self, batch):
+        if self.grid is None:
+            self.grid = tuple(batch.grid)
+        elif tuple(batch.grid) != self.grid:
+            raise ValueError(f"all images must have one size; got grids {self.grid} and {tuple(batch.grid)}")
+        y, names = self._targets(batch) or (None, None)
+        for layer, tokens in batch.tokens.items():
+            if layer not in self.probes:
+                self.probes[layer] = self._new_probe()
+            self.probes[layer].partial_fit(tokens, batch.image_index, grid=self.grid, y=y, target_names=names)
+        self._fitted = None
+
+    def all_reduce(self, group=None):
+        """Sum every layer's statistics over torch.distributed processes (once; no-op in one process)."""
+        for layer in sorted(self.probes):
+            self.probes[layer].all_reduce(group)
+
+    def _solved(self, probe):
+        return probe
+
+    def fitted(self) -> dict:
+        """``{layer: fitted probe}``, solved once (after :meth:`all_reduce`)."""
+        if self._fitted is None:
+            self.all_reduce()  # a no-op when run_analyses already did it
+            self._fitted = {layer: self._solved(self.probes[layer].finalize()) for layer in sorted(self.probes)}
+        return self._fitted
+
+    @property
+    def num_images(self) -> int:
+        """Images seen (by every process, once reduced)."""
+        if not self.probes:
+            return 0
+        return int(self.probes[min(self.probes)].stats_.n_images.sum())
+
+
+class LayerwiseAccumulator(ProbeAccumulator):
+    """Per layer, a probe of the grid coordinates and its control task (:class:`ProbeAccumulator`).
 
     Examples
     --------
@@ -40,45 +95,11 @@ class LayerwiseAccumulator(Accumulator):
     """
 
     def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=True, method="fast"):
-        self.n_folds = n_folds
+        super().__init__(n_folds=n_folds, alphas=alphas, exact=exact, method=method)
         self.control_seed = control_seed
-        self.alphas = alphas
-        self.exact = exact
-        self.method = method
-        self.probes = {}
-        self.grid = None
-        self._fitted = None
 
-    def update(self, batch):
-        if self.grid is None:
-            self.grid = tuple(batch.grid)
-        elif tuple(batch.grid) != self.grid:
-            raise ValueError(f"all images must have one size; got grids {self.grid} and {tuple(batch.grid)}")
-        for layer, tokens in batch.tokens.items():
-            if layer not in self.probes:
-                self.probes[layer] = CoordinateProbe(n_folds=self.n_folds, control=True, control_seed=self.control_seed,
-                                                     alphas=self.alphas, exact=self.exact, method=self.method)
-            self.probes[layer].partial_fit(tokens, batch.image_index, grid=self.grid)
-        self._fitted = None
-
-    def all_reduce(self, group=None):
-        """Sum every layer's statistics over torch.distributed processes (once; no-op in one process)."""
-        for layer in sorted(self.probes):
-            self.probes[layer].all_reduce(group)
-
-    def fitted(self):
-        """``{layer: fitted CoordinateProbe}``, solved once (after :meth:`all_reduce`)."""
-        if self._fitted is None:
-            self.all_reduce()  # a no-op when run_analyses already did it
-            self._fitted = {layer: self.probes[layer].finalize() for layer in sorted(self.probes)}
-        return self._fitted
-
-    @property
-    def num_images(self) -> int:
-        """Images seen (by every process, once reduced)."""
-        if not self.probes:
-            return 0
-        return int(self.probes[min(self.probes)].stats_.n_images.sum())
+    def _new_probe(self) -> CoordinateProbe:
+        return super()._new_probe().set_params(control=True, control_seed=self.control_seed)
 
 
 class CellAccuracyAccumulator(Accumulator):

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from ..extract import Accumulator
 from ..probes import CoordinateProbe, coordinate_targets
 from ..results import AnalysisResult
-from .layerwise import LayerwiseAccumulator
+from .layerwise import LayerwiseAccumulator, ProbeAccumulator
 
 #: Target columns of the shuffled-token probes: the patch's original position, then its slot.
 SHUFFLE_TARGETS = ("original_row", "original_col", "slot_row", "slot_col")
 
 
-class ShuffleAccumulator(Accumulator):
+class ShuffleAccumulator(ProbeAccumulator):
     """Streaming probes on shuffled tokens, per layer, for (original position, slot) targets.
 
     One :class:`~asg_probe.probes.CoordinateProbe` per layer fits the four columns of
@@ -35,50 +34,25 @@ class ShuffleAccumulator(Accumulator):
 
     view = "shuffled"
 
-    def __init__(self, n_folds=5, shuffle_seed=0, alphas=None, exact=True):
-        self.n_folds = n_folds
+    def __init__(self, n_folds=5, shuffle_seed=0, alphas=None, exact=True, method="fast"):
+        super().__init__(n_folds=n_folds, alphas=alphas, exact=exact, method=method)
         self.shuffle_seed = shuffle_seed
-        self.alphas = alphas
-        self.exact = exact
-        self.probes = {}
-        self.grid = None
-        self._fitted = None
 
-    def update(self, batch):
-        self.grid = tuple(batch.grid)
-        coords = coordinate_targets(self.grid, device=batch.perm.device)  # (N, 2)
-        original = coords[batch.perm]                                      # (B, N, 2)
+    def _new_probe(self) -> CoordinateProbe:
+        return super()._new_probe().set_params(control=False)
+
+    def _targets(self, batch):
+        coords = coordinate_targets(tuple(batch.grid), device=batch.perm.device)  # (N, 2)
+        original = coords[batch.perm]                                             # (B, N, 2)
         slot = coords.expand_as(original)
-        targets = torch.cat([original, slot], dim=-1)                      # (B, N, 4)
-        for layer, tokens in batch.tokens.items():
-            if layer not in self.probes:
-                self.probes[layer] = CoordinateProbe(n_folds=self.n_folds, control=False, alphas=self.alphas,
-                                                     exact=self.exact)
-            self.probes[layer].partial_fit(tokens, batch.image_index, grid=self.grid, y=targets,
-                                           target_names=SHUFFLE_TARGETS)
-        self._fitted = None
+        return torch.cat([original, slot], dim=-1), SHUFFLE_TARGETS                # (B, N, 4)
 
-    def all_reduce(self, group=None):
-        """Sum every layer's statistics over torch.distributed processes (once; no-op in one process)."""
-        for layer in sorted(self.probes):
-            self.probes[layer].all_reduce(group)
+    def _solved(self, probe):
+        return {"original": probe.select([0, 1]), "slot": probe.select([2, 3])}
 
-    def fitted(self):
+    def fitted(self) -> dict:
         """``{layer: {"original": CoordinateProbe, "slot": CoordinateProbe}}``, solved once."""
-        if self._fitted is None:
-            self.all_reduce()  # a no-op when run_analyses already did it
-            self._fitted = {}
-            for layer in sorted(self.probes):
-                both = self.probes[layer].finalize()
-                self._fitted[layer] = {"original": both.select([0, 1]), "slot": both.select([2, 3])}
-        return self._fitted
-
-    @property
-    def num_images(self) -> int:
-        """Images seen (by every process, once reduced)."""
-        if not self.probes:
-            return 0
-        return int(self.probes[min(self.probes)].stats_.n_images.sum())
+        return super().fitted()
 
 
 class ShuffleResult(AnalysisResult):

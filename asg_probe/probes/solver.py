@@ -105,15 +105,6 @@ def _moments(n, sx, sy, G, H):
     return mx, my, C, Cxy
 
 
-def _moments(n, sx, sy, G, H):
-    """Means and centred (co)variances from raw sums."""
-    mx, my = sx / n, sy / n
-    C = G - n * torch.outer(mx, mx)
-    C = 0.5 * (C + C.T)  # the subtraction can break exact symmetry, which the solvers assume
-    Cxy = H - n * torch.outer(mx, my)
-    return mx, my, C, Cxy
-
-
 def _eigh_paths(systems, alphas) -> list:
     """Reference for :func:`~asg_probe.probes._lapack.ridge_paths`: ``U diag(1 / (lam + alpha)) U^T B``.
 
