@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import asg_probe
-from asg_probe.cli import main
+from asg_probe.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,33 @@ def test_reference_models_are_probed_on_scenes_by_default(own_checkpoint):
     assert _default_images(parse(["report", "none", str(own_checkpoint)])) is None  # a file: photographs
     assert _default_images(parse(["layerwise", str(own_checkpoint)])) is None
     assert _default_images(parse(["layerwise", "ape", "--images", "some/dir"])) == "some/dir"
+
+
+def test_models_trained_on_scenes_are_probed_on_scenes_by_default(tmp_path):
+    """After loading, the checkpoint's own training config decides (reference models, scene runs)."""
+    from asg_probe.cli import _default_images, build_parser, load_model
+
+    parse = build_parser().parse_args
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    run = asg_probe.save_checkpoint(tmp_path / "run" / "model.safetensors", model, config={"data": {"kind": "scenes"}})
+    photos = asg_probe.save_checkpoint(tmp_path / "photos.safetensors", model, config={"data": {"kind": "folder"}})
+    args = parse(["report", str(run.parent), str(photos), "ape"])
+    loaded = {spec: load_model(spec, args) for spec in (str(run.parent), str(photos), "ape")}
+    assert _default_images(args, [loaded[str(run.parent)], loaded["ape"]]) == "scenes"
+    assert _default_images(args, list(loaded.values())) is None  # one model not trained on scenes: photographs
+    assert _default_images(parse(["layerwise", "--images", "dir"]), [loaded["ape"]]) == "dir"
+
+
+def test_commands_share_their_common_flags_with_their_own_defaults():
+    parse = build_parser().parse_args
+    common = ["--arch", "vit_tiny_patch4_32", "--pos", "ape", "--out", "o", "--seed", "3", "--device", "cpu",
+              "--images", "d", "--img-size", "32", "--batch-size", "4", "--no-progress", "--trust"]
+    for command in ("layerwise", "attention-distance", "embeddings", "shuffle-test", "check-equivariance",
+                    "resolution", "attribution", "report"):
+        args = parse([command, *common])
+        assert (args.arch, args.pos, str(args.out), args.seed, args.images, args.img_size, args.batch_size,
+                args.no_progress, args.trust) == ("vit_tiny_patch4_32", "ape", "o", 3, "d", 32, 4, True, True)
+    defaults = {c: parse([c]).num_images for c in ("layerwise", "check-equivariance", "attribution", "report")}
+    assert defaults == {"layerwise": 64, "check-equivariance": 8, "attribution": 32, "report": 64}
+    assert not hasattr(parse(["pos-similarity"]), "images")
+    assert parse(["--debug", "list"]).debug and parse(["list", "--debug"]).debug and not parse(["list"]).debug
