@@ -155,7 +155,7 @@ def check(arch: Arch, workdir, num_images: int = NUM_IMAGES) -> dict:
     except Exception as exc:  # the table records any failure, whatever it is
         out["layerwise"] = f"no ({_one_line(exc)})"
     try:
-        result = attention_distance(model, num_images=min(num_images, 4), progress=False)
+        result = attention_distance(model, num_images=num_images, progress=False)
         ok = all(math.isfinite(v) for v in result.to_frame()["distance_px"])
         out["attention_distance"] = "yes" if ok else "no (non-finite distance)"
     except Exception as exc:  # noqa: BLE001 - recorded as above
