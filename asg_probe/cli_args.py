@@ -271,15 +271,20 @@ def check_model_options(arch, pos) -> None:
                          f"{arch} is a timm model, whose position handling timm fixes: drop --pos")
 
 
+NAMED_PREFIXES = ("hf:", "timm:")  # models named, not stored: the loader looks in the local caches
+
+
 def check_checkpoint_spec(spec) -> None:
-    if is_reference_name(spec) or Path(spec).exists():
+    """A file or folder, a bundled reference model, or a ``hf:``/``timm:`` name; else UsageError."""
+    if is_reference_name(spec) or Path(spec).exists() or str(spec).startswith(NAMED_PREFIXES):
         return
     if str(spec).startswith(("hf:", "timm:")):  # named models; load_checkpoint says if not cached
         return
     from .reference import list_reference_models
 
     refs = ", ".join(list_reference_models()) or "none installed"
-    raise UsageError(f"{spec}: no such file or reference model (reference models: {refs})")
+    raise UsageError(f"{spec}: no such file or reference model (reference models: {refs}; "
+                     "or hf:ORG/NAME, timm:NAME)")
 
 
 def check_images(images) -> None:

@@ -170,6 +170,8 @@ CASES = DEVICE_CASES + [
     Case("folder-without-images", ["layerwise", "{ckpt}", "--images", "{no_images}", "--out", "{out}", *FAST], 2,
          r"no image files found"),
     Case("unknown-command", ["frobnicate"], 2, r"invalid choice: 'frobnicate'"),
+    Case("unknown-timm-name", ["layerwise", "timm:vit_bogus", "--out", "{out}"], 1,
+         r"timm:vit_bogus: timm \S+ has no model 'vit_bogus'"),
     # inputs that exist but cannot be read: exit 1
     Case("hostile-pickle", ["layerwise", "{hostile}", "--out", "{out}"], 1,
          r"refused to unpickle .*nothing was run"),
