@@ -171,7 +171,7 @@ class AnalysisResult:
     Every subclass's ``to_dict()`` output gains a ``"provenance"`` entry (added here, so
     that no analysis can forget it). ``provenance`` is a dict with, where known:
 
-    - ``asg_probe_version`` (always),
+    - ``package_version`` (always),
     - ``images``: :meth:`asg_probe.inputs.ImageBatches.provenance` of the images the entry
       point prepared: ``{"source", "split", "num_images_requested", "num_images" (used),
       "skipped": [{"path", "reason"}], "seed", "img_size": [h, w]}``,
@@ -207,12 +207,12 @@ class AnalysisResult:
         """What the result was computed on (see the class docstring); always has the version."""
         prov = self.__dict__.get("_provenance")
         if prov is None:
-            prov = self.__dict__["_provenance"] = {"asg_probe_version": _package_version()}
+            prov = self.__dict__["_provenance"] = {"package_version": _package_version()}
         return prov
 
     @provenance.setter
     def provenance(self, value):
-        self.__dict__["_provenance"] = {"asg_probe_version": _package_version(), **dict(value or {})}
+        self.__dict__["_provenance"] = {"package_version": _package_version(), **dict(value or {})}
 
     def record_inputs(self, data=None, *, device=None, **extra):
         """Record what the result was computed on; returns ``self``.
@@ -250,7 +250,7 @@ class AnalysisResult:
                 parts.append(f"seed {images['seed']}")
         if prov.get("device"):
             parts.append(f"device {prov['device']}")
-        parts.append(f"asg_probe {prov.get('asg_probe_version', '?')}")
+        parts.append(f"asg_probe {prov.get('package_version', '?')}")
         return "computed on: " + ", ".join(parts)
 
     def provenance_warnings(self) -> list:

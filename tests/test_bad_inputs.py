@@ -272,7 +272,7 @@ def test_results_say_what_they_were_computed_on(env, tmp_path, capsys):
     assert images["num_images_requested"] == 50 and images["num_images"] == 6
     reasons = {os.path.basename(s["path"]): s["reason"] for s in images["skipped"]}
     assert set(reasons) == {"broken.jpg", "bomb.png"} and "DecompressionBomb" in reasons["bomb.png"]
-    assert prov["asg_probe_version"] == asg_probe.__version__ and prov["device"] == "cpu"
+    assert prov["package_version"] == asg_probe.__version__ and prov["device"] == "cpu"
     assert prov["command"].startswith("asg-probe layerwise ") and "--num-images 50" in prov["command"]
     # the printed summary says it too, and the shortfall is a warning
     assert "computed on: 6 images (50 requested) from " in captured.out and "2 unreadable files skipped" in captured.out
