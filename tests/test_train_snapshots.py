@@ -52,10 +52,11 @@ def test_bad_snapshot_settings(override, fragment):
         resolve(overrides=["data.kind=synthetic", override])
 
 
-def test_scene_run_writes_the_snapshots_of_its_schedule(tmp_path):
+def test_scene_run_writes_the_snapshots_of_its_schedule(tmp_path, capsys):
     cfg = scenes(tmp_path, "snapshot_every=3")
     trainer.run(cfg)
     run = tmp_path / "run"
+    assert f"4 snapshots in {run / 'snapshots'}" in capsys.readouterr().out
     found = list_snapshots(run)
     assert [s for s, _ in found] == [0, 3, 6, 8]             # every 3 steps, plus step 0 and the last step
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == [snapshot_name(s) for s in (0, 3, 6, 8)]

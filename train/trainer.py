@@ -29,7 +29,7 @@ from .dist import all_reduce_sum, any_process, barrier, init_distributed
 from .evaluate import num_eval_batches
 from .runlog import MetricsLog, progress_bar
 from .schedule import guidance_lambda, lr_at
-from .snapshots import Snapshots
+from .snapshots import Snapshots, list_snapshots
 from .state import STATE_FILE, load_train_state, save_train_state, set_rng_state
 from .tasks import make_task
 
@@ -230,8 +230,8 @@ class Trainer:
     def train(self):
         cfg, g = self.cfg, self.cfg["guidance"]
         self.log = MetricsLog(self.run_dir, self.ctx.is_main, self.step if self.saved is not None else None)
-        snapshots = Snapshots(self.run_dir, cfg, self.ctx.is_main, self.total_steps,
-                              meta={"data_config": self.data_config})
+        self.snapshots = snapshots = Snapshots(self.run_dir, cfg, self.ctx.is_main, self.total_steps,
+                                               meta={"data_config": self.data_config})
         snapshots.start(self.step, self.model)
         bar = progress_bar(self.ctx, cfg["progress"], total=self.total_steps, initial=self.step,
                            desc=f"{cfg['model']['pos']} seed {cfg['seed']}")
@@ -372,6 +372,8 @@ class Trainer:
             evaluation = self.task.headline(metrics) if eval_doc is not None else "no eval"
             loss = f"loss {metrics['final_loss']:.4f}" if metrics["final_loss"] is not None else ""
             extra = f", {self.unreadable} unreadable images skipped" if self.unreadable else ""
+            if self.snapshots.enabled:
+                extra += f", {len(list_snapshots(self.run_dir))} snapshots in {self.snapshots.folder}"
             print(f"[asg-train] {cfg['model']['name']} pos={cfg['model']['pos']} "
                   f"guidance={summary['guidance'] or 'off'} seed={cfg['seed']}: {self.step} steps in "
                   f"{_fmt_time(self.train_time)}, {loss}, {evaluation}{extra} → {self.run_dir / 'model.safetensors'}")
