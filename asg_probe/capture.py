@@ -237,7 +237,8 @@ def capture_attention(model, layers=None, reduce=None, mode="auto"):
     SDPA route this is checked (the second call's ``v`` must be the first call's
     output); independent calls over the same tokens (timm's differential attention)
     are stacked as extra heads instead. On the ``attn_drop`` route repeated calls are
-    always composed. Probabilities are taken before dropout. SDPA is patched for the
+    always composed. Probabilities are taken before dropout, and for talking-heads
+    attention (CaiT) before the post-softmax mixing of heads. SDPA is patched for the
     whole process while the context is open, but only calls from the thread running
     a recorded block are read. ``torch.compile``-d models bypass the patch.
 
@@ -298,7 +299,15 @@ def capture_attention(model, layers=None, reduce=None, mode="auto"):
                     flags.append((module, module.fused_attn))
                     module.fused_attn = mode == "sdpa"
                 drop = getattr(module, "attn_drop", None)
-                if isinstance(drop, nn.Module) and mode != "sdpa":
+                mix = getattr(module, "proj_w", None)
+                if isinstance(mix, nn.Module) and mode != "sdpa":
+                    # Talking-heads attention (CaiT) mixes the heads' softmax maps with a linear
+                    # layer before attn_drop, and what reaches attn_drop is no longer a
+                    # distribution: read the softmax maps where they enter the mixing, (B, N, N, H).
+                    handles.append(mix.register_forward_pre_hook(
+                        lambda m, a: recorder._record(a[0].detach().float().permute(0, 3, 1, 2))
+                        if recorder.active() else None))
+                elif isinstance(drop, nn.Module) and mode != "sdpa":
                     handles.append(drop.register_forward_hook(
                         lambda m, a, o, owner=module: drop_hook(m, a, o, owner)))
         if mode != "attn_drop":

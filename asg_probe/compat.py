@@ -66,7 +66,6 @@ def _hf(family, cls, note="", **kw):
     return Arch(family, "transformers", cls, config, note)
 
 
-_B = "issue 12 item 1 (geometry read from the model)"
 ARCHITECTURES = [
     _timm("ViT", "vit_tiny_patch16_224", "class token, learned APE"),
     _timm("MAE", "vit_base_patch16_224", "ViT-B architecture of the `.mae` weights"),
@@ -89,11 +88,11 @@ ARCHITECTURES = [
     _timm("RoPE-ViT (mixed + APE)", "vit_base_patch16_rope_mixed_ape_224"),
     _timm("RoPE-ViT (register, GAP)", "vit_base_patch16_rope_reg1_gap_256", "1 register, no class token"),
     _timm("relpos ViT", "vit_relpos_small_patch16_224", "relative position MLP/bias"),
-    _timm("ResNet-ViT hybrid", "vit_tiny_r_s16_p8_224", "grid from the backbone's stride", pending=_B,
+    _timm("ResNet-ViT hybrid", "vit_tiny_r_s16_p8_224", "grid from the backbone's stride",
           img_size=128, narrow=False),
-    _timm("CaiT", "cait_xxs24_224", "class token joins in the last blocks only", pending=_B,
+    _timm("CaiT", "cait_xxs24_224", "class token joins in the last blocks only",
           depth_token_only=1),
-    _timm("XCiT", "xcit_tiny_12_p16_224", "attention over channels: no attention distance", pending=_B,
+    _timm("XCiT", "xcit_tiny_12_p16_224", "attention over channels: no attention distance",
           no_attention="channels"),
     _hf("ViT", "ViTModel"),
     _hf("DeiT", "DeiTModel", "class + distillation token"),

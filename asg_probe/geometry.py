@@ -13,7 +13,9 @@ for layers ``1..depth`` only.
 """
 from __future__ import annotations
 
+import math
 import operator
+import weakref
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -42,6 +44,9 @@ class ModelGeometry:
         Input side the model is built for.
     mean, std : tuple of float
         Input normalisation.
+    token_attention : bool
+        Whether the blocks' attention is over tokens (False for XCiT, whose
+        cross-covariance attention is over channels).
 
     Examples
     --------
@@ -56,6 +61,7 @@ class ModelGeometry:
     img_size: int = DEFAULT_IMG_SIZE
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    token_attention: bool = True
 
     def grid(self, size) -> tuple:
         """``(grid_h, grid_w)`` of an input of ``size`` (int, ``(H, W)`` or an image tensor's shape)."""
@@ -80,12 +86,26 @@ def _square(value, what):
 
 
 def model_geometry(model) -> ModelGeometry:
-    """Read a timm-style ViT's :class:`ModelGeometry`.
+    """Read a ViT's :class:`ModelGeometry` from the model itself (cached per model).
 
-    ``img_size`` is ``model.patch_embed.img_size`` when set (a model built with an
-    ``img_size`` override keeps its original ``pretrained_cfg['input_size']`` yet
-    accepts only the new size), otherwise ``pretrained_cfg['input_size']``, else 224;
-    ``mean``/``std`` come from ``pretrained_cfg`` (ImageNet's when absent).
+    The patch grid and the prefix tokens are *measured*: one blank image at the
+    model's input size runs up to the first block (in eval mode, without gradients;
+    the model's mode is restored), and
+
+    * the patch count comes from the patch embedding's output, so a hybrid's grid
+      follows its backbone's stride (``patch_size`` is the effective stride in
+      pixels, ``img_size / grid``), whatever ``patch_embed.patch_size`` says;
+    * the prefix tokens are the tokens entering the first block beyond the patches:
+      2 for DeiT-distilled, 0 for GAP models and for CaiT and XCiT, whose class token
+      joins only in their last (class-attention) blocks, registers included.
+
+    Where the model cannot be run that way (a patch embedding that is not a
+    module, an error), ``patch_embed.patch_size`` and ``model.num_prefix_tokens``
+    are used as they are. ``img_size`` is ``model.patch_embed.img_size`` when set (a
+    model built with an ``img_size`` override keeps its original
+    ``pretrained_cfg['input_size']`` yet accepts only the new size), otherwise
+    ``pretrained_cfg['input_size']``, else 224; ``mean``/``std`` come from
+    ``pretrained_cfg`` (ImageNet's when absent).
 
     Raises
     ------
@@ -96,19 +116,101 @@ def model_geometry(model) -> ModelGeometry:
     --------
     >>> import timm
     >>> g = model_geometry(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2))
-    >>> g.patch_size, g.num_prefix_tokens, g.depth, g.img_size
-    (16, 1, 2, 32)
+    >>> g.patch_size, g.num_prefix_tokens, g.depth, g.img_size, g.token_attention
+    (16, 1, 2, 32, True)
+    >>> model_geometry(timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=1)).num_prefix_tokens
+    2
     """
-    mean, std, size, patch = input_config(model)
     blocks = getattr(model, "blocks", None)
-    if blocks is None:
+    if blocks is None or len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no `blocks`: the analyses need a timm-style ViT")
+    try:
+        cached = _CACHE.get(model)
+    except TypeError:  # not weak-referenceable: measure every time
+        cached = None
+    if cached is not None:
+        return cached
+    mean, std, size, patch = input_config(model)
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:
-        # timm sets num_prefix_tokens on its ViTs; elsewhere guess from the class token.
         prefix = 0 if getattr(model, "cls_token", True) is None else 1
-    return ModelGeometry(patch_size=patch, num_prefix_tokens=int(prefix), depth=len(blocks), img_size=size,
-                         mean=mean, std=std)
+    measured = _measure(model, size)
+    if measured is not None:
+        patch, prefix = measured
+    geo = ModelGeometry(patch_size=patch, num_prefix_tokens=int(prefix), depth=len(blocks), img_size=size,
+                        mean=mean, std=std, token_attention=not _channel_attention(blocks[0]))
+    try:
+        _CACHE[model] = geo
+    except TypeError:
+        pass
+    return geo
+
+
+_CACHE = weakref.WeakKeyDictionary()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _channel_attention(block) -> bool:
+    # XCiT's cross-covariance attention (timm's XCA) mixes channels, not tokens: its
+    # (d x d) maps have no query or key patch.
+    return any(type(m).__name__ == "XCA" for m in block.modules())
+
+
+def _measure(model, size):
+    """``(stride, prefix)`` seen on one blank ``size × size`` image, or ``None`` when it cannot be seen."""
+    import torch
+
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, torch.nn.Module):
+        return None
+    seen = {}
+
+    def embedded(module, args, out):
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        seen["embed"] = tuple(out.shape)
+
+    def entering(module, args):
+        seen["tokens"] = tuple(args[0].shape)
+        raise _Stop
+
+    try:
+        param = next(model.parameters())
+    except StopIteration:
+        return None
+    handles = [embed.register_forward_hook(embedded), model.blocks[0].register_forward_pre_hook(entering)]
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+        with torch.no_grad():
+            (model.forward_features if hasattr(model, "forward_features") else model)(x)
+    except _Stop:
+        pass
+    except Exception:  # noqa: BLE001 - any failure: fall back to the declared geometry
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    tokens, out = seen.get("tokens"), seen.get("embed")
+    if tokens is None or out is None or len(tokens) != 3:
+        return None
+    width = tokens[-1]
+    if len(out) == 3 and out[-1] == width:        # (B, N, D)
+        patches = out[1]
+    elif len(out) == 4 and out[-1] == width:      # (B, H, W, D)
+        patches = out[1] * out[2]
+    elif len(out) == 4 and out[1] == width:       # (B, D, H, W)
+        patches = out[2] * out[3]
+    else:
+        return None
+    side = math.isqrt(patches)
+    if side * side != patches or size % side or not 0 <= tokens[1] - patches <= 64:
+        return None
+    return size // side, tokens[1] - patches
 
 
 def input_config(model):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .distributed import rank_world, shard_indices
 from .errors import UsageError
-from .geometry import IMAGENET_MEAN, IMAGENET_STD, input_config
+from .geometry import IMAGENET_MEAN, IMAGENET_STD, model_geometry
 
 __all__ = ["ImageBatches", "display_label"]
 
@@ -215,7 +215,8 @@ class ImageBatches:
         """
         from .data import load_images
 
-        mean, std, native_size, patch = input_config(model)
+        geo = model_geometry(model)  # patch: the effective stride (a hybrid's backbone included)
+        mean, std, native_size, patch = geo.mean, geo.std, geo.img_size, geo.patch_size
         size = img_size or native_size
         size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
 

@@ -38,7 +38,8 @@ def analyse_model(model, name, images=None, *, num_images=64, img_size=None, bat
     from .analysis.layerwise import LayerwiseAccumulator
     from .analysis.pos_similarity import pos_similarity
     from .analysis.layerwise import LayerwiseResult
-    from .analysis.shuffle import ShuffleAccumulator, ShuffleResult, check_equivariance
+    from .analysis.equivariance import check_equivariance
+    from .analysis.shuffle import ShuffleAccumulator, ShuffleResult
     from .extract import run_analyses
     from .geometry import model_geometry
 
@@ -47,16 +48,20 @@ def analyse_model(model, name, images=None, *, num_images=64, img_size=None, bat
     geo = model_geometry(model)
     patch, prefix, depth = geo.patch_size, geo.num_prefix_tokens, geo.depth
     layerwise = LayerwiseAccumulator()
-    attention = AttentionDistanceAccumulator(patch_size=patch, num_prefix_tokens=prefix)
     embeddings = EmbeddingsAccumulator(layers=sorted({0, depth // 2, depth}), seed=seed)
     shuffled = ShuffleAccumulator(shuffle_seed=seed)
-    run_analyses(
-        model, data, [layerwise, attention, embeddings, shuffled], device=device, progress=progress,
-        desc=f"report: {name}")
+    accumulators = [layerwise, embeddings, shuffled]
+    # attention over channels (XCiT) has no distance between patches: that section is left out
+    attention = AttentionDistanceAccumulator(patch_size=patch, num_prefix_tokens=prefix) if geo.token_attention else None
+    run_analyses(model, data, accumulators + [attention] * geo.token_attention, device=device, progress=progress,
+                 desc=f"report: {name}")
     results = {"layerwise": LayerwiseResult.from_accumulator(layerwise, label=name, img_size=data.img_size)}
-    results["attention_distance"] = attention.result(name)
+    if attention is not None:
+        results["attention_distance"] = attention.result(name)
     results["embeddings"] = embeddings.result(name, num_images=data.num_images)
     results["shuffle_test"] = ShuffleResult.from_accumulators(shuffled, layerwise, label=name)
+    for result in results.values():
+        result.record_inputs(data, device=device)
     results["equivariance"] = check_equivariance(model, data.images[:8], seed=seed, device=device, label=name)
     try:
         results["pos_similarity"] = pos_similarity(model, label=name)
@@ -101,10 +106,10 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
     'report.html'
     """
     from .analysis.layerwise import compare_layerwise
+    from .results import write_output_set
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    all_results = {}
+    all_results, contents = {}, {}  # contents: every file, written as one set at the end
     for model, name in models:
         res = analyse_model(model, name, images, num_images=num_images, img_size=img_size,
                             batch_size=batch_size, seed=seed, device=device, progress=progress,
@@ -112,10 +117,12 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
         all_results[name] = res
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
         for result in res.values():
-            result.to_json(out / f"{safe}.{result.name}.json")
+            contents[f"{safe}.{result.name}.json"] = result.to_json()
     parts = [f"<h1>asg_probe report</h1><p>{html.escape(datetime.datetime.now().isoformat(timespec='seconds'))}"
              f" — models: {', '.join(html.escape(n) for n in all_results)}; {num_images} images</p>"]
     names = list(all_results)
+    parts += [f"<p class='cap'>{html.escape(n)}: {html.escape(all_results[n]['layerwise'].provenance_line())}</p>"
+              for n in names]
     if len(names) > 1:
         parts.append("<h2>All models</h2>" + _png(compare_layerwise([all_results[n]["layerwise"] for n in names],
                                                                      labels=names)))
@@ -133,7 +140,7 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
     style = ("<style>body{font-family:sans-serif;margin:24px;max-width:1800px}.row{display:flex;flex-wrap:wrap;"
              "gap:16px}.cell{flex:1 1 420px;max-width:620px}.cell img{max-width:100%}.cap{color:#555}"
              ".tbl{font-size:12px;border-collapse:collapse}.tbl td,.tbl th{padding:2px 6px}</style>")
-    path = out / "report.html"
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>asg_probe report</title>{style}"
-                    f"</head><body>{''.join(parts)}</body></html>")
-    return path
+    contents["report.html"] = (f"<!doctype html><html><head><meta charset='utf-8'><title>asg_probe report</title>"
+                               f"{style}</head><body>{''.join(parts)}</body></html>")
+    write_output_set(out, contents)
+    return out / "report.html"

@@ -337,14 +337,18 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
     >>> [row["layer"] for row in res.to_dict()["layers"]], len(res.to_dict()["layers"][0]["heads_px"])
     ([1, 2], 3)
     """
+    from ..errors import UsageError
     from ..extract import run_analyses
     from ..geometry import model_geometry
     from ..inputs import ImageBatches, display_label
 
     label = display_label(label, checkpoint)
+    geo = model_geometry(model)
+    if not geo.token_attention:
+        raise UsageError(f"{type(model).__name__}'s attention is over channels (cross-covariance), not tokens: "
+                         "mean attention distance is undefined for it (its coordinate probes work)")
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
-    geo = model_geometry(model)
     acc = AttentionDistanceAccumulator(geo.patch_size, geo.num_prefix_tokens)
     # layers=[0]: no tokens are needed beyond the first; attention comes from every block.
     run_analyses(model, data, [acc], layers=[0], device=device, progress=progress, desc="attention distance",
