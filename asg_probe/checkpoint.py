@@ -495,3 +495,23 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
         model.asg_meta["args"] = {k: v for k, v in _args_dict(args).items()
                                   if isinstance(v, (str, int, float, bool, type(None)))}
     return model
+
+
+def trained_on_scenes(model) -> bool:
+    """Whether ``model``'s checkpoint metadata says it was trained on procedural scenes.
+
+    Read from the training config that :func:`save_checkpoint` stores (``config.data.kind``);
+    the bundled reference models and ``asg-train`` scene runs say so, other files do not.
+    Analyses use it to default to held-out scenes, the data such a model knows.
+
+    Examples
+    --------
+    >>> import asg_probe
+    >>> trained_on_scenes(asg_probe.load_reference_model("ape"))
+    True
+    >>> trained_on_scenes(asg_probe.create_model("vit_tiny_patch4_32"))
+    False
+    """
+    config = (getattr(model, "asg_meta", None) or {}).get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    return isinstance(data, dict) and data.get("kind") == "scenes"

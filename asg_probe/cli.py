@@ -53,13 +53,6 @@ def load_model(spec, args):
     return model, str(spec)
 
 
-def trained_on_scenes(model) -> bool:
-    """Whether ``model``'s checkpoint says it was trained on procedural scenes (its training config)."""
-    config = (getattr(model, "asg_meta", None) or {}).get("config") or {}
-    data = config.get("data") if isinstance(config, dict) else None
-    return isinstance(data, dict) and data.get("kind") == "scenes"
-
-
 def _default_images(args, models=()):
     """``--images`` as given; if left out, held-out scenes when every model was trained on scenes
     (bundled reference models, scene training runs: photographs would show little but a domain
@@ -67,6 +60,8 @@ def _default_images(args, models=()):
     if args.images is not None:
         return args.images
     if models:
+        from .checkpoint import trained_on_scenes
+
         return "scenes" if all(trained_on_scenes(m) for m, _ in models) else None
     from .cli_args import checkpoint_specs  # before loading: only reference names are known
 
@@ -148,7 +143,7 @@ def cmd_shuffle_test(args, rank):
 
 
 def cmd_check_equivariance(args, rank):
-    from .analysis.shuffle import check_equivariance
+    from .analysis.equivariance import check_equivariance
 
     model, name = load_model(args.checkpoint, args)
     kw = _images_kwargs(args, [(model, name)])

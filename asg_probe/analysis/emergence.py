@@ -416,10 +416,9 @@ def _load_once(model, images, run, *, num_images, img_size, seed):
 
 
 def _trained_on_scenes(model, run) -> bool:
-    meta = getattr(model, "asg_meta", None) or {}
-    config = meta.get("config") or {}
-    data = config.get("data") or {}
-    if data.get("kind") == "scenes":
+    from ..checkpoint import trained_on_scenes
+
+    if trained_on_scenes(model):
         return True
     if not isinstance(run, (list, tuple)):
         folder = Path(run)
