@@ -33,7 +33,7 @@ _LAZY = {
     "token_embeddings": "asg_probe.analysis.embeddings",
     "pos_similarity": "asg_probe.analysis.pos_similarity",
     "shuffle_test": "asg_probe.analysis.shuffle",
-    "check_equivariance": "asg_probe.analysis.shuffle",
+    "check_equivariance": "asg_probe.analysis.equivariance",
     "resolution_transfer": "asg_probe.analysis.resolution",
     "probe_attribution": "asg_probe.analysis.attribution",
     "emergence": "asg_probe.analysis.emergence",

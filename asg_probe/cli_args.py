@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("shuffle-test", "content or injection? probes on patch-shuffled images")
 
     p = command("check-equivariance", "certify that a model has no positional injection", images=8)
-    p.add_argument("--tol", type=positive_float, default=1e-4, help="relative tolerance (default: %(default)s)")
+    p.add_argument("--tol", type=positive_float, default=None,
+                   help="one relative tolerance for all layers (default: float64 rounding floor x depth)")
 
     p = command("resolution", "fit probes at one size, evaluate at others")
     p.add_argument("--sizes", type=positive_int, nargs="+", default=None,

@@ -1,6 +1,6 @@
-"""Content or injection? Patch-shuffle analyses.
+"""Content or injection? The patch-shuffle test.
 
-*Shuffle test.* Each image's patches are shuffled by a fixed random permutation
+Each image's patches are shuffled by a fixed random permutation
 and, per layer, two probes are fit on the shuffled tokens (CV split by image):
 one decodes the patch's **original** position (possible only from content, since
 the content moved with the patch) and one decodes its **slot** (possible only
@@ -8,9 +8,8 @@ from what the model injects at that slot). A model without positional injection
 is permutation-equivariant, so its slot R² stays at 0; a model with APE/RoPE/bias
 can decode slots. Tokens of the unshuffled images come from the same forward call.
 
-*Equivariance certificate.* For a model with no positional injection, shuffling
-the input patches shuffles the patch outputs the same way, at every layer, up to
-float rounding. :func:`check_equivariance` measures that directly.
+Whether a model injects position at all is the equivariance certificate's question
+(:func:`asg_probe.analysis.equivariance.check_equivariance`).
 """
 from __future__ import annotations
 
@@ -188,105 +187,3 @@ def shuffle_rows(probes):
                      "r2_original_row": o_row, "r2_original_col": o_col, "r2_slot_row": s_row,
                      "r2_slot_col": s_col, "source": ShuffleResult.source(r2_original, r2_slot)})
     return rows
-
-
-class EquivarianceResult(AnalysisResult):
-    """Per-layer relative error between shuffled outputs and shuffled original outputs."""
-
-    name = "equivariance"
-
-    def __init__(self, rows, tol, num_images, num_permutations, checkpoint=""):
-        self.rows = rows
-        self.tol = tol
-        self.num_images = num_images
-        self.num_permutations = num_permutations
-        self.checkpoint = checkpoint
-
-    @property
-    def certified(self) -> bool:
-        """True when every layer is equivariant within ``tol``: no positional injection."""
-        return all(r["equivariant"] for r in self.rows)
-
-    def verdict(self) -> str:
-        worst = max(r["max_rel_error"] for r in self.rows)
-        setting = f"{self.num_images} images x {self.num_permutations} permutations"
-        if self.certified:
-            return (f"CERTIFIED equivariant: no positional injection (max relative error {worst:.1e} <= "
-                    f"{self.tol:.0e} at every layer, {setting})")
-        first = next(r for r in self.rows if not r["equivariant"])
-        return (f"NOT equivariant: position is injected (layer {first['layer']} relative error "
-                f"{first['max_rel_error']:.1e} > {self.tol:.0e}, {setting})")
-
-    def to_dict(self):
-        return {"checkpoint": self.checkpoint, "certified": self.certified, "tol": self.tol,
-                "num_images": self.num_images, "num_permutations": self.num_permutations,
-                "verdict": self.verdict(), "layers": self.rows}
-
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
-    def plot(self, ax=None):
-        from ..plotting import new_figure
-
-        if ax is None:
-            fig, axes = new_figure(5.0, 3.2)
-            ax = axes[0][0]
-        layers = [r["layer"] for r in self.rows]
-        errors = [max(r["max_rel_error"], 1e-12) for r in self.rows]
-        ax.semilogy(layers, errors, marker="o", color="#2ca02c" if self.certified else "#d62728")
-        ax.axhline(self.tol, ls="--", color="k", lw=0.8, label=f"tolerance {self.tol:.0e}")
-        ax.set_xlabel("layer (0 = patch embedding)")
-        ax.set_ylabel("max relative error")
-        ax.set_xticks(layers)
-        ax.set_title(("certified equivariant" if self.certified else "not equivariant")
-                     + (f" — {self.checkpoint}" if self.checkpoint else ""), fontsize=9)
-        ax.legend(fontsize=7)
-        ax.figure.tight_layout()
-        return ax.figure
-
-
-def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch_size=8, num_permutations=2,
-                       tol=1e-4, seed=0, device="cpu", progress=False, label="", checkpoint=None):
-    """Certify (or refute) that ``model`` has no positional injection.
-
-    Shuffles each image's patches and checks, at every layer, that output token
-    ``s`` equals the unshuffled output token ``perm[s]`` within ``tol`` relative
-    to the largest token entry. Runs in float32; use float64 for a tighter bound.
-
-    Examples
-    --------
-    >>> import asg_probe, torch
-    >>> check_equivariance(asg_probe.create_model("vit_tiny_patch4_32", pos="none"), torch.randn(2, 3, 32, 32)).certified
-    True
-    >>> check_equivariance(asg_probe.create_model("vit_tiny_patch4_32", pos="ape"), torch.randn(2, 3, 32, 32)).certified
-    False
-    """
-    from ..extract import forward_tokens, image_permutations
-    from ..geometry import model_geometry
-    from ..inputs import ImageBatches, display_label
-    from ..layers.grid import permute_patches
-    from ..progress import progress_bar
-
-    label = display_label(label, checkpoint)
-    data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
-                                batch_size=batch_size, seed=seed)
-    patch = model_geometry(model).patch_size
-    model.eval().to(device)
-    worst = {}
-    for images_b, index in progress_bar(data, total=len(data), desc="equivariance", unit="batch",
-                                        disable=not progress, leave=False):
-        images_b = images_b.to(device)
-        grid = (images_b.shape[-2] // patch, images_b.shape[-1] // patch)
-        ref = forward_tokens(model, images_b)
-        for k in range(num_permutations):
-            perm = image_permutations(index, grid[0] * grid[1], seed=seed * 7919 + k + 1).to(device)
-            out = forward_tokens(model, permute_patches(images_b, patch, perm))
-            for layer in ref:
-                expected = torch.gather(ref[layer], 1, perm[:, :, None].expand_as(ref[layer]))
-                err = ((out[layer] - expected).abs().max() / ref[layer].abs().max().clamp_min(1e-12)).item()
-                worst[layer] = max(worst.get(layer, 0.0), err)
-    rows = [{"layer": layer, "max_rel_error": err, "equivariant": err <= tol} for layer, err in sorted(worst.items())]
-    return EquivarianceResult(rows, tol, data.num_images, num_permutations, checkpoint=label).record_inputs(
-        data, device=device)
