@@ -78,15 +78,16 @@ def _command_line(argv) -> str:
     return shlex.join(["asg-probe", *argv])
 
 
-def _finish(result, args, rank, columns=None, extra=""):
-    """Print the table, the provenance and ``extra``; write the result's files (rank 0 only)."""
+def _finish(result, args, rank, columns=None, extra="", frame=None):
+    """Print the table (``frame``, default ``result.to_frame()``), ``extra`` and the provenance;
+    write the result's files (rank 0 only)."""
     if rank != 0:
         return
     result.provenance.setdefault("device", args.device)
     result.provenance["command"] = _command_line(args.argv)
     for line in result.provenance_warnings():
         print(f"warning: {line}", file=sys.stderr)
-    frame = result.to_frame()
+    frame = result.to_frame() if frame is None else frame
     if columns:
         frame = frame[[c for c in columns if c in frame.columns]]
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -182,6 +183,19 @@ def cmd_report(args, rank):
         print(f"wrote {path}")
 
 
+def cmd_emergence(args, rank):
+    import pandas as pd
+
+    from .analysis.emergence import emergence
+
+    # images=None lets emergence pick held-out scenes for scene-trained runs, as elsewhere
+    result = emergence(args.runs, args.images, layers=args.layers, num_images=args.num_images,
+                       img_size=args.img_size, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                       progress=not args.no_progress, threshold=args.threshold, summary_layer=args.summary_layer,
+                       max_snapshots=args.max_snapshots)
+    _finish(result, args, rank, frame=pd.DataFrame(result.summary_rows()))
+
+
 def cmd_list(args, rank):
     from .models import list_models, list_positions
     from .reference import list_reference_models
@@ -195,7 +209,7 @@ COMMANDS = {
     "layerwise": cmd_layerwise, "attention-distance": cmd_attention_distance, "embeddings": cmd_embeddings,
     "pos-similarity": cmd_pos_similarity, "shuffle-test": cmd_shuffle_test,
     "check-equivariance": cmd_check_equivariance, "resolution": cmd_resolution,
-    "attribution": cmd_attribution, "report": cmd_report, "list": cmd_list,
+    "attribution": cmd_attribution, "report": cmd_report, "emergence": cmd_emergence, "list": cmd_list,
 }
 
 

@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     debug, ckpt, model, run = _debug_parent(), _checkpoint_parent(), _model_parent(), _run_parent()
 
-    def command(name, help, *, images=64, checkpoint=True):
-        parents = [debug] + ([ckpt] if checkpoint else []) + [model, run]
+    def command(name, help, *, images=64, checkpoint=True, model_file=True):
+        parents = [debug] + ([ckpt] if checkpoint else []) + ([model] if model_file else []) + [run]
         if images:
             parents.append(_images_parent(images))
         return sub.add_parser(name, help=help, parents=parents)
@@ -170,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", default=None, help="checkpoints or reference names "
                    "(default: all bundled reference models)")
 
+    p = command("emergence", "probes and attention distance over the training snapshots of runs",
+                checkpoint=False, model_file=False)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="training run folders with snapshots/ (train with snapshot_every=N)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to probe (default: all)")
+    p.add_argument("--threshold", type=positive_float, default=0.5,
+                   help="column R² a layer must reach for the summary's first step (default: %(default)s)")
+    p.add_argument("--summary-layer", type=int, default=-1,
+                   help="layer the summary and curves use (default: %(default)s, the last)")
+    p.add_argument("--max-snapshots", type=_int_at_least(2, "at least 2"), default=None,
+                   help="analyse at most this many snapshots per run, spread over the run (default: all)")
+
     sub.add_parser("list", help="list bundled reference models, architectures and mechanisms", parents=[debug])
     return parser
 
@@ -194,6 +206,8 @@ def checkpoint_specs(args) -> list:
         if not specs:
             raise UsageError("report: no checkpoints given and no reference models installed")
         return specs
+    if args.command == "emergence":
+        return args.runs
     return [args.checkpoint]
 
 
@@ -299,7 +313,7 @@ def validate(args) -> None:
     if args.command == "list":
         return
     check_device(args.device)
-    check_model_options(args.arch, args.pos)
+    check_model_options(getattr(args, "arch", None), getattr(args, "pos", None))
     for spec in checkpoint_specs(args):
         check_checkpoint_spec(spec)
     check_images(getattr(args, "images", None))

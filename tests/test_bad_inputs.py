@@ -170,6 +170,10 @@ CASES = DEVICE_CASES + [
     Case("folder-without-images", ["layerwise", "{ckpt}", "--images", "{no_images}", "--out", "{out}", *FAST], 2,
          r"no image files found"),
     Case("unknown-command", ["frobnicate"], 2, r"invalid choice: 'frobnicate'"),
+    Case("emergence-without-snapshots", ["emergence", "{run}", "--out", "{out}"], 2,
+         r"no step_\*\.safetensors snapshots in .*scenes-run"),
+    Case("emergence-max-snapshots-1", ["emergence", "{run}", "--max-snapshots", "1", "--out", "{out}"], 2,
+         r"--max-snapshots: must be at least 2"),
     Case("unknown-timm-name", ["layerwise", "timm:vit_bogus", "--out", "{out}"], 1,
          r"timm:vit_bogus: timm \S+ has no model 'vit_bogus'"),
     # inputs that exist but cannot be read: exit 1

@@ -178,3 +178,21 @@ def test_commands_share_their_common_flags_with_their_own_defaults():
     assert defaults == {"layerwise": 64, "check-equivariance": 8, "attribution": 32, "report": 64}
     assert not hasattr(parse(["pos-similarity"]), "images")
     assert parse(["--debug", "list"]).debug and parse(["list", "--debug"]).debug and not parse(["list"]).debug
+
+
+def test_emergence_command_over_a_runs_snapshots(tmp_path, capsys):
+    run = tmp_path / "run"
+    for step in (0, 5):
+        torch.manual_seed(step)
+        model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+        asg_probe.save_checkpoint(run / "snapshots" / f"step_{step:07d}.safetensors", model, step=step)
+    out = tmp_path / "out"
+    assert run_cli("emergence", run, "--num-images", 6, "--out", out, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "first_step_col" in printed and "computed on: 6 images" in printed
+    doc = json.loads((out / "emergence.json").read_text())
+    assert doc["runs"][0]["steps"] == [0, 5] and [r["layer"] for r in doc["runs"][0]["layers"]] == [0, 1]
+    assert doc["provenance"]["command"].startswith("asg-probe emergence ")
+    assert sorted(p.name for p in out.iterdir()) == ["emergence.csv", "emergence.json", "emergence.png"]
+    assert run_cli("emergence", tmp_path / "out", "--out", tmp_path / "out2") == 2  # no snapshots there
+    assert "no step_*.safetensors snapshots" in capsys.readouterr().err
