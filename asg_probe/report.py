@@ -29,19 +29,24 @@ def _table(frame, max_rows=40) -> str:
                                         classes="tbl")
 
 
-def analyse_model(model, name, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
+def analyse_model(model, label, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
                   device="cpu", progress=True, with_resolution=True):
-    """Every analysis of one model; returns ``{analysis name: result}``."""
+    """Every analysis of one model, shown as ``label``; returns ``{analysis name: result}``.
+
+    Layerwise probes, attention distance, token embeddings and the shuffle test share
+    one :func:`~asg_probe.extract.run_analyses` pass; the options are those of every
+    entry point (``images``, ``num_images``, ``img_size``, ``batch_size``, ``seed``,
+    ``device``, ``progress``).
+    """
     from .analysis.attention_distance import AttentionDistanceAccumulator
-    from .inputs import ImageBatches
     from .analysis.embeddings import EmbeddingsAccumulator
-    from .analysis.layerwise import LayerwiseAccumulator
-    from .analysis.pos_similarity import pos_similarity
-    from .analysis.layerwise import LayerwiseResult
     from .analysis.equivariance import check_equivariance
+    from .analysis.layerwise import LayerwiseAccumulator, LayerwiseResult
+    from .analysis.pos_similarity import pos_similarity
     from .analysis.shuffle import ShuffleAccumulator, ShuffleResult
     from .extract import run_analyses
     from .geometry import model_geometry
+    from .inputs import ImageBatches
 
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
@@ -51,27 +56,28 @@ def analyse_model(model, name, images=None, *, num_images=64, img_size=None, bat
     embeddings = EmbeddingsAccumulator(layers=sorted({0, depth // 2, depth}), seed=seed)
     shuffled = ShuffleAccumulator(shuffle_seed=seed)
     accumulators = [layerwise, embeddings, shuffled]
-    # attention over channels (XCiT) has no distance between patches: that section is left out
-    attention = AttentionDistanceAccumulator(patch_size=patch, num_prefix_tokens=prefix) if geo.token_attention else None
-    run_analyses(model, data, accumulators + [attention] * geo.token_attention, device=device, progress=progress,
-                 desc=f"report: {name}")
-    results = {"layerwise": LayerwiseResult.from_accumulator(layerwise, label=name, img_size=data.img_size)}
+    attention = None
+    if geo.token_attention:  # attention over channels (XCiT) has no distance between patches: left out
+        attention = AttentionDistanceAccumulator(patch_size=patch, num_prefix_tokens=prefix)
+        accumulators.append(attention)
+    run_analyses(model, data, accumulators, device=device, progress=progress, desc=f"report: {label}")
+    results = {"layerwise": LayerwiseResult.from_accumulator(layerwise, label=label, img_size=data.img_size)}
     if attention is not None:
-        results["attention_distance"] = attention.result(name)
-    results["embeddings"] = embeddings.result(name, num_images=data.num_images)
-    results["shuffle_test"] = ShuffleResult.from_accumulators(shuffled, layerwise, label=name)
+        results["attention_distance"] = attention.result(label)
+    results["embeddings"] = embeddings.result(label, num_images=data.num_images)
+    results["shuffle_test"] = ShuffleResult.from_accumulators(shuffled, layerwise, label=label)
     for result in results.values():
         result.record_inputs(data, device=device)
-    results["equivariance"] = check_equivariance(model, data.images[:8], seed=seed, device=device, label=name)
+    results["equivariance"] = check_equivariance(model, data.images[:8], seed=seed, device=device, label=label)
     try:
-        results["pos_similarity"] = pos_similarity(model, label=name)
+        results["pos_similarity"] = pos_similarity(model, label=label)
     except ValueError:
         pass  # no absolute position table: nothing to show
     if with_resolution:
         from .analysis.resolution import resolution_transfer
 
         results["resolution"] = resolution_transfer(model, images, num_images=num_images, batch_size=batch_size,
-                                                    seed=seed, device=device, progress=progress, label=name)
+                                                    seed=seed, device=device, progress=progress, label=label)
     return results
 
 
