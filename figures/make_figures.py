@@ -89,7 +89,7 @@ def main():
             model = asg_probe.load_checkpoint(path)
             size = int(model.patch_embed.img_size[0])
             imgs = images_for(args.images, args.num_images, size, args.seed)
-            kw = dict(progress=False, checkpoint=label)
+            kw = dict(progress=False, label=label)
             results[label]["layerwise"].append(asg_probe.layerwise_probes(model, imgs, **kw))
             results[label]["attention"].append(asg_probe.attention_distance(model, imgs, **kw))
             results[label]["shuffle"].append(asg_probe.shuffle_test(model, imgs, **kw))
@@ -98,7 +98,7 @@ def main():
                 results[label]["embeddings"].append(asg_probe.token_embeddings(model, imgs[:64], **kw))
             if len(results[label]["pe"]) == 0:
                 try:
-                    results[label]["pe"].append(asg_probe.pos_similarity(model, checkpoint=label))
+                    results[label]["pe"].append(asg_probe.pos_similarity(model, label=label))
                 except ValueError:
                     pass
             print(f"analysed {label}: {path}")
