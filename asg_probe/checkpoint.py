@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import re
-import tempfile
 import types
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError  # defined with the other error types; public here too
+from .files import atomic_write_path
 
 FORMAT_NAME = "asg_probe"
 FORMAT_VERSION = 1
@@ -37,22 +36,6 @@ _RUN_DIR_FILE = "model.safetensors"
 
 
 # --------------------------------------------------------------------------- saving
-
-def _atomic_write(path: Path, write):
-    """Write through a temporary file in the same folder, then rename: a killed process
-    leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def model_description(model) -> dict:
@@ -110,7 +93,10 @@ def save_checkpoint(path, model, **meta) -> Path:
         raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {exc}") from None
     # safetensors refuses tensors that share storage; a detached contiguous copy is exact.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={FORMAT_NAME: text}))
+    # a killed process leaves the old file or the new one, never half of one
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write_path(path) as tmp:
+        save_file(state, tmp, metadata={FORMAT_NAME: text})
     return path
 
 

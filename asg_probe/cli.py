@@ -23,8 +23,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from .cli_args import DEFAULT_CHECKPOINT, build_parser, is_reference_name, out_dir, validate  # noqa: F401
+from .cli_args import DEFAULT_CHECKPOINT, build_parser, is_reference_name, out_dir, validate
 from .errors import AsgProbeError, UsageError
+
+# UsageError and DEFAULT_CHECKPOINT lived here before errors.py / cli_args.py: still importable from here
+__all__ = ["main", "build_parser", "load_model", "UsageError", "DEFAULT_CHECKPOINT"]
 
 DEBUG_HINT = "rerun with --debug for the traceback"
 
