@@ -42,9 +42,7 @@ RANKS = [
     (4, "asg_probe.distributed"),
     (4, "asg_probe.data"),
     (4, "asg_probe.scenes"),
-    (4, "asg_probe.analysis.common"),  # the image-input path until it moves to asg_probe.inputs
     (5, "asg_probe.probes"),
-    (5, "asg_probe.probes_new"),  # the probes package while it is being split out
     (6, "asg_probe.analysis"),
     (6, "asg_probe.results"),     # result base class: analyses build on it
     (6, "asg_probe.activations"), # collect_activations: the analyses' extraction, kept per layer
