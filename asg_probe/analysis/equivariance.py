@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from ..errors import UsageError
 from ..results import AnalysisResult
 
 __all__ = ["EquivarianceResult", "check_equivariance", "rounding_tolerance", "ROUNDING_SAFETY"]
@@ -190,7 +191,7 @@ def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch
     label = display_label(label, checkpoint)
     dtype = _as_dtype(dtype)
     if tol is not None and not (float(tol) > 0 and math.isfinite(float(tol))):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+        raise UsageError(f"tol must be a positive number, got {tol!r}")
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
     patch = model_geometry(model).patch_size
@@ -214,5 +215,6 @@ def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch
     for layer, err in sorted(worst.items()):
         limit = float(tol) if tol is not None else rounding_tolerance(layer, dtype, num_patches)
         rows.append({"layer": layer, "max_rel_error": err, "tol": limit, "equivariant": err <= limit})
-    return EquivarianceResult(rows, data.num_images, num_permutations, checkpoint=label,
-                              dtype=str(dtype).replace("torch.", ""))
+    result = EquivarianceResult(rows, data.num_images, num_permutations, checkpoint=label,
+                                dtype=str(dtype).replace("torch.", ""))
+    return result.record_inputs(data, device=device)
