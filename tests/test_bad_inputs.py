@@ -153,6 +153,12 @@ CASES = DEVICE_CASES + [
          r"layer 9 does not exist: this model has layers 0\.\.1"),
     Case("too-few-images-for-folds", ["layerwise", "{ckpt}", "--num-images", "3", "--out", "{out}",
                                       "--no-progress"], 2, r"3 images are too few for 5-fold"),
+    Case("resolution-too-few-images", ["resolution", "{ckpt}", "--out", "{out}", *FAST], 2,
+         r"resolution transfer needs at least 10 images"),
+    Case("attribution-patch-outside-grid", ["attribution", "{ckpt}", "--patch", "8", "0", "--out", "{out}", *FAST],
+         2, r"patch \(8, 0\) is outside the 8x8 grid"),
+    Case("attribution-image-index-outside", ["attribution", "{ckpt}", "--image-index", "6", "--out", "{out}",
+                                             *FAST], 2, r"image_index 6 is outside the image set: pass 0\.\.5"),
     # --arch / --pos (item 4)
     Case("pos-with-timm-arch", ["layerwise", "{timm}", "--arch", "vit_tiny_patch16_224", "--pos", "none",
                                 "--out", "{out}"], 2, r"--pos applies only to asg_probe architectures"),
@@ -297,6 +303,20 @@ def test_a_scenes_run_directory_is_probed_on_held_out_scenes(env, tmp_path, caps
     assert main(["shuffle-test", str(env["ckpt"]), "--out", str(tmp_path), *FAST]) == 0
     images = json.loads((tmp_path / "shuffle_test.json").read_text())["provenance"]["images"]
     assert images["source"].startswith("embedded photographs")
+
+
+@pytest.mark.parametrize("entry", ["layerwise_probes", "attention_distance", "token_embeddings", "shuffle_test",
+                                   "check_equivariance", "resolution_transfer", "probe_attribution"])
+def test_every_entry_point_records_what_it_ran_on(entry):
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    kw = {"resolution_transfer": {"sizes": [16, 32]}, "token_embeddings": {"layers": [1]}}.get(entry, {})
+    result = getattr(asg_probe, entry)(model, "scenes", num_images=10, seed=2, progress=False, **kw)
+    prov = result.to_dict()["provenance"]
+    assert prov["device"] == "cpu" and prov["package_version"] == asg_probe.__version__
+    images = prov["images"]
+    assert images["source"] == "procedural scenes (validation split, seed 2)" and images["split"] == "val"
+    assert (images["num_images_requested"], images["num_images"], images["seed"]) == (10, 10, 2)
+    assert images["skipped"] == [] and images["img_size"] == [32, 32]
 
 
 # --------------------------------------------------------------------------- interrupted saves

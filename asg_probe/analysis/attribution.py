@@ -21,6 +21,7 @@ import contextlib
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..results import AnalysisResult
 
 __all__ = ["AttributionResult", "probe_attribution", "patch_tokens_with_grad"]
@@ -282,16 +283,16 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
 
     label = display_label(label, checkpoint)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        raise UsageError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if target not in TARGETS:
-        raise ValueError(f"target must be 'row', 'col' or 'both'; got {target!r}")
+        raise UsageError(f"target must be 'row', 'col' or 'both'; got {target!r}")
     geo = model_geometry(model)
     patch_size, depth = geo.patch_size, geo.depth
     (layer,) = resolve_layers([layer], depth)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
     if not 0 <= int(image_index) < data.num_images:
-        raise ValueError(f"image_index {image_index} is outside the image set: pass 0..{data.num_images - 1}")
+        raise UsageError(f"image_index {image_index} is outside the image set: pass 0..{data.num_images - 1}")
     H, W = data.img_size
     gh, gw = H // patch_size, W // patch_size
     if patch is None:
@@ -299,12 +300,12 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
     try:
         row, col = (int(v) for v in patch)
     except (TypeError, ValueError):
-        raise ValueError(f"patch must be a pair (row, col), got {patch!r}") from None
+        raise UsageError(f"patch must be a pair (row, col), got {patch!r}") from None
     if not (0 <= row < gh and 0 <= col < gw):
-        raise ValueError(f"patch ({row}, {col}) is outside the {gh}x{gw} grid: pass row in 0..{gh - 1} "
+        raise UsageError(f"patch ({row}, {col}) is outside the {gh}x{gw} grid: pass row in 0..{gh - 1} "
                          f"and col in 0..{gw - 1}")
     if data.num_images < n_folds:
-        raise ValueError(f"{data.num_images} images are too few for the {n_folds}-fold probe; "
+        raise UsageError(f"{data.num_images} images are too few for the {n_folds}-fold probe; "
                          f"use at least {n_folds} (num_images)")
 
     fitter = LayerwiseAccumulator(n_folds=n_folds, alphas=alphas)

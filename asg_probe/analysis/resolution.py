@@ -19,6 +19,7 @@ import contextlib
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..extract import Accumulator
 from ..probes import coordinate_targets
 from ..results import AnalysisResult
@@ -44,18 +45,18 @@ def default_sizes(train_size: int, patch: int):
 def _as_size(value, what):
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or int(value[0]) != int(value[1]):
-            raise ValueError(f"{what} must be one square size (an int), got {value!r}")
+            raise UsageError(f"{what} must be one square size (an int), got {value!r}")
         value = value[0]
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an int, got {value!r}") from None
+        raise UsageError(f"{what} must be an int, got {value!r}") from None
 
 
 def _check_size(size, patch, what="size"):
     if size < patch or size % patch:
         lower = max(patch, size // patch * patch)
-        raise ValueError(f"{what} {size} is not a positive multiple of the patch size {patch}; "
+        raise UsageError(f"{what} {size} is not a positive multiple of the patch size {patch}; "
                          f"pass e.g. {lower} or {lower + patch}")
     return size
 
@@ -281,13 +282,13 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
     else:
         sizes = sorted({_check_size(_as_size(s, "sizes"), patch, "size") for s in sizes})
         if not sizes:
-            raise ValueError("sizes is empty; pass at least one evaluation size")
+            raise UsageError("sizes is empty; pass at least one evaluation size")
     # one common source, loaded once at the largest size; every size is resized from it
     source = ImageBatches.prepare(model, images, num_images=num_images, img_size=max(sizes + [train_size]),
                                   batch_size=batch_size, seed=seed, check_size=False)
     n = source.num_images
     if (n + 1) // 2 < n_folds or n < 2:
-        raise ValueError(f"resolution transfer needs at least {2 * n_folds} images (even-index images fit the "
+        raise UsageError(f"resolution transfer needs at least {2 * n_folds} images (even-index images fit the "
                          f"probes with {n_folds}-fold CV, odd-index ones evaluate them); got {n}; "
                          f"pass num_images >= {2 * n_folds}")
     fit_idx, eval_idx = torch.arange(0, n, 2), torch.arange(1, n, 2)
