@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import asg_probe
-from asg_probe.analysis.embeddings import (EmbeddingsAccumulator, _nearest, EmbeddingsResult, compare_embeddings,
-                                           position_score, token_embeddings)
+from asg_probe.analysis.embeddings import EmbeddingsAccumulator, EmbeddingsResult, compare_embeddings, token_embeddings
+from asg_probe.analysis.layout import _nearest, embed_2d, position_score
 from asg_probe.extract import ForwardBatch
 from asg_probe.layers.grid import grid_coords
 
@@ -173,3 +173,17 @@ def test_two_processes_merge_to_the_single_process_sample(tmp_path):
     key = lambda i, t, f: sorted(zip(i.tolist(), t[:, 0].tolist(), t[:, 1].tolist(), f[:, 0].tolist()))
     assert key(image, targets, features) == key(r.image_index, r.targets, r.features)
     assert ids == list(range(10))
+
+
+def test_pca_layout_recovers_a_planted_plane_and_rejects_unknown_methods():
+    # points on a 2-D plane, rotated into 80 dimensions: the first two principal
+    # components are that plane, so every pairwise distance is kept exactly
+    rng = np.random.default_rng(0)
+    plane = rng.normal(size=(30, 2)) * [3.0, 1.0]
+    basis, _ = np.linalg.qr(rng.normal(size=(80, 80)))
+    xy, reduced, method = embed_2d(plane @ basis[:2] + 5.0, method="pca")
+    assert method == "pca" and xy.shape == (30, 2) and reduced.shape == (30, 29)  # at most n - 1 components
+    dist = lambda p: np.linalg.norm(p[:, None] - p[None], axis=-1)
+    np.testing.assert_allclose(dist(xy), dist(plane), atol=1e-4)
+    with pytest.raises(ValueError, match="method must be one of"):
+        embed_2d(plane, method="tsne")

