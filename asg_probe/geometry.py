@@ -40,8 +40,8 @@ class ModelGeometry:
         Tokens before the patch tokens (class, distillation, registers).
     depth : int
         Number of blocks; layers are ``0..depth``.
-    img_size : int
-        Input side the model is built for.
+    img_size : int or (int, int)
+        Input size the model is built for: its side, or ``(H, W)`` when not square.
     mean, std : tuple of float
         Input normalisation.
     token_attention : bool
@@ -58,7 +58,7 @@ class ModelGeometry:
     patch_size: int
     num_prefix_tokens: int
     depth: int
-    img_size: int = DEFAULT_IMG_SIZE
+    img_size: int | tuple = DEFAULT_IMG_SIZE
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     token_attention: bool = True
@@ -184,7 +184,8 @@ def _measure(model, size):
     was_training = model.training
     try:
         model.eval()
-        x = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+        height, width = (size, size) if isinstance(size, int) else size
+        x = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
         with torch.no_grad():
             (model.forward_features if hasattr(model, "forward_features") else model)(x)
     except _Stop:
@@ -198,19 +199,21 @@ def _measure(model, size):
     tokens, out = seen.get("tokens"), seen.get("embed")
     if tokens is None or out is None or len(tokens) != 3:
         return None
-    width = tokens[-1]
-    if len(out) == 3 and out[-1] == width:        # (B, N, D)
+    dim = tokens[-1]
+    if len(out) == 3 and out[-1] == dim:          # (B, N, D)
         patches = out[1]
-    elif len(out) == 4 and out[-1] == width:      # (B, H, W, D)
+    elif len(out) == 4 and out[-1] == dim:        # (B, H, W, D)
         patches = out[1] * out[2]
-    elif len(out) == 4 and out[1] == width:       # (B, D, H, W)
+    elif len(out) == 4 and out[1] == dim:         # (B, D, H, W)
         patches = out[2] * out[3]
     else:
         return None
-    side = math.isqrt(patches)
-    if side * side != patches or size % side or not 0 <= tokens[1] - patches <= 64:
+    # patches = (H / stride) * (W / stride): the stride is the side of one patch's pixel area
+    area, rest = divmod(height * width, patches)
+    stride = math.isqrt(area)
+    if rest or stride * stride != area or height % stride or width % stride or not 0 <= tokens[1] - patches <= 64:
         return None
-    return size // side, tokens[1] - patches
+    return stride, tokens[1] - patches
 
 
 def input_config(model):
@@ -226,7 +229,8 @@ def input_config(model):
     size = getattr(embed, "img_size", None) or (cfg.get("input_size") or (3, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE))[1:]
     mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_MEAN))
     std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_STD))
-    return mean, std, _square(size, "img_size"), _square(patch, "patch_size")
+    size = tuple(int(v) for v in size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return mean, std, size[0] if size[0] == size[1] else size, _square(patch, "patch_size")
 
 
 def resolve_layers(layers, depth, *, first=0):

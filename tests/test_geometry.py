@@ -63,6 +63,14 @@ def test_non_square_inputs_use_the_stride_per_axis():
     assert res.grid == (8, 16) and res.num_images == 3
     with pytest.raises(ValueError, match="multiple of the patch size 4"):
         geo.check_size((30, 32))
+    # a timm model built for a non-square input: measured on that input, probed on it
+    wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(32, 64), depth=1, embed_dim=64,
+                             num_heads=2)
+    geo = model_geometry(wide)
+    assert (geo.img_size, geo.patch_size, geo.num_prefix_tokens) == ((32, 64), 16, 1)
+    res = asg_probe.layerwise_probes(wide, torch.randn(6, 3, 32, 64), n_folds=3, progress=False)
+    assert res.grid == (2, 4)
+    assert attention_distance(wide, torch.randn(2, 3, 32, 64), progress=False).grid == (2, 4)
 
 
 def test_resolve_layers_numbers_and_errors():
