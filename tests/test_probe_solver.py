@@ -7,7 +7,7 @@ from sklearn.metrics import r2_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from asg_probe.probes import RidgeStats, coordinate_targets, probe_targets, solve_ridge_cv
+from asg_probe.probes import CoordinateProbe, RidgeStats, coordinate_targets, probe_targets, solve_ridge_cv
 from asg_probe.probes._lapack import (_lapack_dsytrd, _ridge_path, _ridge_solve, _tridiagonal_path_eigen,
                                       _tridiagonalise, ridge_paths)
 from probe_data import GRID, N, planted, stats_of
@@ -173,3 +173,45 @@ def test_bad_input_raises_a_one_line_value_error(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- the alpha grid's edges
+
+def _exact_code(n_images=8, noise=1e-7, seed=0):
+    """Tokens that are the coordinates plus a tiny noise: the best penalty is far below the grid's 1e-3."""
+    g = torch.Generator().manual_seed(seed)
+    coords = coordinate_targets(GRID, dtype=torch.float64)
+    X = torch.cat([coords, torch.randn(N, 6, generator=g, dtype=torch.float64)], 1).expand(n_images, N, 8)
+    return X + noise * torch.randn(n_images, N, 8, generator=g, dtype=torch.float64)
+
+
+def test_the_default_grid_extends_past_an_edge_the_choice_sits_on():
+    stats = stats_of(_exact_code(), probe_targets(GRID, control=False), torch.arange(8), batch=8, exact=True)
+    plain = solve_ridge_cv(stats)
+    assert list(plain.alpha_) == [1e-3, 1e-3] and plain.alpha_at_edge.all()  # truncated by the grid
+    extended = solve_ridge_cv(stats, extend=True)
+    assert extended.alpha_.max() < 1e-3 and extended.alphas.min() < 1e-3
+    assert np.all(extended.cv_r2_ > plain.cv_r2_) and np.all(extended.cv_r2_ <= 1)
+    assert set(plain.alphas) <= set(extended.alphas)  # the grid grew, its old points stayed
+    assert extended.alphas.min() >= 1e-3 / 10 ** 6  # three rounds of two decades at the most
+    # what the larger grid finds is what that grid searched directly finds
+    direct = solve_ridge_cv(stats, alphas=extended.alphas)
+    np.testing.assert_array_equal(direct.cv_r2_, extended.cv_r2_)
+
+
+def test_a_column_without_signal_is_not_extended():
+    X = torch.randn(20, N, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    stats = stats_of(X, probe_targets(GRID, control=False), torch.arange(20), batch=20, exact=True)
+    plain, extended = solve_ridge_cv(stats), solve_ridge_cv(stats, extend=True)
+    assert plain.alpha_at_edge.all() and np.all(plain.cv_r2_ <= 0)  # the strongest penalty, R² just below 0
+    np.testing.assert_array_equal(extended.alphas, plain.alphas)
+
+
+def test_the_estimator_extends_only_the_default_grid():
+    X = _exact_code()
+    default = CoordinateProbe(n_folds=4, control=False).fit(X, grid=GRID)
+    given = CoordinateProbe(n_folds=4, control=False, alphas=[1e-3, 1e-2, 1e-1]).fit(X, grid=GRID)
+    assert default.alpha_.max() < 1e-3 and default.alphas_.min() < 1e-3
+    assert list(given.alpha_) == [1e-3, 1e-3] and given.alpha_at_edge_.all()  # flagged, searched as given
+    off = CoordinateProbe(n_folds=4, control=False, extend_alphas=False).fit(X, grid=GRID)
+    assert off.alphas_.min() == 1e-3 and off.alpha_at_edge_.all()

@@ -51,6 +51,10 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
     ----------
     alphas : array-like, optional
         Ridge penalties searched; :data:`~asg_probe.probes.DEFAULT_ALPHAS` when None.
+    extend_alphas : bool, default=True
+        With the default grid (``alphas=None``), extend it past an end while a chosen
+        alpha sits there (:func:`~asg_probe.probes.solve_ridge_cv` ``extend``); a grid you
+        pass is searched as given, and a choice on its edge flagged in ``alpha_at_edge_``.
     n_folds : int, default=5
         Folds of the image-level split; image ``i`` (its global index, its rank among the
         sorted distinct ``groups``, or its position in ``X``) goes to fold ``i % n_folds``.
@@ -73,7 +77,8 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         Weights in the original feature units, refit on all images.
     intercept_ : ndarray (T,)
     alpha_ : ndarray (T,)
-        Chosen alpha per target column; ``alpha_at_edge_`` (T,) flags the grid's ends.
+        Chosen alpha per target column; ``alpha_at_edge_`` (T,) flags the ends of
+        ``alphas_``, the grid finally searched.
     cv_r2_ : ndarray (T,)
         Held-out (cross-validated, split by image) R² per column.
     fold_coef_ : ndarray (F, T, D), fold_intercept_ : ndarray (F, T)
@@ -106,8 +111,9 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, *, alphas=None, n_folds=5, control=True, control_seed=0, batch_size=64,
-                 device=None, exact=True, method="fast"):
+                 device=None, exact=True, method="fast", extend_alphas=True):
         self.alphas = alphas
+        self.extend_alphas = extend_alphas
         self.n_folds = n_folds
         self.control = control
         self.control_seed = control_seed
@@ -293,7 +299,8 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         return self._fit_stats(stats, None if grid is None else check_grid(grid), False, columns, control_columns)
 
     def _fit_stats(self, stats, grid, y_1d, columns=None, control_columns=None):
-        res = solve_ridge_cv(stats, self.alphas, method=self.method)
+        res = solve_ridge_cv(stats, self.alphas, method=self.method,
+                             extend=bool(self.extend_alphas) and self.alphas is None)
         self.stats_ = stats
         return self._set_fit(res, grid, y_1d, columns, control_columns)
 
@@ -312,6 +319,7 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         self.intercept_ = res.intercept_[main]
         self.alpha_ = res.alpha_[main]
         self.alpha_at_edge_ = res.alpha_at_edge[main]
+        self.alphas_ = res.alphas
         self.cv_r2_ = res.cv_r2_[main]
         self.fold_coef_ = res.fold_coef_[:, main]
         self.fold_intercept_ = res.fold_intercept_[:, main]

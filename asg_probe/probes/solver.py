@@ -147,7 +147,7 @@ def _standardised_paths(problems, alphas, method="fast"):
     return [(mx, my, scale, Ws) for (mx, my, scale, *_), Ws in zip(prepared, paths)]
 
 
-def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast") -> RidgeCVResult:
+def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", extend: bool = False) -> RidgeCVResult:
     """Cross-validated ridge regression from streamed statistics, every fold and alpha at once.
 
     For each fold ``k``, the model is fit on the summed statistics of the other
@@ -171,7 +171,9 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast") -> R
     * **CV R²** = mean over folds of the per-fold R² (NaN folds left out).
     * **Alpha** chosen *per target column* as the maximiser of CV R² (the largest
       alpha on ties); each column is an independent ridge problem, so this is
-      exact. The final ``coef_`` / ``intercept_`` are refit on all folds.
+      exact. The final ``coef_`` / ``intercept_`` are refit on all folds. A choice
+      on an end of the grid is flagged (``alpha_at_edge``) or, with ``extend``, the
+      grid grows past it.
 
     Parameters
     ----------
@@ -182,6 +184,10 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast") -> R
         How the per-alpha systems are solved: the LAPACK fast path
         (:mod:`asg_probe.probes._lapack`) or the ``scipy.linalg.eigh`` reference.
         They agree to rounding.
+    extend : bool, default=False
+        While a column's chosen alpha sits on an end of the grid, extend the grid past
+        it and solve again (see :func:`_extend_edges`), so the grid does not silently
+        truncate the choice; ``alphas`` is then the grid finally searched.
 
     Returns
     -------
@@ -211,6 +217,60 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast") -> R
                          f"(fold = image_index % {F})")
     if not all(bool(torch.isfinite(t).all()) for t in stats._tensors()[:-1]):
         raise ValueError("the statistics contain NaN or inf: the features fed to update() were not finite")
+    result = _solve_grid(stats, alphas, method)
+    return _extend_edges(stats, result, method) if extend else result
+
+
+#: Automatic grid extension: grid steps added at an edge per round, rounds per solve, and the
+#: smallest CV R² gain of a round that justifies another.
+EXTEND_STEPS, EXTEND_ROUNDS, EXTEND_MIN_GAIN = 4, 3, 1e-6
+
+
+def _extend_edges(stats, result, method):
+    """Re-solve on a grid extended past each end where a column's chosen alpha sits on it.
+
+    Each round adds :data:`EXTEND_STEPS` alphas beyond the edge, spaced like the grid's
+    end (a factor of 10 for a one-alpha grid); rounds stop when no chosen alpha is on an
+    edge, when the best CV R² of the edge columns gained less than
+    :data:`EXTEND_MIN_GAIN` (a fit that has converged), or after :data:`EXTEND_ROUNDS`
+    rounds. A column without held-out signal (best CV R² <= 0, e.g. a position-free
+    layer at the strongest penalty) is not extended: more penalty only moves its R²
+    towards 0 from below. A round whose R² exceeds 1 is rounding, not fit (ill-conditioned
+    statistics at a tiny alpha, e.g. ``RidgeStats(exact=False)``): it is dropped and the
+    extension stops. What is still on an edge stays flagged in ``alpha_at_edge``.
+    """
+    for _ in range(EXTEND_ROUNDS):
+        a = result.alphas
+        signal = np.nan_to_num(result.cv_r2_, nan=-np.inf) > 0  # an all-NaN column has no best alpha either
+        low = signal & (result.best_index == 0)
+        high = signal & (result.best_index == a.size - 1)
+        if not (low.any() or high.any()):
+            break
+        down = a[1] / a[0] if a.size > 1 else 10.0
+        up = a[-1] / a[-2] if a.size > 1 else 10.0
+        steps = np.arange(1, EXTEND_STEPS + 1, dtype=np.float64)
+
+        def tidy(values):  # 1e-07, not 9.999999999999994e-08
+            return np.array([float(f"{v:.12g}") for v in values])
+
+        grid = a
+        if low.any():
+            grid = np.concatenate([tidy(a[0] / down ** steps[::-1]), grid])
+        if high.any():
+            grid = np.concatenate([grid, tidy(a[-1] * up ** steps)])
+        extended = _solve_grid(stats, grid, method)
+        if np.any(extended.cv_r2_path > 1):
+            break
+        edge = low | high
+        gain = np.nanmax(extended.cv_r2_[edge] - result.cv_r2_[edge])
+        result = extended
+        if not gain >= EXTEND_MIN_GAIN:
+            break
+    return result
+
+
+def _solve_grid(stats, alphas, method):
+    F = stats.n_folds
     # the solve runs on the CPU in float64 (LAPACK); the statistics are O(F D^2), a cheap copy off a GPU
     n, sx, sy, G, H, sy2 = (t.cpu() for t in (stats.n, stats.sum_x, stats.sum_y, stats.xtx, stats.xty,
                                                 stats.sum_y2))

@@ -30,7 +30,7 @@ from ..extract import forward_tokens
 from ..analysis.layout import EMBEDDING_METHODS, embed_2d
 from ..geometry import model_geometry, resolve_layers
 from ..inputs import ImageBatches
-from ..probes import DEFAULT_ALPHAS, CoordinateProbe, RidgeCVResult, coordinate_targets
+from ..probes import CoordinateProbe, RidgeCVResult, coordinate_targets
 
 __all__ = ["ModelView", "ProbeFit", "Embedding2D", "as_views"]
 
@@ -194,7 +194,7 @@ class ModelView:
         self.grid = (self.inputs.shape[-2] // self.patch_size, self.inputs.shape[-1] // self.patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.n_folds = int(min(n_folds, self.num_images))
-        self.alphas = DEFAULT_ALPHAS if alphas is None else alphas
+        self.alphas = alphas  # None: the default grid, extended past an edge where needed
         self.embedding_method = embedding
         self.max_embed_tokens = int(max_embed_tokens)
         self.batch_size = int(batch_size)
