@@ -308,7 +308,8 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     control_seed : int
         Seed of the control task's permutation.
     alphas : array-like, optional
-        Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`).
+        Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`, extended
+        past an end while a layer's chosen alpha sits on it; a grid you pass is searched as given).
     cell_accuracy : bool
         Also report held-out per-cell classification accuracy (costs a second forward pass).
     exact : bool, default=True
