@@ -125,6 +125,7 @@ class Case:
     code: int
     stderr: str           # regex, searched in the one stderr line
     outputs: list = field(default_factory=list)  # file names expected in {out}; [] = no folder at all
+    loads: bool = False   # the failure is found only once the model is loaded (else: before loading)
 
 
 DEVICE_CASES = [Case(f"{cmd}-device-{dev}", [cmd, "{ckpt}", "--device", dev, "--out", "{out}"], 2,
@@ -148,17 +149,17 @@ CASES = DEVICE_CASES + [
          r"--tol: must be a positive number"),
     Case("folds-1", ["layerwise", "{ckpt}", "--folds", "1", "--out", "{out}"], 2, r"--folds: must be at least 2"),
     Case("img-size-not-multiple-of-patch", ["layerwise", "{ckpt}", "--img-size", "30", "--out", "{out}", *FAST],
-         2, r"image size 30x30 is not a multiple of the patch size 4"),
+         2, r"image size 30x30 is not a multiple of the patch size 4", loads=True),
     Case("layer-out-of-range", ["layerwise", "{ckpt}", "--layers", "9", "--out", "{out}", *FAST], 2,
-         r"layer 9 does not exist: this model has layers 0\.\.1"),
+         r"layer 9 does not exist: this model has layers 0\.\.1", loads=True),
     Case("too-few-images-for-folds", ["layerwise", "{ckpt}", "--num-images", "3", "--out", "{out}",
-                                      "--no-progress"], 2, r"3 images are too few for 5-fold"),
+                                      "--no-progress"], 2, r"3 images are too few for 5-fold", loads=True),
     Case("resolution-too-few-images", ["resolution", "{ckpt}", "--out", "{out}", *FAST], 2,
-         r"resolution transfer needs at least 10 images"),
+         r"resolution transfer needs at least 10 images", loads=True),
     Case("attribution-patch-outside-grid", ["attribution", "{ckpt}", "--patch", "8", "0", "--out", "{out}", *FAST],
-         2, r"patch \(8, 0\) is outside the 8x8 grid"),
+         2, r"patch \(8, 0\) is outside the 8x8 grid", loads=True),
     Case("attribution-image-index-outside", ["attribution", "{ckpt}", "--image-index", "6", "--out", "{out}",
-                                             *FAST], 2, r"image_index 6 is outside the image set: pass 0\.\.5"),
+                                             *FAST], 2, r"image_index 6 is outside the image set: pass 0\.\.5", loads=True),
     # --arch / --pos (item 4)
     Case("pos-with-timm-arch", ["layerwise", "{timm}", "--arch", "vit_tiny_patch16_224", "--pos", "none",
                                 "--out", "{out}"], 2, r"--pos applies only to asg_probe architectures"),
@@ -174,25 +175,25 @@ CASES = DEVICE_CASES + [
     Case("no-such-image-folder", ["layerwise", "{ckpt}", "--images", "{out}/nowhere", "--out", "{out}"], 2,
          r"--images .*nowhere: no such file or folder"),
     Case("folder-without-images", ["layerwise", "{ckpt}", "--images", "{no_images}", "--out", "{out}", *FAST], 2,
-         r"no image files found"),
+         r"no image files found", loads=True),
     Case("unknown-command", ["frobnicate"], 2, r"invalid choice: 'frobnicate'"),
     Case("emergence-without-snapshots", ["emergence", "{run}", "--out", "{out}"], 2,
-         r"no step_\*\.safetensors snapshots in .*scenes-run"),
+         r"no step_\*\.safetensors snapshots in .*scenes-run", loads=True),
     Case("emergence-max-snapshots-1", ["emergence", "{run}", "--max-snapshots", "1", "--out", "{out}"], 2,
          r"--max-snapshots: must be at least 2"),
     Case("unknown-timm-name", ["layerwise", "timm:vit_bogus", "--out", "{out}"], 1,
-         r"timm:vit_bogus: timm \S+ has no model 'vit_bogus'"),
+         r"timm:vit_bogus: timm \S+ has no model 'vit_bogus'", loads=True),
     # inputs that exist but cannot be read: exit 1
     Case("hostile-pickle", ["layerwise", "{hostile}", "--out", "{out}"], 1,
-         r"refused to unpickle .*nothing was run"),
-    Case("truncated-safetensors", ["layerwise", "{cut}", "--out", "{out}"], 1, r"truncated or corrupt"),
-    Case("empty-file", ["attention-distance", "{empty}", "--out", "{out}"], 1, r"the file is empty"),
-    Case("foreign-file", ["layerwise", "{foreign}", "--out", "{out}"], 1, r"not a checkpoint"),
-    Case("bare-state-dict-needs-pos", ["layerwise", "{bare_rope}", "--out", "{out}"], 1, r"pass pos= \(--pos\)"),
+         r"refused to unpickle .*nothing was run", loads=True),
+    Case("truncated-safetensors", ["layerwise", "{cut}", "--out", "{out}"], 1, r"truncated or corrupt", loads=True),
+    Case("empty-file", ["attention-distance", "{empty}", "--out", "{out}"], 1, r"the file is empty", loads=True),
+    Case("foreign-file", ["layerwise", "{foreign}", "--out", "{out}"], 1, r"not a checkpoint", loads=True),
+    Case("bare-state-dict-needs-pos", ["layerwise", "{bare_rope}", "--out", "{out}"], 1, r"pass pos= \(--pos\)", loads=True),
     Case("bare-timm-state-dict", ["layerwise", "{timm}", "--out", "{out}"], 1,
-         r"timm's VisionTransformer layout \(width 192, patch 8, 1 blocks\).*likely --arch vit_tiny_patch16_224"),
+         r"timm's VisionTransformer layout \(width 192, patch 8, 1 blocks\).*likely --arch vit_tiny_patch16_224", loads=True),
     Case("no-image-readable", ["layerwise", "{ckpt}", "--images", "{unreadable}", "--out", "{out}", *FAST], 1,
-         r"none of the 1 image files could be read"),
+         r"none of the 1 image files could be read", loads=True),
 ]
 
 
@@ -202,8 +203,13 @@ def _fill(argv, env, out):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input_gives_one_line_and_its_exit_code(case, env, tmp_path, capsys):
+def test_bad_input_gives_one_line_and_its_exit_code(case, env, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    if not case.loads:  # found by the checks that run before any model is loaded or image read
+        def too_early(*args, **kwargs):
+            raise AssertionError("a model was loaded before the arguments were checked")
+
+        monkeypatch.setattr(asg_probe.checkpoint, "load_checkpoint", too_early)
     before = env["file"].read_text()
     code = main(_fill(case.argv, env, out))
     captured = capsys.readouterr()
