@@ -298,3 +298,18 @@ def test_every_accumulator_asking_for_attention_gets_its_own_reduced_maps():
     alone = attention_distance(model, x, batch_size=3, progress=False)
     for layer in (1, 2):
         np.testing.assert_allclose(distance.result().heads_px[layer], alone.heads_px[layer], rtol=1e-6)
+
+
+def test_run_analyses_rejects_views_it_cannot_serve_in_one_line():
+    from asg_probe.extract import run_analyses
+
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    batches = [(torch.randn(2, 3, 32, 32), torch.arange(2))]
+    other_seed = _ShuffledTokens()
+    other_seed.shuffle_seed = 4
+    with pytest.raises(ValueError, match="share one shuffle_seed"):
+        run_analyses(model, batches, [_ShuffledTokens(), other_seed], layers=[0], progress=False)
+    sideways = _AttentionShape()
+    sideways.view = "flipped"
+    with pytest.raises(ValueError, match="view must be one of"):
+        run_analyses(model, batches, [sideways], layers=[0], progress=False)
