@@ -286,6 +286,22 @@ def compare_layerwise(results, labels=None, column="r2", ax=None):
     return ax.figure
 
 
+def probe_images(model, images, n_folds, *, num_images=64, img_size=None, batch_size=32, seed=0):
+    """:class:`~asg_probe.inputs.ImageBatches` for a cross-validated probe: at least ``n_folds`` images.
+
+    Raises :class:`~asg_probe.errors.UsageError` (one line) when there are fewer.
+    """
+    from ..errors import UsageError
+    from ..inputs import ImageBatches
+
+    data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
+                                batch_size=batch_size, seed=seed)
+    if data.num_images < n_folds:
+        raise UsageError(f"{data.num_images} images are too few for {n_folds}-fold cross-validation; "
+                         f"use at least {n_folds} (--num-images)")
+    return data
+
+
 def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None,
                      n_folds=5, control_seed=0, alphas=None, cell_accuracy=False, seed=0, device="cpu",
                      progress=True, label="", exact=True, checkpoint=None):
@@ -336,16 +352,12 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     >>> res.to_frame().columns[:4].tolist()
     ['layer', 'r2_row', 'r2_col', 'r2']
     """
-    from ..errors import UsageError
     from ..extract import run_analyses
-    from ..inputs import ImageBatches, display_label
+    from ..inputs import display_label
 
     label = display_label(label, checkpoint)
-    data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
-                                batch_size=batch_size, seed=seed)
-    if data.num_images < n_folds:
-        raise UsageError(f"{data.num_images} images are too few for {n_folds}-fold cross-validation; "
-                         f"use at least {n_folds} (--num-images)")
+    data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
+                        seed=seed)
     (acc,) = run_analyses(model, data, [LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed,
                                                              alphas=alphas, exact=exact)],
                           layers=layers, device=device, progress=progress, desc="layerwise")

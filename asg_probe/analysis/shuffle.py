@@ -17,7 +17,7 @@ import torch
 
 from ..probes import CoordinateProbe, coordinate_targets
 from ..results import AnalysisResult
-from .layerwise import LayerwiseAccumulator, ProbeAccumulator
+from .layerwise import LayerwiseAccumulator, ProbeAccumulator, probe_images
 
 #: Target columns of the shuffled-token probes: the patch's original position, then its slot.
 SHUFFLE_TARGETS = ("original_row", "original_col", "slot_row", "slot_col")
@@ -161,14 +161,11 @@ def shuffle_test(model, images=None, *, num_images=64, img_size=None, batch_size
     True
     """
     from ..extract import run_analyses
-    from ..inputs import ImageBatches, display_label
+    from ..inputs import display_label
 
     label = display_label(label, checkpoint)
-    data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
-                                batch_size=batch_size, seed=seed)
-    if data.num_images < n_folds:
-        raise ValueError(f"{data.num_images} images are too few for {n_folds}-fold cross-validation; "
-                         f"use at least {n_folds} (--num-images)")
+    data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
+                        seed=seed)
     plain, shuffled = run_analyses(model, data, [LayerwiseAccumulator(n_folds=n_folds),
                                                  ShuffleAccumulator(n_folds=n_folds, shuffle_seed=seed)],
                                    layers=layers, device=device, progress=progress, desc="shuffle test")
