@@ -86,7 +86,7 @@ def _square(value, what):
 
 
 def model_geometry(model) -> ModelGeometry:
-    """Read a ViT's :class:`ModelGeometry` from the model itself (cached per model).
+    """Read a ViT's :class:`ModelGeometry` from the model itself (cached per model until what it declares changes).
 
     The patch grid and the prefix tokens are *measured*: one blank image at the
     model's input size runs up to the first block (in eval mode, without gradients;
@@ -124,13 +124,17 @@ def model_geometry(model) -> ModelGeometry:
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no `blocks`: the analyses need a timm-style ViT")
+    config = input_config(model)
+    # what the model declares: if it changes (timm's set_input_size, a new patch
+    # embedding), the cached measurement no longer holds
+    declared = (config, getattr(model, "num_prefix_tokens", None), len(blocks))
     try:
         cached = _CACHE.get(model)
     except TypeError:  # not weak-referenceable: measure every time
         cached = None
-    if cached is not None:
-        return cached
-    mean, std, size, patch = input_config(model)
+    if cached is not None and cached[0] == declared:
+        return cached[1]
+    mean, std, size, patch = config
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:
         prefix = 0 if getattr(model, "cls_token", True) is None else 1
@@ -140,7 +144,7 @@ def model_geometry(model) -> ModelGeometry:
     geo = ModelGeometry(patch_size=patch, num_prefix_tokens=int(prefix), depth=len(blocks), img_size=size,
                         mean=mean, std=std, token_attention=not _channel_attention(blocks[0]))
     try:
-        _CACHE[model] = geo
+        _CACHE[model] = (declared, geo)
     except TypeError:
         pass
     return geo

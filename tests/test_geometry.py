@@ -95,3 +95,11 @@ def test_declared_geometry_is_used_when_nothing_can_be_measured():
             self.blocks = torch.nn.ModuleList([torch.nn.Identity()])
 
     assert model_geometry(Declared()) == ModelGeometry(patch_size=8, num_prefix_tokens=3, depth=1, img_size=32)
+
+
+def test_a_new_input_size_is_measured_again():
+    model = timm.create_model("vit_tiny_patch16_224", **SMALL)
+    assert model_geometry(model).img_size == 64
+    model.set_input_size(img_size=(96, 96))
+    geo = model_geometry(model)
+    assert (geo.img_size, geo.grid(geo.img_size)) == (96, (6, 6))
