@@ -5,6 +5,8 @@
   position of every patch, and a UMAP of the layer's tokens.
 * :class:`LayerSlider`: a play button through depth, showing each model's probe
   field and R² curve as spatial organisation emerges.
+* :class:`TrainingExplorer`: the comparison explorer with a training-step slider
+  (and play) over runs' snapshots, loaded as the slider reaches them.
 * :class:`ModelView`: the per-model cache both are built on (tokens, probes,
   attention, embeddings, computed on first use).
 
@@ -23,6 +25,8 @@ True
 """
 from .explorer import MEAN_HEAD, ComparisonExplorer
 from .layer_slider import LayerSlider
+from .training import RunSnapshots, TrainingExplorer
 from .view import Embedding2D, ModelView, ProbeFit, as_views
 
-__all__ = ["ComparisonExplorer", "LayerSlider", "ModelView", "ProbeFit", "Embedding2D", "MEAN_HEAD", "as_views"]
+__all__ = ["ComparisonExplorer", "LayerSlider", "TrainingExplorer", "RunSnapshots", "ModelView", "ProbeFit",
+           "Embedding2D", "MEAN_HEAD", "as_views"]

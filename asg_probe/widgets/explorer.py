@@ -6,7 +6,7 @@ import time
 
 import ipywidgets as widgets
 
-from ..plotting import mechanism_color
+from ..plotting import display_name, model_color
 from . import panels
 from .panels import traceback_html
 from .view import as_views
@@ -30,13 +30,16 @@ def scaled_cell(row, col, grid, full_grid):
     return one(row, grid[0], full_grid[0]), one(col, grid[1], full_grid[1])
 
 
-def model_header(label, view, index=0) -> str:
-    color = mechanism_color(label, index)
-    if not isinstance(color, str):  # a matplotlib RGBA tuple for labels outside the palette
-        color = "#%02x%02x%02x" % tuple(int(255 * c) for c in color[:3])
-    return (f"<b style='color:{color}'>{html.escape(label)}</b> "
+def model_header(label, view, index=0, note="") -> str:
+    """The coloured name of a model over its panels (one colour per model, as in every figure).
+
+    ``note`` is appended in grey (e.g. the training step shown); ``index`` is ignored
+    (kept for old callers: a model's colour never depends on its position).
+    """
+    extra = f" · {html.escape(note)}" if note else ""
+    return (f"<b style='color:{model_color(label)}'>{html.escape(display_name(label))}</b> "
             f"<span style='color:#666;font-size:85%'>{view.depth} blocks · {view.num_heads} heads · "
-            f"grid {view.grid[0]}×{view.grid[1]}</span>")
+            f"grid {view.grid[0]}×{view.grid[1]}{extra}</span>")
 
 
 class ComparisonExplorer:
@@ -152,9 +155,11 @@ class ComparisonExplorer:
         self.columns = outer()
         if outer is widgets.HBox:
             self.columns.layout.flex_flow = "row wrap"  # many models wrap onto the next line
+        # Subclasses add controls here, beside the layer slider (the training-step slider).
+        self.depth_controls = widgets.VBox([self.layer, self.head, self.image])
         controls = widgets.HBox([
             self.models,
-            widgets.VBox([self.layer, self.head, self.image]),
+            self.depth_controls,
             widgets.VBox([widgets.HTML("<b>query patch</b>"), self.row, self.col]),
         ])
         self.widget = widgets.VBox([controls, self.columns, self.status])

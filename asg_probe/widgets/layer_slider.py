@@ -5,7 +5,7 @@ import time
 
 import ipywidgets as widgets
 
-from ..plotting import mechanism_color
+from ..plotting import model_color
 from . import panels
 from .explorer import model_header
 from .panels import traceback_html
@@ -71,10 +71,7 @@ class LayerSlider:
         self.image_index = None if image_index is None else int(image_index)
         max_depth = max(v.depth for v in self.views.values())
         self.r2_curves = {label: view.r2_curve() for label, view in self.views.items()}
-        self.colors = {}
-        for i, label in enumerate(self.views):
-            color = mechanism_color(label, i)
-            self.colors[label] = color if isinstance(color, str) else tuple(color)
+        self.colors = {label: model_color(label) for label in self.views}
 
         self.layer = widgets.IntSlider(value=int(layer), min=0, max=max_depth, description="layer",
                                        continuous_update=True)

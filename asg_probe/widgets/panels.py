@@ -17,7 +17,7 @@ import traceback
 
 import numpy as np
 
-from ..plotting import position_colors
+from ..plotting import display_name, position_colors
 
 #: Panel side in inches and resolution: ~250 px squares, so four models fit side by side.
 PANEL_INCHES = 2.8
@@ -189,7 +189,7 @@ def r2_curve_panel(curves, layer, title="probe R² by layer", colors=None) -> by
     fig, ax = new_panel(width=PANEL_INCHES * 1.2)
     for label, r2 in curves.items():
         color = None if colors is None else colors[label]
-        ax.plot(np.arange(len(r2)), r2, marker="o", ms=3, lw=1.4, label=label, color=color)
+        ax.plot(np.arange(len(r2)), r2, marker="o", ms=3, lw=1.4, label=display_name(label), color=color)
         if layer < len(r2):
             ax.scatter([layer], [r2[layer]], s=50, color=color, edgecolors="black", zorder=3)
     ax.axvline(layer, color="0.6", lw=0.8, ls="--")
