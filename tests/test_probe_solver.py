@@ -177,26 +177,47 @@ def test_bad_input_raises_a_one_line_value_error(call, message):
 
 # --------------------------------------------------------------------------- the alpha grid's edges
 
-def _exact_code(n_images=8, noise=1e-7, seed=0):
-    """Tokens that are the coordinates plus a tiny noise: the best penalty is far below the grid's 1e-3."""
+def _faint_code(n_images=8, delta=1e-3, noise=1e-6, seed=0):
+    """Position in the faint difference of two nearly equal features: the best penalty is far below 1e-3.
+
+    Features ``z + delta row`` and ``z`` (``z`` large and random per token): standardised, the
+    position direction has an eigenvalue of about ``n_tokens delta^2 / 10``, 5e-5 here, so
+    the grid's smallest alpha (1e-3) shrinks it twenty-fold.
+    """
     g = torch.Generator().manual_seed(seed)
-    coords = coordinate_targets(GRID, dtype=torch.float64)
-    X = torch.cat([coords, torch.randn(N, 6, generator=g, dtype=torch.float64)], 1).expand(n_images, N, 8)
-    return X + noise * torch.randn(n_images, N, 8, generator=g, dtype=torch.float64)
+    coords = coordinate_targets(GRID, dtype=torch.float64).expand(n_images, N, 2)
+    z = torch.randn(n_images, N, 2, generator=g, dtype=torch.float64)
+    junk = torch.randn(n_images, N, 4, generator=g, dtype=torch.float64)
+    X = torch.cat([z + delta * coords, z, junk], -1)
+    return X + noise * torch.randn(X.shape, generator=g, dtype=torch.float64)
 
 
 def test_the_default_grid_extends_past_an_edge_the_choice_sits_on():
-    stats = stats_of(_exact_code(), probe_targets(GRID, control=False), torch.arange(8), batch=8, exact=True)
+    stats = stats_of(_faint_code(), probe_targets(GRID, control=False), torch.arange(8), batch=8, exact=True)
     plain = solve_ridge_cv(stats)
-    assert list(plain.alpha_) == [1e-3, 1e-3] and plain.alpha_at_edge.all()  # truncated by the grid
+    # truncated by the grid: the row's best alpha is its floor (R² 0.01), the column's signal is
+    # shrunk to nothing there, so its best alpha is the top (R² just below 0)
+    assert list(plain.alpha_) == [1e-3, 1e6] and plain.alpha_at_edge.all()
+    assert plain.cv_r2_.max() < 0.05
     extended = solve_ridge_cv(stats, extend=True)
-    assert extended.alpha_.max() < 1e-3 and extended.alphas.min() < 1e-3
-    assert np.all(extended.cv_r2_ > plain.cv_r2_) and np.all(extended.cv_r2_ <= 1)
+    assert extended.alpha_.max() < 1e-4 and extended.alphas.min() < 1e-4
+    assert np.all(extended.cv_r2_ > 0.99) and np.all(extended.cv_r2_ <= 1)  # what the grid had hidden
     assert set(plain.alphas) <= set(extended.alphas)  # the grid grew, its old points stayed
     assert extended.alphas.min() >= 1e-3 / 10 ** 6  # three rounds of two decades at the most
     # what the larger grid finds is what that grid searched directly finds
     direct = solve_ridge_cv(stats, alphas=extended.alphas)
     np.testing.assert_array_equal(direct.cv_r2_, extended.cv_r2_)
+
+
+def test_a_converged_fit_is_flagged_not_extended():
+    g = torch.Generator().manual_seed(0)
+    coords = coordinate_targets(GRID, dtype=torch.float64)
+    X = torch.cat([coords, torch.randn(N, 6, generator=g, dtype=torch.float64)], 1).expand(8, N, 8)
+    X = X + 1e-6 * torch.randn(8, N, 8, generator=g, dtype=torch.float64)
+    stats = stats_of(X, probe_targets(GRID, control=False), torch.arange(8), batch=8, exact=True)
+    plain, extended = solve_ridge_cv(stats), solve_ridge_cv(stats, extend=True)
+    assert plain.cv_r2_.min() > 1 - 1e-4 and plain.alpha_at_edge.all()
+    np.testing.assert_array_equal(extended.alphas, plain.alphas)
 
 
 def test_a_column_without_signal_is_not_extended():
@@ -208,7 +229,7 @@ def test_a_column_without_signal_is_not_extended():
 
 
 def test_the_estimator_extends_only_the_default_grid():
-    X = _exact_code()
+    X = _faint_code()
     default = CoordinateProbe(n_folds=4, control=False).fit(X, grid=GRID)
     given = CoordinateProbe(n_folds=4, control=False, alphas=[1e-3, 1e-2, 1e-1]).fit(X, grid=GRID)
     assert default.alpha_.max() < 1e-3 and default.alphas_.min() < 1e-3

@@ -221,29 +221,41 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", exte
     return _extend_edges(stats, result, method) if extend else result
 
 
-#: Automatic grid extension: grid steps added at an edge per round, rounds per solve, and the
-#: smallest CV R² gain of a round that justifies another.
-EXTEND_STEPS, EXTEND_ROUNDS, EXTEND_MIN_GAIN = 4, 3, 1e-6
+#: Automatic grid extension: grid steps added at an edge per round, rounds per solve, the
+#: smallest CV R² gain of a round that justifies another, and the CV R² above which a fit
+#: counts as converged (not extended).
+EXTEND_STEPS, EXTEND_ROUNDS, EXTEND_MIN_GAIN, EXTEND_CONVERGED = 4, 3, 1e-6, 1 - 1e-4
 
 
 def _extend_edges(stats, result, method):
-    """Re-solve on a grid extended past each end where a column's chosen alpha sits on it.
+    """Re-solve on a grid extended past an end where a column's CV R² still climbs towards it.
 
-    Each round adds :data:`EXTEND_STEPS` alphas beyond the edge, spaced like the grid's
-    end (a factor of 10 for a one-alpha grid); rounds stop when no chosen alpha is on an
-    edge, when the best CV R² of the edge columns gained less than
-    :data:`EXTEND_MIN_GAIN` (a fit that has converged), or after :data:`EXTEND_ROUNDS`
-    rounds. A column without held-out signal (best CV R² <= 0, e.g. a position-free
-    layer at the strongest penalty) is not extended: more penalty only moves its R²
-    towards 0 from below. A round whose R² exceeds 1 is rounding, not fit (ill-conditioned
-    statistics at a tiny alpha, e.g. ``RidgeStats(exact=False)``): it is dropped and the
-    extension stops. What is still on an edge stays flagged in ``alpha_at_edge``.
+    Downwards where a column's R² rises from the grid's second-smallest alpha to its
+    smallest by at least :data:`EXTEND_MIN_GAIN`, whether or not the smallest is the
+    best yet: a signal carried by a faint direction (a weak injection) can be shrunk to
+    nothing at the grid's floor, leaving the best alpha at the top with R² ~ 0 and only
+    the climb at the bottom to show it. Upwards where the best alpha is the largest and
+    its R² is positive. Each round adds :data:`EXTEND_STEPS` alphas beyond the edge,
+    spaced like the grid's end (a factor of 10 for a one-alpha grid); rounds stop when
+    no column asks for more, when the best CV R² of the columns extended gained less
+    than :data:`EXTEND_MIN_GAIN`, or after :data:`EXTEND_ROUNDS` rounds.
+
+    Not extended: a converged column (CV R² above :data:`EXTEND_CONVERGED`: less than
+    1e-4 left to gain, and at smaller alphas such a fit's R², computed from sums, is
+    dominated by rounding; on ViT-S layer 0 it read above 1). A round whose R² exceeds
+    1 anyway is dropped and the extension stops. What is still on an edge stays flagged
+    in ``alpha_at_edge``.
     """
     for _ in range(EXTEND_ROUNDS):
-        a = result.alphas
-        signal = np.nan_to_num(result.cv_r2_, nan=-np.inf) > 0  # an all-NaN column has no best alpha either
-        low = signal & (result.best_index == 0)
-        high = signal & (result.best_index == a.size - 1)
+        a, path = result.alphas, result.cv_r2_path
+        r2 = np.nan_to_num(result.cv_r2_, nan=-np.inf)  # an all-NaN column has no best alpha
+        open_fit = np.isfinite(r2) & (r2 <= EXTEND_CONVERGED)
+        if a.size > 1:
+            climbing = np.nan_to_num(path[0] - path[1], nan=-np.inf) >= EXTEND_MIN_GAIN
+        else:
+            climbing = result.best_index == 0
+        low = open_fit & climbing
+        high = open_fit & (result.best_index == a.size - 1) & (r2 > 0)
         if not (low.any() or high.any()):
             break
         down = a[1] / a[0] if a.size > 1 else 10.0
@@ -262,7 +274,7 @@ def _extend_edges(stats, result, method):
         if np.any(extended.cv_r2_path > 1):
             break
         edge = low | high
-        gain = np.nanmax(extended.cv_r2_[edge] - result.cv_r2_[edge])
+        gain = np.max(extended.cv_r2_[edge] - result.cv_r2_[edge])
         result = extended
         if not gain >= EXTEND_MIN_GAIN:
             break
