@@ -224,22 +224,25 @@ class LayerwiseResult(AnalysisResult):
         return (np.array([r["layer"] for r in self.rows]), np.array([r[column] for r in self.rows]))
 
     def plot(self, ax=None, label=None):
-        from ..plotting import new_figure
+        """Row, column and mean R² per layer, control task dashed (row/column in their own colours,
+        never a model's: :data:`~asg_probe.plotting.ROW_COLOR`, :data:`~asg_probe.plotting.COL_COLOR`)."""
+        from ..plotting import COL_COLOR, ROW_COLOR, integer_ticks, new_figure
 
         if ax is None:
             fig, axes = new_figure(5.2, 3.4)
             ax = axes[0][0]
         fig = ax.figure
         layers, _ = self.r2()
-        styles = [("r2_row", "row", "-", "o"), ("r2_col", "col", "-", "s"), ("r2", "mean", "-", None),
-                  ("r2_control", "control", "--", None)]
-        for col, name, ls, marker in styles:
-            ax.plot(layers, self.r2(col)[1], ls=ls, marker=marker, ms=4, lw=2 if col == "r2" else 1.2,
+        styles = [("r2_row", "row", "-", "o", ROW_COLOR), ("r2_col", "col", "-", "s", COL_COLOR),
+                  ("r2", "mean", "-", None, "0.55"), ("r2_control", "control", "--", None, "0.55")]
+        for col, name, ls, marker, color in styles:
+            ax.plot(layers, self.r2(col)[1], ls=ls, marker=marker, ms=4, lw=2 if col == "r2" else 1.2, color=color,
                     label=f"{label + ' ' if label else ''}{name}")
         ax.set_xlabel("layer (0 = patch embedding)")
         ax.set_ylabel("held-out R² (split by image)")
-        ax.set_ylim(min(-0.05, float(np.nanmin(self.r2("r2_control")[1])) - 0.05), 1.02)
-        ax.set_xticks(layers)
+        low = min(float(np.nanmin(self.r2(c)[1])) for c in ("r2_row", "r2_col", "r2_control"))
+        ax.set_ylim(min(-0.05, low - 0.05), 1.02)
+        integer_ticks(ax, layers)
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3)
         title = "Coordinate probes"
@@ -266,22 +269,25 @@ def compare_layerwise(results, labels=None, column="r2", ax=None):
     labels : list of str, optional
         Legend labels (default: each result's checkpoint); mechanism names pick the colour.
     """
-    from ..plotting import mechanism_color, new_figure
+    from ..plotting import display_name, integer_ticks, model_color, new_figure
 
     if ax is None:
         fig, axes = new_figure(5.6, 3.6)
         ax = axes[0][0]
     labels = labels or [r.checkpoint or f"model {i}" for i, r in enumerate(results)]
-    for i, (res, label) in enumerate(zip(results, labels)):
+    all_layers = set()
+    for res, label in zip(results, labels):
         layers, values = res.r2(column)
-        color = mechanism_color(label, i)
-        ax.plot(layers, values, marker="o", ms=3, color=color, label=label)
+        all_layers.update(int(v) for v in layers)
+        color = model_color(label)
+        ax.plot(layers, values, marker="o", ms=3, color=color, label=display_name(label))
         ax.plot(layers, res.r2("r2_control")[1], ls=":", color=color, lw=0.8)
     ax.set_xlabel("layer (0 = patch embedding)")
     ax.set_ylabel(f"held-out {column.replace('r2', 'R²')}  (dotted: control)")
+    integer_ticks(ax, sorted(all_layers))
     ax.axhline(0, color="k", lw=0.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside the curves
     ax.figure.tight_layout()
     return ax.figure
 
@@ -325,7 +331,7 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
         Seed of the control task's permutation.
     alphas : array-like, optional
         Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`, extended
-        past an end while a layer's chosen alpha sits on it; a grid you pass is searched as given).
+        past an end while a layer's CV R² still climbs towards it; a grid you pass is searched as given).
     cell_accuracy : bool
         Also report held-out per-cell classification accuracy (costs a second forward pass).
     exact : bool, default=True

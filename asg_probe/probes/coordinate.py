@@ -52,9 +52,9 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
     alphas : array-like, optional
         Ridge penalties searched; :data:`~asg_probe.probes.DEFAULT_ALPHAS` when None.
     extend_alphas : bool, default=True
-        With the default grid (``alphas=None``), extend it past an end while a chosen
-        alpha sits there (:func:`~asg_probe.probes.solve_ridge_cv` ``extend``); a grid you
-        pass is searched as given, and a choice on its edge flagged in ``alpha_at_edge_``.
+        With the default grid (``alphas=None``), extend it past an end while a column's
+        CV R² still climbs towards it (:func:`~asg_probe.probes.solve_ridge_cv` ``extend``);
+        a grid you pass is searched as given, and a choice on its edge flagged in ``alpha_at_edge_``.
     n_folds : int, default=5
         Folds of the image-level split; image ``i`` (its global index, its rank among the
         sorted distinct ``groups``, or its position in ``X``) goes to fold ``i % n_folds``.

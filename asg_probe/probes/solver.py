@@ -185,9 +185,9 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", exte
         (:mod:`asg_probe.probes._lapack`) or the ``scipy.linalg.eigh`` reference.
         They agree to rounding.
     extend : bool, default=False
-        While a column's chosen alpha sits on an end of the grid, extend the grid past
-        it and solve again (see :func:`_extend_edges`), so the grid does not silently
-        truncate the choice; ``alphas`` is then the grid finally searched.
+        While a column's CV R² still climbs towards an end of the grid, extend the grid
+        past it and solve again (see :func:`_extend_edges`), so the grid does not
+        silently truncate the choice; ``alphas`` is then the grid finally searched.
 
     Returns
     -------

@@ -139,7 +139,7 @@ class ModelView:
         Probe cross-validation folds, split by image (fewer if there are fewer images).
     alphas : array-like, optional
         Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`, extended
-        past an end while a layer's chosen alpha sits on it; a grid you pass is searched as given).
+        past an end while a layer's CV R² still climbs towards it; a grid you pass is searched as given).
     embedding : {"umap", "pca"}, default="umap"
         2-D layout of the tokens. UMAP's first call in a process compiles numba code
         (~20 s on 2 cores), later layers take 1-3 s; ``"pca"`` is instant.
