@@ -2,10 +2,16 @@
 
 Targets follow SPEC §4: ``(row / (grid_h - 1), col / (grid_w - 1))`` in ``[0, 1]``
 (:func:`coordinate_targets`, defined once in :mod:`asg_probe.layers.grid` and shared
-with the guidance loss), plus a Hewitt & Liang-style control task in which every
-patch slot takes the coordinates of another slot under one fixed random permutation
+with the guidance loss), plus a slot-permutation control task in which every patch
+slot takes the coordinates of another slot under one fixed random permutation
 (:func:`control_permutation`). :func:`probe_targets` stacks both, so one ``X^T X``
 serves the probe and its control.
+
+What the control rules out: any representation that tells slots apart solves it
+(a learned absolute table does, at R² ~1), so true minus control separates a code of
+*geometry* (neighbouring slots, neighbouring codes) from mere slot *identity*. It is
+not Hewitt & Liang's (2019) control task, whose labels follow each input's content
+type so that only memorising inputs solves it.
 
 Examples
 --------
@@ -31,7 +37,8 @@ def control_permutation(num_patches: int, seed: int = 0) -> torch.Tensor:
     """Fixed random permutation of patch slots for the control task, ``(num_patches,)`` long.
 
     Control targets are ``coordinate_targets(grid)[perm]``: patch slot ``i`` is asked
-    for the coordinates of slot ``perm[i]``, the same in every image (Hewitt & Liang, 2019).
+    for the coordinates of slot ``perm[i]``, the same in every image: an identity-vs-geometry
+    control (see the module docstring).
 
     Examples
     --------
