@@ -181,9 +181,15 @@ def cmd_report(args, rank):
     out = out_dir(args)
     if rank == 0 and (out / "report.html").exists():
         print(f"overwriting previous results in {out} (report.html and the per-model JSON)")
-    path = build_report(models, out_dir=out, **_images_kwargs(args, models))
+    path = build_report(models, out_dir=out, command=_command_line(args.argv), **_images_kwargs(args, models))
     if rank == 0:
-        print(f"wrote {path}")
+        import pandas as pd
+
+        from .report import number
+
+        summary = pd.read_csv(path.parent / "summary.csv")  # the table the page opens with
+        print(summary.to_string(index=False, float_format=number))
+        print(f"wrote {path}, {path.parent / 'summary.csv'} and the per-model JSON")
 
 
 def cmd_emergence(args, rank):

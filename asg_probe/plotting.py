@@ -110,6 +110,26 @@ def mechanism_color(label: str, fallback_index: int = 0) -> str:
     return model_color(label)
 
 
+def integer_ticks(ax, layers, axis="x", max_ticks=13):
+    """Ticks at whole layer numbers only (at most ``max_ticks``, every k-th layer beyond that).
+
+    A layer axis left to matplotlib gets half-layer ticks (0.5, 1.5) on short models.
+
+    Examples
+    --------
+    >>> fig, axes = new_figure()
+    >>> integer_ticks(axes[0][0], range(25))
+    [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]
+    """
+    values = sorted({int(v) for v in layers})
+    step = -(-len(values) // max_ticks) if values else 1
+    ticks = values[::step]
+    if values and ticks[-1] != values[-1] and step > 1:
+        ticks = ticks + [values[-1]] if values[-1] - ticks[-1] >= step / 2 else ticks[:-1] + [values[-1]]
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks, [str(t) for t in ticks])
+    return ticks
+
+
 def position_colors(grid):
     """A 2D colour map over the patch grid, ``(N, 3)`` RGB: rows go dark→light, columns
     go blue→orange, so both coordinates can be read from one colour."""

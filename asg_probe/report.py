@@ -1,5 +1,10 @@
 """``asg-probe report``: one HTML page with every analysis, several checkpoints side by side.
 
+The page opens with its provenance (package version, command, images, each checkpoint's
+own metadata: training command, recipe, top-1) and a summary table of the headline
+numbers per model (:func:`summary_frame`, also written as ``summary.csv``), then one
+section per analysis with every model's figure at its natural width.
+
 Per model, layerwise probes, attention distance, token embeddings and the
 shuffle test come from **one forward call per image batch** (the shuffled copy of
 each batch rides in the same call). The equivariance certificate and resolution
@@ -16,17 +21,55 @@ from pathlib import Path
 
 
 def _png(fig, dpi=110) -> str:
+    """The figure as an embedded PNG shown at its natural size (pixels / device pixel ratio)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
+    width = _png_width(buf.getvalue())
+    return (f"<img width='{width}' alt='figure' "
+            f"src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>")
 
 
-def _table(frame, max_rows=40) -> str:
-    return frame.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0,
-                                        classes="tbl")
+def _png_width(data: bytes) -> int:
+    return int.from_bytes(data[16:20], "big")  # the IHDR chunk: width, then height
+
+
+def number(value) -> str:
+    """A table cell: 3 decimals, scientific notation for very large or small values, and no
+    negative zero (``-0.0004`` reads ``0.000``: the sign of a rounded-away value means nothing).
+
+    Examples
+    --------
+    >>> number(-0.0004), number(0.91234), number(1e6), number(3.2e-7), number(True), number(None)
+    ('0.000', '0.912', '1.0e+06', '3.2e-07', 'yes', '')
+    """
+    import math
+
+    import numpy as np
+
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)) or not isinstance(value, (float, np.floating)):
+        return str(value)
+    if not math.isfinite(value) or value == 0:
+        return "0.000" if value == 0 else str(value)
+    if abs(value) >= 1e4 or abs(value) < 1e-4:  # alphas, relative errors, tolerances
+        return f"{value:.1e}"
+    text = f"{value:.3f}"
+    return "0.000" if text == "-0.000" else text
+
+
+def _table(frame, max_rows=40, footnote_column=None) -> str:
+    frame = frame.head(max_rows)
+    if footnote_column and footnote_column in frame.columns:  # the flag column carries a footnote mark
+        frame = frame.assign(**{footnote_column: [f"{number(v)}†" if v else number(v) for v in frame[footnote_column]]})
+    return frame.to_html(index=False, float_format=number, formatters={c: number for c in frame.columns
+                                                                        if frame[c].dtype == bool},
+                         border=0, classes="tbl", na_rep="")
 
 
 def analyse_model(model, label, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
@@ -84,23 +127,171 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
 SECTIONS = [
     ("layerwise", "Layerwise coordinate probes",
      "Held-out R² (split by image) of a ridge probe from each layer's patch tokens to (row, col); "
-     "dashed: control task (fixed random permutation of positions). Selectivity = true − control."),
+     "dashed grey: control task (fixed random permutation of positions). Selectivity = true − control."),
     ("attention_distance", "Mean attention distance",
-     "Attention-weighted distance (px) between query and key patches, per head and layer; prefix tokens "
-     "excluded and weights renormalised. Dashed line: uniform attention."),
-    ("embeddings", "Token-position embeddings", "UMAP of patch tokens, coloured by 2D grid position."),
+     "Attention-weighted distance (px) between query and key patches, one dot per head and layer, grey line: "
+     "mean over heads; prefix tokens excluded and weights renormalised. Dashed line: uniform attention."),
+    ("embeddings", "Token-position embeddings", "UMAP of patch tokens, coloured by 2D grid position (key at right)."),
     ("shuffle_test", "Content or injection?",
      "Patches shuffled: can a probe decode the patch's original position (content) or its slot (injection)?"),
     ("equivariance", "Equivariance certificate",
      "Shuffle the input patches: do outputs shuffle the same way at every layer? (no positional injection)"),
     ("pos_similarity", "Position-embedding similarity", "Cosine similarity between position embeddings."),
-    ("resolution", "Resolution transfer", "Probes fit at the training size, evaluated at other sizes."),
+    ("resolution", "Resolution transfer",
+     "Probes fit at the training size, evaluated at other sizes; thick: mean of row and column, "
+     "dotted: row, dashed: column."),
 ]
+
+#: Summary columns: (CSV name, HTML header).
+SUMMARY_COLUMNS = [
+    ("model", "model"), ("layer", "last layer"), ("top1", "top-1 (checkpoint)"),
+    ("r2_row", "R² row"), ("r2_col", "R² col"), ("r2_control", "control R²"), ("selectivity", "selectivity"),
+    ("attention_distance_px", "mean attention distance (px)"), ("uniform_px", "uniform (px)"),
+    ("shuffle_test", "shuffle test"), ("equivariance", "equivariance"),
+]
+
+ALPHA_FOOTNOTE = (
+    "† alpha_at_edge: the ridge penalty chosen by cross-validation lies at an end of the grid searched. "
+    "The grid is extended automatically while held-out R² still improves, so a remaining flag means the "
+    "gain had stopped, or the layer has no decodable position (R² ≤ 0: the largest penalty, i.e. predicting "
+    "the mean, wins, hence alpha = 1e6 on such layers). The R² shown is unaffected.")
+
+
+def _top1(meta) -> float | None:
+    metrics = (meta or {}).get("metrics") or {}
+    evaluation = ((meta or {}).get("train") or {}).get("eval") or {}
+    value = metrics.get("top1", evaluation.get("top1"))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def summary_rows(all_results, metas=None) -> list:
+    """The headline numbers per model, one dict per model (the columns of :data:`SUMMARY_COLUMNS`).
+
+    ``all_results`` is ``{name: {analysis name: result}}`` as :func:`analyse_model` returns;
+    ``metas`` optional ``{name: model.asg_meta}``. R² figures are the last layer's row of the
+    layerwise result; where a row carries intervals (``r2_row_ci``, ``r2_col_ci``: ``[low, high]``),
+    they are added as ``<column>_low`` / ``<column>_high``.
+
+    Examples
+    --------
+    >>> import asg_probe, torch
+    >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    >>> res = analyse_model(m, "none", torch.randn(10, 3, 32, 32), progress=False, with_resolution=False)
+    >>> row = summary_rows({"none": res})[0]
+    >>> row["r2_row"] == res["layerwise"].rows[-1]["r2_row"], row["equivariance"]
+    (True, 'certified')
+    """
+    from .plotting import display_name
+
+    metas = metas or {}
+    rows = []
+    for name, res in all_results.items():
+        last = res["layerwise"].rows[-1]
+        row = {"model": display_name(name), "layer": last["layer"], "top1": _top1(metas.get(name)),
+               "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_control": last["r2_control"],
+               "selectivity": last["selectivity"]}
+        for key in ("r2_row", "r2_col"):
+            ci = last.get(f"{key}_ci")
+            if ci is not None:
+                row[f"{key}_low"], row[f"{key}_high"] = float(ci[0]), float(ci[1])
+        attention = res.get("attention_distance")
+        if attention is not None:
+            px = attention.heads_px[max(attention.heads_px)]
+            row["attention_distance_px"], row["uniform_px"] = sum(px) / len(px), attention.uniform_px
+        shuffled = res.get("shuffle_test")
+        if shuffled is not None:
+            row["shuffle_test"] = shuffled.rows[-1]["source"]
+        equivariance = res.get("equivariance")
+        if equivariance is not None:
+            row["equivariance"] = "certified" if equivariance.certified else "not equivariant"
+        rows.append(row)
+    return rows
+
+
+def summary_frame(all_results, metas=None):
+    """:func:`summary_rows` as a pandas DataFrame (what ``summary.csv`` holds and ``report`` prints)."""
+    import pandas as pd
+
+    rows = summary_rows(all_results, metas)
+    order = [c for c, _ in SUMMARY_COLUMNS]
+    extra = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in order]
+    columns = [c for c in order + extra if any(c in r for r in rows)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _summary_html(frame) -> str:
+    headers = dict(SUMMARY_COLUMNS)
+    cells = []
+    for _, row in frame.iterrows():
+        out = []
+        for column in frame.columns:
+            if column.endswith(("_low", "_high")):
+                continue
+            text = number(row[column]) if row[column] == row[column] else ""  # NaN: not measured
+            if f"{column}_low" in frame.columns and row[f"{column}_low"] == row[f"{column}_low"]:
+                text += f" [{number(row[f'{column}_low'])}, {number(row[f'{column}_high'])}]"
+            out.append(f"<td>{html.escape(text)}</td>")
+        cells.append("<tr>" + "".join(out) + "</tr>")
+    head = "".join(f"<th>{html.escape(headers.get(c, c))}</th>" for c in frame.columns
+                   if not c.endswith(("_low", "_high")))
+    return f"<table class='tbl summary'><thead><tr>{head}</tr></thead><tbody>{''.join(cells)}</tbody></table>"
+
+
+def _recipe(meta) -> str:
+    """The training recipe in one line, from the checkpoint's stored config (what is there)."""
+    config = (meta or {}).get("config") or {}
+    parts = []
+    for key in ("task", "max_steps", "epochs", "batch_size", "seed"):
+        if config.get(key) is not None:
+            parts.append(f"{key.replace('_', ' ')} {config[key]}")
+    data = config.get("data") or {}
+    if data.get("kind"):
+        parts.append(f"data {data['kind']}" + (f" ({data['task']})" if data.get("task") else ""))
+    optim = config.get("optim") or {}
+    if optim.get("lr") is not None:
+        parts.append(f"lr {optim['lr']:g}" + (f", weight decay {optim['weight_decay']:g}"
+                                               if optim.get("weight_decay") is not None else ""))
+    guidance = config.get("guidance") or {}
+    if guidance.get("enabled"):
+        parts.append("guidance " + ", ".join(f"{k} {guidance[k]}" for k in ("target", "rc_lambda") if k in guidance))
+    return "; ".join(parts)
+
+
+def _provenance_html(all_results, metas, command, seed, device) -> str:
+    from . import __version__
+    from .plotting import display_name
+
+    lines = {n: res["layerwise"].provenance_line().removeprefix("computed on: ") for n, res in all_results.items()}
+    images = next(iter(lines.values())) if len(set(lines.values())) == 1 else \
+        "; ".join(f"{display_name(n)}: {v}" for n, v in lines.items())
+    run = [("asg_probe", __version__), ("command", command or "build_report() from Python"),
+           ("date", datetime.datetime.now().isoformat(timespec="seconds")), ("images", images),
+           ("seed", str(seed)), ("device", str(device))]
+    out = ["<table class='tbl prov'>"] + [f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in run]
+    out.append("</table><h3>Checkpoints</h3><table class='tbl prov'><thead><tr><th>model</th><th>checkpoint</th>"
+               "<th>architecture</th><th>training command</th><th>recipe</th><th>top-1</th></tr></thead><tbody>")
+    for name in all_results:
+        meta = metas.get(name) or {}
+        model = meta.get("model") or {}
+        arch = " ".join(str(model[k]) for k in ("name", "pos") if model.get(k))
+        train = (meta.get("train") or {}).get("command") or ""
+        top1 = _top1(meta)
+        fmt = meta.get("checkpoint_format")
+        checkpoint = (meta.get("checkpoint") or name) + (f" ({fmt})" if fmt else "")
+        cells = [display_name(name), checkpoint, arch, train, _recipe(meta), "" if top1 is None else number(top1)]
+        out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
 
 
 def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
-                 device="cpu", progress=True, with_resolution=True) -> Path:
-    """Analyse ``models`` (list of ``(model, name)``) and write ``report.html`` plus per-model JSON.
+                 device="cpu", progress=True, with_resolution=True, command=None) -> Path:
+    """Analyse ``models`` (list of ``(model, name)``) and write ``report.html``, ``summary.csv``
+    and per-model JSON.
+
+    The page opens with the provenance (package version, ``command``, images, each checkpoint's
+    ``asg_meta``: training command, recipe, top-1) and the summary table (:func:`summary_frame`),
+    then one section per analysis.
 
     Examples
     --------
@@ -108,44 +299,59 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
     >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
     >>> path = build_report([(m, "ape")], tempfile.mkdtemp(), images=torch.randn(10, 3, 32, 32),
     ...                     progress=False, with_resolution=False)
-    >>> path.name
-    'report.html'
+    >>> path.name, sorted(p.name for p in path.parent.glob("*.csv"))
+    ('report.html', ['summary.csv'])
     """
     from .analysis.layerwise import compare_layerwise
+    from .plotting import display_name
     from .results import write_output_set
 
     out = Path(out_dir)
-    all_results, contents = {}, {}  # contents: every file, written as one set at the end
+    all_results, metas, contents = {}, {}, {}  # contents: every file, written as one set at the end
     for model, name in models:
         res = analyse_model(model, name, images, num_images=num_images, img_size=img_size,
                             batch_size=batch_size, seed=seed, device=device, progress=progress,
                             with_resolution=with_resolution)
-        all_results[name] = res
+        all_results[name], metas[name] = res, getattr(model, "asg_meta", None) or {}
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
         for result in res.values():
+            if command:
+                result.provenance["command"] = command
             contents[f"{safe}.{result.name}.json"] = result.to_json()
-    parts = [f"<h1>asg_probe report</h1><p>{html.escape(datetime.datetime.now().isoformat(timespec='seconds'))}"
-             f" — models: {', '.join(html.escape(n) for n in all_results)}; {num_images} images</p>"]
     names = list(all_results)
-    parts += [f"<p class='cap'>{html.escape(n)}: {html.escape(all_results[n]['layerwise'].provenance_line())}</p>"
-              for n in names]
+    summary = summary_frame(all_results, metas)
+    contents["summary.csv"] = summary.to_csv(index=False)
+    parts = [f"<h1>asg_probe report: {html.escape(', '.join(display_name(n) for n in names))}</h1>",
+             "<h2>Provenance</h2>", _provenance_html(all_results, metas, command, seed, device),
+             "<h2>Summary</h2><p class='cap'>Last layer of each model. R²: held-out (split by image) linear "
+             "probe of the patch row / column; control: the same probe on permuted positions; selectivity = "
+             "mean R² − control. Shuffle test: where the last layer's position comes from (content, injected, "
+             "both, none). Equivariance: certified = no positional injection. Also in summary.csv.</p>",
+             _summary_html(summary)]
     if len(names) > 1:
-        parts.append("<h2>All models</h2>" + _png(compare_layerwise([all_results[n]["layerwise"] for n in names],
-                                                                     labels=names)))
+        parts.append("<h2>All models</h2><p class='cap'>Mean of row and column R² per layer; dotted: control task."
+                     "</p>" + _png(compare_layerwise([all_results[n]["layerwise"] for n in names], labels=names)))
     for key, title, caption in SECTIONS:
-        cells = []
+        cells, flagged = [], False
         for n in names:
             result = all_results[n].get(key)
             if result is None:
                 continue
             extra = f"<p><b>{html.escape(result.verdict())}</b></p>" if hasattr(result, "verdict") else ""
-            cells.append(f"<div class='cell'><h3>{html.escape(n)}</h3>{extra}{_png(result.plot())}"
-                         f"<details><summary>table</summary>{_table(result.to_frame())}</details></div>")
+            frame = result.to_frame()
+            flagged |= bool("alpha_at_edge" in frame.columns and frame["alpha_at_edge"].any())
+            is_open = " open" if len(frame) <= 16 else ""  # short tables shown, long ones one click away
+            cells.append(f"<div class='cell'><h3>{html.escape(display_name(n))}</h3>{extra}{_png(result.plot())}"
+                         f"<details{is_open}><summary>table ({len(frame)} rows)</summary>"
+                         f"{_table(frame, footnote_column='alpha_at_edge')}</details></div>")
         if cells:
-            parts.append(f"<h2>{title}</h2><p class='cap'>{caption}</p><div class='row'>{''.join(cells)}</div>")
-    style = ("<style>body{font-family:sans-serif;margin:24px;max-width:1800px}.row{display:flex;flex-wrap:wrap;"
-             "gap:16px}.cell{flex:1 1 420px;max-width:620px}.cell img{max-width:100%}.cap{color:#555}"
-             ".tbl{font-size:12px;border-collapse:collapse}.tbl td,.tbl th{padding:2px 6px}</style>")
+            note = f"<p class='note'>{html.escape(ALPHA_FOOTNOTE)}</p>" if flagged else ""
+            parts.append(f"<h2>{title}</h2><p class='cap'>{caption}</p><div class='row'>{''.join(cells)}</div>{note}")
+    style = ("<style>body{font-family:sans-serif;margin:24px}.row{display:flex;flex-wrap:wrap;gap:24px}"
+             ".cell{flex:0 0 auto;max-width:100%;overflow-x:auto}.cell img{display:block}.cap{color:#555}"
+             ".note{color:#555;font-size:13px}.tbl{font-size:13px;border-collapse:collapse}"
+             ".tbl td,.tbl th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}"
+             ".prov td,.prov th{text-align:left}.summary td:first-child{text-align:left;font-weight:bold}</style>")
     contents["report.html"] = (f"<!doctype html><html><head><meta charset='utf-8'><title>asg_probe report</title>"
                                f"{style}</head><body>{''.join(parts)}</body></html>")
     write_output_set(out, contents)

@@ -1,28 +1,92 @@
-"""The HTML report: every analysis, several models side by side, one file."""
+"""The HTML report: provenance and summary first, every analysis, several models side by side, one file."""
 import json
 import re
 
+import pandas as pd
+import pytest
 import torch
 
 import asg_probe
-from asg_probe.report import build_report
+from asg_probe.report import build_report, number
 
 
-def test_report_has_every_section_for_every_model(tmp_path):
-    models = [(asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2), "ape"),
-              (asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2), "none")]
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    ape = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2)
+    ape.asg_meta = {"checkpoint": "runs/ape/seed0/model.safetensors", "checkpoint_format": "asg_probe",
+                    "model": {"name": "vit_tiny_patch4_32", "pos": "ape"}, "metrics": {"top1": 0.625},
+                    "train": {"command": "asg-train --config cpu_scenes_ape.yaml seed=0"},
+                    "config": {"task": "classification", "max_steps": 600, "batch_size": 64,
+                               "optim": {"lr": 1e-3, "weight_decay": 0.05}}}
+    models = [(ape, "ape"), (asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2), "none+guidance")]
     images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    path = build_report(models, tmp_path, images=images, progress=False)
-    page = path.read_text()
+    path = build_report(models, out, images=images, progress=False, command="asg-probe report ape none")
+    return out, path.read_text()
+
+
+def test_report_has_every_section_for_every_model(report):
+    out, page = report
     for title in ("Layerwise coordinate probes", "Mean attention distance", "Token-position embeddings",
                   "Content or injection?", "Equivariance certificate", "Position-embedding similarity",
                   "Resolution transfer", "All models"):
         assert title in page, title
     assert page.count("data:image/png;base64") >= 13  # 6 per model + ape's PE grid + comparison
     assert "CERTIFIED equivariant" in page and "NOT equivariant" in page
-    # the PE similarity section exists for ape only
+    # the PE similarity section exists for ape only; "none+guidance" is shown under its display name
     section = page.split("Position-embedding similarity")[1].split("<h2>")[0]
-    assert "<h3>ape</h3>" in section and "<h3>none</h3>" not in section
-    doc = json.loads((tmp_path / "ape.layerwise.json").read_text())
+    assert "<h3>ape</h3>" in section and "<h3>guidance</h3>" not in section
+    assert "none+guidance" not in page.split("<h2>Summary")[1]
+    doc = json.loads((out / "ape.layerwise.json").read_text())
     assert doc["layers"][0]["r2"] > 0.99
+    assert doc["provenance"]["command"] == "asg-probe report ape none"
     assert not re.search(r"<script", page)  # a static page: nothing to execute
+
+
+def test_report_opens_with_provenance_then_summary_before_any_figure(report):
+    _, page = report
+    first_figure = page.index("<img")
+    for text in ("Provenance", "asg_probe", asg_probe.__version__, "asg-probe report ape none",
+                 "asg-train --config cpu_scenes_ape.yaml seed=0", "max steps 600", "lr 0.001", "0.625",
+                 "10 images", "32x32 px", "Summary", "summary.csv"):
+        assert -1 < page.index(text) < first_figure, text
+
+
+def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
+    out, page = report
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["model"]) == ["ape", "guidance"]
+    for name, model in (("ape", "ape"), ("none_guidance", "guidance")):  # file names: "+" becomes "_"
+        last = json.loads((out / f"{name}.layerwise.json").read_text())["layers"][-1]
+        row = summary[summary["model"] == model].iloc[0]
+        for column in ("r2_row", "r2_col", "r2_control", "selectivity"):
+            assert row[column] == pytest.approx(last[column], abs=1e-12), (name, column)
+        assert row["layer"] == last["layer"] == 2
+        heads = json.loads((out / f"{name}.attention_distance.json").read_text())["layers"][-1]
+        assert row["attention_distance_px"] == pytest.approx(sum(heads["heads_px"]) / len(heads["heads_px"]))
+        shuffle = json.loads((out / f"{name}.shuffle_test.json").read_text())["layers"][-1]
+        assert row["shuffle_test"] == shuffle["source"]
+    assert list(summary["equivariance"]) == ["not equivariant", "certified"]
+    assert summary["top1"].iloc[0] == 0.625 and pd.isna(summary["top1"].iloc[1])
+    # the HTML summary shows the same numbers, three decimals
+    table = page.split("<h2>Summary")[1].split("</table>")[0]
+    ape = summary.iloc[0]
+    assert f"<td>{number(float(ape['r2_row']))}</td>" in table and f"<td>{number(float(ape['selectivity']))}</td>" in table
+
+
+def test_report_figures_at_natural_width_and_captions_match(report):
+    _, page = report
+    widths = [int(w) for w in re.findall(r"<img width='(\d+)'", page)]
+    assert len(widths) == page.count("<img") and min(widths) > 200
+    assert "max-width:620px" not in page  # no cell squeezes a figure
+    assert "-0.000" not in page
+    layerwise = page.split("Layerwise coordinate probes")[1].split("<h2>")[0]
+    assert "dashed grey: control" in layerwise  # the per-model plot draws the control dashed
+    assert "dotted: control" in page.split("<h2>All models")[1].split("<h2>")[0]
+    assert "<details open>" in page  # short tables are shown, not all collapsed
+
+
+def test_number_formats_for_tables():
+    assert number(-0.0004) == "0.000" and number(-0.2) == "-0.200"
+    assert number(1e6) == "1.0e+06" and number(2.5e-7) == "2.5e-07"
+    assert number(float("nan")) == "nan" and number(3) == "3" and number("injected") == "injected"

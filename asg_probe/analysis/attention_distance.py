@@ -273,8 +273,12 @@ class AttentionDistanceResult(AnalysisResult):
         return pd.DataFrame(rows, columns=["layer", "head", "distance_px", "distance_grid"])
 
     def plot(self, ax=None):
-        """The ViT-paper scatter: one point per head at each layer, uniform baseline dashed."""
-        from ..plotting import new_figure
+        """The ViT-paper scatter: one point per head at each layer, uniform baseline dashed.
+
+        On an axis that shares its y-axis with others (a grid of models), the limits only
+        grow, so that no panel drawn earlier loses its highest head.
+        """
+        from ..plotting import integer_ticks, new_figure
 
         if ax is None:
             _, axes = new_figure(5.0, 3.4)
@@ -293,11 +297,16 @@ class AttentionDistanceResult(AnalysisResult):
                    label=f"uniform {self.grid[0]}×{self.grid[1]} ({self.uniform_px:.1f} px)")
         ax.set_xlabel("layer (block)")
         ax.set_ylabel("mean attention distance (px)")
-        ax.set_xticks(layers)
+        integer_ticks(ax, layers)
         top = max(max(px) for px in self.heads_px.values())
-        ax.set_ylim(0, max(self.uniform_px * 1.15, top * 1.05))
+        upper = max(self.uniform_px * 1.15, top * 1.05)
+        if len(ax.get_shared_y_axes().get_siblings(ax)) > 1:  # keep the other panels' data inside
+            upper = max(upper, ax.get_ylim()[1] if getattr(ax, "_asg_ylim_set", False) else 0.0)
+            for sibling in ax.get_shared_y_axes().get_siblings(ax):
+                sibling._asg_ylim_set = True
+        ax.set_ylim(0, upper)
         ax.set_title("Mean attention distance" + (f" — {self.checkpoint}" if self.checkpoint else ""), fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, ncol=2)
         ax.figure.tight_layout()
         return ax.figure
 

@@ -176,8 +176,33 @@ class AttributionResult(AnalysisResult):
                          "convergence_delta": self.convergence_delta.get(t)})
         return pd.DataFrame(rows)
 
-    def plot(self, ax=None):
-        """The image with the query patch outlined, then one heat overlay per target (row, col)."""
+    def colour_limit(self, target=None, clip=98.0) -> float:
+        """Top of the colour scale: the ``clip`` percentile of the |attribution| map(s).
+
+        ``target=None`` takes the largest over every target, so the row and column panels share
+        one scale. Pass the same value as ``plot(vmax=...)`` to several results (models, methods
+        of the same quantity) to draw them on one scale.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> r = AttributionResult.__new__(AttributionResult)
+        >>> r.maps = {"row": np.arange(101.0).reshape(1, -1)}
+        >>> r.colour_limit(clip=98), r.colour_limit(clip=100)
+        (98.0, 100.0)
+        """
+        targets = self.targets if target is None else [target]
+        top = max(float(np.percentile(self.maps[t], clip)) for t in targets)
+        return top or max(float(self.maps[t].max()) for t in targets) or 1.0
+
+    def plot(self, ax=None, vmax=None, clip=98.0):
+        """The image with the query patch outlined, then one heat overlay per target (row, col).
+
+        Every heat panel uses one colour scale, from 0 to ``vmax`` (default:
+        :meth:`colour_limit` at the ``clip`` percentile over all targets); values above are
+        drawn at the top colour, so diffuse attribution outside the query patch stays visible
+        next to the patch's own, usually much larger, values.
+        """
         from matplotlib.patches import Rectangle
 
         from ..plotting import new_figure
@@ -209,18 +234,18 @@ class AttributionResult(AnalysisResult):
         first.set_title(f"image {self.image_index}, patch ({r}, {c})", fontsize=8)
         if set(self.predicted) == {"row", "col"}:
             first.legend(fontsize=6, loc="lower right")
+        top = float(vmax) if vmax is not None else self.colour_limit(clip=clip)
         for a, t in zip(axes[1:], self.targets):
             heat = self.maps[t]
-            # colour scale clipped at the 98th percentile, so that diffuse attribution outside the
-            # query patch stays visible next to the patch's own, usually much larger, values
-            top = float(np.percentile(heat, 98)) or float(heat.max()) or 1.0
             a.imshow(self.image.mean(-1), cmap="gray")
             a.imshow(heat, cmap="inferno", alpha=0.75, vmin=0, vmax=top)
             outline(a)
             a.set_title(f"{t}: pred {self.predicted[t]:.2f} / true {self.true[t]:.2f}\n"
                         f"in patch {self.fraction_in_patch(t):.0%}", fontsize=8)
         name = {"integrated_gradients": "Integrated Gradients", "saliency": "Saliency"}[self.method]
-        title = f"{name} of the layer-{self.layer} coordinate probe (colour clipped at the 98th percentile)"
+        scale = (f"one colour scale, 0 to {top:.2g}" if vmax is not None
+                 else f"one colour scale, clipped at the {clip:g}th percentile")
+        title = f"{name} of the layer-{self.layer} coordinate probe ({scale})"
         if self.checkpoint:
             title += f" — {self.checkpoint}"
         fig.suptitle(title, fontsize=9)

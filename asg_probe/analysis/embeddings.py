@@ -174,10 +174,10 @@ def _colour_key(ax, grid, rect=(1.04, 0.62, 0.36, 0.36)):
     inset.imshow(position_colors(grid).reshape(gh, gw, 3), interpolation="nearest")
     inset.set_xticks([0, gw - 1])
     inset.set_yticks([0, gh - 1])
-    inset.tick_params(labelsize=6, length=2)
-    inset.set_xlabel("col", fontsize=6, labelpad=1)
-    inset.set_ylabel("row", fontsize=6, labelpad=1)
-    inset.set_title("position key", fontsize=6)
+    inset.tick_params(labelsize=7, length=2)  # 7 pt: readable at 100% zoom
+    inset.set_xlabel("col", fontsize=7, labelpad=1)
+    inset.set_ylabel("row", fontsize=7, labelpad=1)
+    inset.set_title("position key", fontsize=7)
     return inset
 
 
@@ -300,7 +300,7 @@ def compare_embeddings(results, labels=None, layer=-1):
     >>> compare_embeddings(res, labels=["none", "ape"]).axes[0].get_title().splitlines()[0]
     'none'
     """
-    from ..plotting import mechanism_color, new_figure
+    from ..plotting import display_name, model_color, new_figure
 
     if not results:
         raise ValueError("compare_embeddings needs at least one EmbeddingsResult")
@@ -311,9 +311,10 @@ def compare_embeddings(results, labels=None, layer=-1):
     axes = list(axes[0])
     for i, (res, label, ax) in enumerate(zip(results, labels, axes)):
         entry = res.layer(layer)
-        _scatter(ax, entry, res.grid, f"{label}\nlayer {entry['layer']} — score {entry['position_score']:.2f}")
-        for spine in ax.spines.values():  # the mechanism's colour, as in every other figure
-            spine.set_edgecolor(mechanism_color(label, i))
+        _scatter(ax, entry, res.grid,
+                 f"{display_name(label)}\nlayer {entry['layer']} — score {entry['position_score']:.2f}")
+        for spine in ax.spines.values():  # the model's colour, as in every other figure
+            spine.set_edgecolor(model_color(label))
             spine.set_linewidth(2)
     _colour_key(axes[-1], results[-1].grid)
     fig.tight_layout()

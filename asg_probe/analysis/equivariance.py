@@ -122,7 +122,7 @@ class EquivarianceResult(AnalysisResult):
         return pd.DataFrame(self.rows)
 
     def plot(self, ax=None):
-        from ..plotting import new_figure
+        from ..plotting import integer_ticks, new_figure
 
         if ax is None:
             fig, axes = new_figure(5.0, 3.2)
@@ -130,13 +130,14 @@ class EquivarianceResult(AnalysisResult):
         layers = [r["layer"] for r in self.rows]
         floor = torch.finfo(_as_dtype(self.dtype)).eps / 4  # where a zero error is drawn
         errors = [max(r["max_rel_error"], floor) for r in self.rows]
-        ax.semilogy(layers, errors, marker="o", color="#2ca02c" if self.certified else "#d62728",
+        # black, not green/red: those are model colours (rope-axial, guidance) in every other figure
+        ax.semilogy(layers, errors, marker="o" if self.certified else "X", color="k",
                     label="max relative error")
         ax.semilogy(layers, [r["tol"] for r in self.rows], ls="--", color="k", lw=0.8,
                     label=f"tolerance ({self.dtype} rounding x depth)")
         ax.set_xlabel("layer (0 = patch embedding)")
         ax.set_ylabel("max relative error")
-        ax.set_xticks(layers)
+        integer_ticks(ax, layers)
         ax.set_title(("certified equivariant" if self.certified else "not equivariant")
                      + (f" — {self.checkpoint}" if self.checkpoint else ""), fontsize=9)
         ax.legend(fontsize=7)

@@ -98,8 +98,8 @@ class PosSimilarityResult(AnalysisResult):
             fig = ax.figure
         cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # NaN: the separators between tiles
         im = ax.imshow(self.mosaic().numpy(), vmin=-1, vmax=1, cmap=cmap, interpolation="nearest")
-        ax.set_xticks([(gw + 1) * c + (gw - 1) / 2 for c in range(gw)], [str(c) for c in range(gw)], fontsize=6)
-        ax.set_yticks([(gh + 1) * r + (gh - 1) / 2 for r in range(gh)], [str(r) for r in range(gh)], fontsize=6)
+        ax.set_xticks([(gw + 1) * c + (gw - 1) / 2 for c in range(gw)], [str(c) for c in range(gw)], fontsize=7)
+        ax.set_yticks([(gh + 1) * r + (gh - 1) / 2 for r in range(gh)], [str(r) for r in range(gh)], fontsize=7)
         ax.tick_params(length=0)
         ax.set_xlabel("input patch column")
         ax.set_ylabel("input patch row")

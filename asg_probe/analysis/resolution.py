@@ -180,6 +180,7 @@ class ResolutionResult(AnalysisResult):
         """R² against input size, one line per layer (default: the best layer and the last one)."""
         from ..plotting import new_figure
 
+        shades = ("k", "0.55", "0.3", "0.75")  # layers, not models: no model colour
         if ax is None:
             fig, axes = new_figure(5.2, 3.4)
             ax = axes[0][0]
@@ -193,7 +194,7 @@ class ResolutionResult(AnalysisResult):
             layers = [(l, f"layer {l}") for l in layers]
         for i, (layer, label) in enumerate(layers):
             sizes, r2 = self.curve(layer)
-            line, = ax.plot(sizes, r2, marker="o", ms=4, lw=2, label=label)
+            line, = ax.plot(sizes, r2, marker="o", ms=4, lw=2, label=label, color=shades[i % len(shades)])
             for col, ls in (("r2_row", ":"), ("r2_col", "--")):
                 ax.plot(sizes, self.curve(layer, col)[1], ls=ls, lw=0.9, color=line.get_color())
         ax.axvline(self.train_size, color="k", lw=0.8, ls="--")
@@ -201,8 +202,11 @@ class ResolutionResult(AnalysisResult):
                     rotation=90, ha="right", va="bottom")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xticks(self.sizes)
-        ax.set_xticklabels([f"{s}\n({s // self.patch_size}²)" for s in self.sizes], fontsize=7)
-        ax.set_xlabel("input size, px (grid)")
+        # every other size labelled when there are many: 8 pt labels that do not overlap
+        every = 2 if len(self.sizes) > 8 else 1
+        ax.set_xticklabels([f"{s}\n({s // self.patch_size}²)" if i % every == 0 or s == self.train_size else ""
+                            for i, s in enumerate(self.sizes)], fontsize=8)
+        ax.set_xlabel("input size, px (patch grid)")
         ax.set_ylabel("R² on held-out images\n(dotted: row, dashed: col)")
         values = np.array([r["r2"] for r in self.rows], dtype=float)
         low = np.nanmin(values) if np.isfinite(values).any() else 0.0

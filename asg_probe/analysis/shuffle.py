@@ -105,22 +105,26 @@ class ShuffleResult(AnalysisResult):
     def plot(self, ax=None):
         import numpy as np
 
-        from ..plotting import new_figure
+        from ..plotting import integer_ticks, new_figure
 
         if ax is None:
             fig, axes = new_figure(5.6, 3.4)
             ax = axes[0][0]
         layers = np.array([r["layer"] for r in self.rows])
         width = 0.27
-        series = [("r2_unshuffled", "unshuffled", "#bbbbbb"), ("r2_original", "shuffled → original position", "#2ca02c"),
-                  ("r2_slot", "shuffled → slot", "#1f77b4")]
-        for i, (key, label, color) in enumerate(series):
-            ax.bar(layers + (i - 1) * width, [r[key] for r in self.rows], width, label=label, color=color)
+        # greys and a hatch, not model colours: next to a comparison figure, blue would read as "ape"
+        series = [("r2_unshuffled", "unshuffled", "#d9d9d9", ""), ("r2_original", "shuffled → original position",
+                                                                   "#404040", ""),
+                  ("r2_slot", "shuffled → slot", "white", "////")]
+        for i, (key, label, color, hatch) in enumerate(series):
+            ax.bar(layers + (i - 1) * width, [r[key] for r in self.rows], width, label=label, color=color,
+                   hatch=hatch, edgecolor="k", lw=0.5)
         ax.set_xlabel("layer (0 = patch embedding)")
         ax.set_ylabel("held-out R² (mean of row, col)")
-        ax.set_xticks(layers)
+        integer_ticks(ax, layers)
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_ylim(min(-0.05, min(min(r["r2_original"], r["r2_slot"]) for r in self.rows) - 0.05), 1.02)
+        low = min(min(r["r2_original"], r["r2_slot"], r["r2_unshuffled"]) for r in self.rows)
+        ax.set_ylim(min(-0.05, low - 0.05), 1.02)
         ax.set_title(f"Content or injection?{' — ' + self.checkpoint if self.checkpoint else ''}", fontsize=9)
         ax.legend(fontsize=7)
         ax.figure.tight_layout()
