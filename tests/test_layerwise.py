@@ -11,10 +11,6 @@ from asg_probe.analysis.layerwise import layerwise_probes
 from asg_probe.extract import capture_tokens, forward_tokens
 
 
-def _all_hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -58,19 +54,19 @@ def test_too_few_images_is_a_clear_error():
         layerwise_probes(model, torch.randn(3, 3, 32, 32), progress=False)
 
 
-def test_no_hook_stays_attached(images):
+def test_no_hook_stays_attached(images, hook_count):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2)
-    before = _all_hooks(model)
+    before = hook_count(model)
     layerwise_probes(model, images[:6], progress=False)
     forward_tokens(model, images[:2], layers=[1])
-    assert _all_hooks(model) == before
+    assert hook_count(model) == before
     with pytest.raises(RuntimeError, match="boom"):
         with capture_tokens(model, None):
             raise RuntimeError("boom")
-    assert _all_hooks(model) == before
+    assert hook_count(model) == before
     with pytest.raises(ValueError):
         forward_tokens(model, images[:1], layers=[99])
-    assert _all_hooks(model) == before
+    assert hook_count(model) == before
 
 
 def test_stop_early_gives_the_same_tokens(images):
@@ -129,3 +125,21 @@ def test_near_perfect_layer0_fit_stays_at_most_one_by_default():
     assert 0.999 < row["r2_row"] <= 1.0 and 0.999 < row["r2_col"] <= 1.0
     # at the default grid's floor (1e-3), or below it where the grid was extended; flagged if on an edge
     assert row["alpha_row"] <= 1e-3 and row["alpha_col"] <= 1e-3 and isinstance(row["alpha_at_edge"], bool)
+
+
+def test_the_probe_accumulators_follow_the_accumulator_protocol(images):
+    from asg_probe.analysis.layerwise import CellAccuracyAccumulator, LayerwiseAccumulator, LayerwiseResult
+    from asg_probe.analysis.shuffle import ShuffleAccumulator
+    from asg_probe.extract import Accumulator, run_analyses
+
+    layerwise, shuffled = LayerwiseAccumulator(), ShuffleAccumulator(shuffle_seed=3)
+    assert (layerwise.view, layerwise.attention, shuffled.view, shuffled.shuffle_seed) == ("original", None,
+                                                                                          "shuffled", 3)
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    batches = [(images[:6], torch.arange(6)), (images[6:10], torch.arange(6, 10))]
+    returned = run_analyses(model, batches, [layerwise, shuffled], progress=False)
+    assert returned[0] is layerwise and returned[1] is shuffled  # handed back, merged, not finalised
+    cells = CellAccuracyAccumulator(layerwise.fitted(), layerwise.grid)
+    assert all(isinstance(a, Accumulator) for a in (layerwise, shuffled, cells))
+    result = LayerwiseResult.from_accumulator(layerwise, label="x")
+    assert result.num_images == 10 and result.probe(1) is layerwise.fitted()[1]
