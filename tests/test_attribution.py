@@ -8,10 +8,6 @@ import asg_probe
 from asg_probe.analysis.attribution import AttributionResult, patch_tokens_with_grad, probe_attribution
 
 
-def _all_hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -63,20 +59,20 @@ def test_large_maps_are_pooled_in_json():
     assert factor == 4 and pooled.shape == (56, 56)
 
 
-def test_no_hook_stays_attached_after_a_run_a_bad_argument_or_an_exception(images):
+def test_no_hook_stays_attached_after_a_run_a_bad_argument_or_an_exception(images, hook_count):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2)
-    before = _all_hooks(model)
+    before = hook_count(model)
     probe_attribution(model, images, layer=1, n_steps=2, progress=False)
-    assert _all_hooks(model) == before
+    assert hook_count(model) == before
     with pytest.raises(ValueError):
         probe_attribution(model, images, layer=1, patch=(8, 0), progress=False)
-    assert _all_hooks(model) == before
+    assert hook_count(model) == before
     with pytest.raises(RuntimeError, match="boom"):
         with patch_tokens_with_grad(model, 1) as tokens:
-            assert _all_hooks(model) == before + 1
+            assert hook_count(model) == before + 1
             tokens(images[:1])
             raise RuntimeError("boom")
-    assert _all_hooks(model) == before
+    assert hook_count(model) == before
 
 
 def test_tokens_keep_the_graph_and_match_the_no_grad_extraction(images):

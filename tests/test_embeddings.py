@@ -145,28 +145,19 @@ def test_pca_fallback_when_umap_is_missing(monkeypatch):
     assert isinstance(res, EmbeddingsResult) and res.to_frame()["position_score"].iloc[0] > 0.9
 
 
-def _two_rank_worker(rank, store, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        acc = EmbeddingsAccumulator(layers=[0], max_tokens=100, seed=2)
-        tokens = _planted(10, 0.5, seed=1)
-        idx = torch.arange(rank, 10, 2)  # this rank's share of the images
-        acc.update(_batch(tokens[idx], idx))
-        acc.all_reduce()
-        if rank == 0:
-            r = acc.reservoirs[0]
-            torch.save((r.image_index, r.targets, r.features, sorted(acc.image_ids)), out)
-    finally:
-        dist.destroy_process_group()
+def _merge_on_two_ranks(rank, out):
+    acc = EmbeddingsAccumulator(layers=[0], max_tokens=100, seed=2)
+    tokens = _planted(10, 0.5, seed=1)
+    idx = torch.arange(rank, 10, 2)  # this rank's share of the images
+    acc.update(_batch(tokens[idx], idx))
+    acc.all_reduce()
+    if rank == 0:
+        r = acc.reservoirs[0]
+        torch.save((r.image_index, r.targets, r.features, sorted(acc.image_ids)), out)
 
 
-def test_two_processes_merge_to_the_single_process_sample(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
+def test_two_processes_merge_to_the_single_process_sample(tmp_path, two_ranks):
+    two_ranks(_merge_on_two_ranks, str(tmp_path / "out.pt"))
     image, targets, features, ids = torch.load(tmp_path / "out.pt")
     whole = _fill(EmbeddingsAccumulator(layers=[0], max_tokens=100, seed=2), _planted(10, 0.5, seed=1), 10)
     r = whole.reservoirs[0]

@@ -136,24 +136,15 @@ def test_bad_arguments_are_one_line_errors(images):
                       ResolutionResult)
 
 
-def _two_rank_worker(rank, store, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        res = resolution_transfer(PlantedCoords("absolute"), images, sizes=[16, 32], progress=False, batch_size=2)
-        if rank == 0:
-            torch.save(res.to_dict(), out)
-    finally:
-        dist.destroy_process_group()
+def _transfer_on_two_ranks(rank, out):
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    res = resolution_transfer(PlantedCoords("absolute"), images, sizes=[16, 32], progress=False, batch_size=2)
+    if rank == 0:
+        torch.save(res.to_dict(), out)
 
 
-def test_two_processes_split_the_images_and_agree_with_one(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
+def test_two_processes_split_the_images_and_agree_with_one(tmp_path, two_ranks):
+    two_ranks(_transfer_on_two_ranks, str(tmp_path / "out.pt"))
     split = torch.load(tmp_path / "out.pt", weights_only=False)
     images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     whole = resolution_transfer(PlantedCoords("absolute"), images, sizes=[16, 32], progress=False).to_dict()
