@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .extract import Accumulator, run_analyses
+from .extract import Accumulator, batch_grid, run_analyses
 from .geometry import model_geometry, resolve_layers
 
 __all__ = ["ActivationCache", "collect_activations"]
@@ -111,10 +111,7 @@ class _Collector(Accumulator):
         self.grid = None
 
     def update(self, batch):
-        if self.grid is None:
-            self.grid = tuple(batch.grid)
-        elif tuple(batch.grid) != self.grid:
-            raise ValueError(f"all images must have one size; got grids {self.grid} and {tuple(batch.grid)}")
+        self.grid = batch_grid(self.grid, batch)
         for layer, tokens in batch.tokens.items():
             self.tokens.setdefault(layer, []).append(tokens.detach().float().cpu())
         for layer, attn in batch.attn.items():

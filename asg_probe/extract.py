@@ -26,7 +26,7 @@ from .layers.grid import permute_patches
 VIEWS = ("original", "shuffled")
 
 __all__ = ["Accumulator", "ForwardBatch", "VIEWS", "run_analyses", "forward_tokens", "capture_tokens",
-           "image_permutations"]
+           "image_permutations", "batch_grid"]
 
 
 @dataclass
@@ -107,6 +107,29 @@ class Accumulator(Protocol):
     def all_reduce(self, group=None) -> None:
         """Combine the statistics of every torch.distributed process (no-op in one process)."""
         ...
+
+
+def batch_grid(grid, batch: ForwardBatch) -> tuple[int, int]:
+    """The patch grid of an accumulator that has seen ``batch``: statistics over tokens are
+    only comparable on one grid, so its first batch fixes it and any other size is an error.
+
+    ``grid``: the accumulator's grid so far (``None`` before the first batch).
+
+    Examples
+    --------
+    >>> b = ForwardBatch(tokens={}, grid=(2, 2), image_index=torch.arange(1), images=torch.zeros(1, 3, 8, 8),
+    ...                  num_prefix_tokens=0, patch_size=4)
+    >>> batch_grid(None, b), batch_grid((2, 2), b)
+    ((2, 2), (2, 2))
+    >>> batch_grid((3, 3), b)
+    Traceback (most recent call last):
+    ...
+    ValueError: all images must have one size; got grids (3, 3) and (2, 2)
+    """
+    new = tuple(int(g) for g in batch.grid)
+    if grid is not None and new != tuple(grid):
+        raise ValueError(f"all images must have one size; got grids {tuple(grid)} and {new}")
+    return new
 
 
 def image_permutations(image_index: torch.Tensor, num_patches: int, seed: int = 0) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..extract import Accumulator
+from ..extract import Accumulator, batch_grid
 from ..layers.grid import grid_coords
 from ..probes import TokenReservoir
 from ..results import AnalysisResult
@@ -84,12 +84,9 @@ class EmbeddingsAccumulator(Accumulator):
         self.img_size = None
 
     def update(self, batch):
-        grid = tuple(int(g) for g in batch.grid)
         if self.grid is None:
-            self.grid = grid
             self.img_size = [int(batch.images.shape[-2]), int(batch.images.shape[-1])]
-        elif grid != self.grid:
-            raise ValueError(f"all images must have one size; got grids {self.grid} and {grid}")
+        self.grid = grid = batch_grid(self.grid, batch)
         if self.layers is None:
             have = sorted(batch.tokens)
             self.layers = sorted({have[0], have[len(have) // 2], have[-1]})
