@@ -158,6 +158,9 @@ def test_a_probe_per_column_subset_of_one_solve():
     np.testing.assert_array_equal(rebuilt.selectivity_, probe.selectivity_)
     with pytest.raises(ValueError, match="column 4 does not exist"):
         probe.select([3, 4])
+    light = probe.without_stats()
+    assert not hasattr(light, "stats_") and probe.stats_ is not None  # a copy: the original keeps them
+    np.testing.assert_array_equal(light.predict(X), probe.predict(X))
 
 
 def test_held_out_predictions_come_from_the_fold_that_never_saw_the_image():

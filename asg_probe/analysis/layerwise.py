@@ -181,9 +181,11 @@ class LayerwiseResult(AnalysisResult):
 
     @classmethod
     def from_probes(cls, probes, grid, num_images, label="", img_size=None):
-        """Rows from ``{layer: fitted CoordinateProbe}`` (true task + control), probes kept."""
+        """Rows from ``{layer: fitted CoordinateProbe}`` (true task + control); the probes are kept
+        without their streamed statistics (:meth:`~asg_probe.probes.CoordinateProbe.without_stats`)."""
         rows = [_row(layer, probe) for layer, probe in probes.items()]
-        return cls(rows, grid, num_images, checkpoint=label, img_size=img_size, probes=probes)
+        kept = {layer: probe.without_stats() for layer, probe in probes.items()}
+        return cls(rows, grid, num_images, checkpoint=label, img_size=img_size, probes=kept)
 
     @classmethod
     def from_accumulator(cls, acc, *, label="", img_size=None):

@@ -74,7 +74,8 @@ class ShuffleResult(AnalysisResult):
         """The result of a :class:`ShuffleAccumulator` and a :class:`~asg_probe.analysis.layerwise.LayerwiseAccumulator`
         filled by one :func:`~asg_probe.extract.run_analyses` pass over the same images."""
         plain = unshuffled.fitted()
-        probes = {layer: dict(tasks, unshuffled=plain[layer]) for layer, tasks in shuffled.fitted().items()}
+        probes = {layer: {task: probe.without_stats() for task, probe in dict(tasks, unshuffled=plain[layer]).items()}
+                  for layer, tasks in shuffled.fitted().items()}
         return cls(shuffle_rows(probes), shuffled.grid, shuffled.num_images, checkpoint=label, probes=probes)
 
     def probe(self, layer, task="original") -> CoordinateProbe:

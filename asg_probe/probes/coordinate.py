@@ -22,6 +22,8 @@ True
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
@@ -91,7 +93,8 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
     cv_results_ : RidgeCVResult
         Everything the solve returned, control columns included.
     stats_ : RidgeStats
-        The streamed statistics the probe was solved from (token-level ``fit`` included).
+        The streamed statistics the probe was solved from (token-level ``fit`` included);
+        :meth:`without_stats` drops them.
     target_names_ : tuple of str
     n_features_in_, n_images_ : int
     grid_ : (int, int) or None
@@ -359,8 +362,21 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         self._check_fitted()
         other = type(self)(**self.get_params())
         other._set_fit(self.cv_results_, self.grid_, False, columns, control_columns)
-        other.stats_ = getattr(self, "stats_", None)
+        if hasattr(self, "stats_"):
+            other.stats_ = self.stats_
         return other
+
+    def without_stats(self) -> "CoordinateProbe":
+        """A shallow copy of this fitted probe without its streamed statistics (``stats_``).
+
+        The statistics are ``n_folds x D x D`` float64 (24 MB for a ViT-B layer); a
+        probe kept in a result for ``predict`` does not need them.
+        """
+        self._check_fitted()
+        light = copy.copy(self)
+        for name in ("stats_", "_targets"):
+            light.__dict__.pop(name, None)
+        return light
 
     # ------------------------------------------------------------------ using a fitted probe
 

@@ -350,7 +350,8 @@ class ModelView:
             scale = torch.tensor([max(self.grid[0] - 1, 1), max(self.grid[1] - 1, 1)], dtype=torch.float64)
             true = coordinate_targets(self.grid, dtype=torch.float64) * scale
             self._probes[layer] = ProbeFit(layer=layer, predictions=(pred * scale).numpy(), true=true.numpy(),
-                                           r2=float(np.mean(probe.cv_r2_)), cv_r2=probe.cv_r2_, probe=probe)
+                                           r2=float(np.mean(probe.cv_r2_)), cv_r2=probe.cv_r2_,
+                                           probe=probe.without_stats())
             self.timings["probe"] = time.perf_counter() - start
         return self._probes[layer]
 
