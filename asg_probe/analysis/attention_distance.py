@@ -325,12 +325,8 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
         See :meth:`asg_probe.inputs.ImageBatches.prepare`: default the embedded
         photographs (``num_images``, ``img_size``, ``seed`` choose them), a folder,
         or an ``(N, 3, H, W)`` tensor (uint8 is normalised with the model's mean/std).
-    batch_size : int
-    device : str or torch.device
-    progress : bool
-        tqdm bar.
-    label : str
-        Display name stored in the result (``checkpoint=``: a deprecated alias).
+    batch_size, device, progress, label
+        As in :func:`asg_probe.layerwise_probes` (``checkpoint=``: a deprecated alias of ``label``).
     mode : {"auto", "sdpa", "attn_drop"}
         How attention is read; see :func:`asg_probe.capture.capture_attention`.
 

@@ -281,10 +281,9 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
         Integration steps (Integrated Gradients only).
     n_folds, alphas
         Cross-validation of the ridge probe (split by image).
-    num_images, img_size, batch_size, seed, device, progress
-        Image set and run, as in :func:`asg_probe.layerwise_probes`.
-    label : str
-        Display name stored in the result (``checkpoint=``: a deprecated alias).
+    num_images, img_size, batch_size, seed, device, progress, label
+        Image set, run and display name, as in :func:`asg_probe.layerwise_probes`
+        (``checkpoint=``: a deprecated alias of ``label``).
 
     Returns
     -------

@@ -340,10 +340,9 @@ def token_embeddings(model, images=None, *, layers=None, num_images=64, img_size
         Tokens sampled per layer (uniformly over all images' patches).
     k : int
         Neighbours of the position score (:func:`position_score`).
-    device, progress
-        Where the model runs; tqdm bar.
-    label : str
-        Display name stored in the result (``checkpoint=``: a deprecated alias).
+    device, progress, label
+        Where the model runs, a tqdm bar and the display name stored in the result, as in
+        :func:`asg_probe.layerwise_probes` (``checkpoint=``: a deprecated alias of ``label``).
 
     Returns
     -------

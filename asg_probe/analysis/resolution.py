@@ -251,10 +251,9 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
         Cross-validation folds (split by image) that choose each probe's alpha.
     num_images, img_size, batch_size, seed
         ``img_size`` is the size the probes are fit at (default: the model's).
-    device, progress
-        Where the model runs; tqdm bars.
-    label : str
-        Display name stored in the result (``checkpoint=``: a deprecated alias).
+    device, progress, label
+        As in :func:`asg_probe.layerwise_probes`, with one progress bar per input size
+        (``checkpoint=``: a deprecated alias of ``label``).
 
     Returns
     -------
