@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ..extract import Accumulator
+from ..extract import Accumulator, batch_grid
 from ..probes import CellAccuracy, CoordinateProbe
 from ..results import AnalysisResult
 
@@ -46,10 +46,7 @@ class ProbeAccumulator(Accumulator):
         return None
 
     def update(self, batch):
-        if self.grid is None:
-            self.grid = tuple(batch.grid)
-        elif tuple(batch.grid) != self.grid:
-            raise ValueError(f"all images must have one size; got grids {self.grid} and {tuple(batch.grid)}")
+        self.grid = batch_grid(self.grid, batch)
         y, names = self._targets(batch) or (None, None)
         for layer, tokens in batch.tokens.items():
             if layer not in self.probes:
