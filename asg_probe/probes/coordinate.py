@@ -280,7 +280,8 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         step = bs * 256  # tokens per chunk, about batch_size small images
         for s in range(0, M, step):
             stats.update_tokens(X[s:s + step], Y[s:s + step], ids[s:s + step])
-        return self._fit_stats(stats, None, len(np.shape(y)) == 1)
+        self._stream = (None, len(np.shape(y)) == 1)
+        return self._fit_stats(stats, *self._stream)
 
     @staticmethod
     def _check_images(n_distinct: int, n_folds: int) -> None:
