@@ -77,6 +77,14 @@ def _images_kwargs(args, models):
                 progress=not args.no_progress)
 
 
+def _analyse(args, analysis, **options):
+    """Load ``args.checkpoint`` and run ``analysis`` on it with the common image options
+    (``options`` add to or override them); returns ``(result, name)``."""
+    model, name = load_model(args.checkpoint, args)
+    kwargs = {**_images_kwargs(args, [(model, name)]), **options}
+    return analysis(model, label=name, **kwargs), name
+
+
 def _command_line(argv) -> str:
     return shlex.join(["asg-probe", *argv])
 
@@ -110,9 +118,8 @@ def _finish(result, args, rank, columns=None, extra="", frame=None):
 def cmd_layerwise(args, rank):
     from .analysis.layerwise import layerwise_probes
 
-    model, name = load_model(args.checkpoint, args)
-    result = layerwise_probes(model, layers=args.layers, n_folds=args.folds, cell_accuracy=args.cell_accuracy,
-                              exact=not args.fast, label=name, **_images_kwargs(args, [(model, name)]))
+    result, name = _analyse(args, layerwise_probes, layers=args.layers, n_folds=args.folds,
+                            cell_accuracy=args.cell_accuracy, exact=not args.fast)
     cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha", "cell_accuracy"]
     _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")
 
@@ -120,15 +127,14 @@ def cmd_layerwise(args, rank):
 def cmd_attention_distance(args, rank):
     from .analysis.attention_distance import attention_distance
 
-    model, name = load_model(args.checkpoint, args)
-    _finish(attention_distance(model, label=name, **_images_kwargs(args, [(model, name)])), args, rank)
+    result, _ = _analyse(args, attention_distance)
+    _finish(result, args, rank)
 
 
 def cmd_embeddings(args, rank):
     from .analysis.embeddings import token_embeddings
 
-    model, name = load_model(args.checkpoint, args)
-    result = token_embeddings(model, layers=args.layers, label=name, **_images_kwargs(args, [(model, name)]))
+    result, _ = _analyse(args, token_embeddings, layers=args.layers)
     _finish(result, args, rank)
 
 
@@ -142,34 +148,28 @@ def cmd_pos_similarity(args, rank):
 def cmd_shuffle_test(args, rank):
     from .analysis.shuffle import shuffle_test
 
-    model, name = load_model(args.checkpoint, args)
-    _finish(shuffle_test(model, label=name, **_images_kwargs(args, [(model, name)])), args, rank)
+    result, _ = _analyse(args, shuffle_test)
+    _finish(result, args, rank)
 
 
 def cmd_check_equivariance(args, rank):
     from .analysis.equivariance import check_equivariance
 
-    model, name = load_model(args.checkpoint, args)
-    kw = _images_kwargs(args, [(model, name)])
-    kw.pop("progress")
-    result = check_equivariance(model, tol=args.tol, label=name, **kw)
+    result, _ = _analyse(args, check_equivariance, tol=args.tol, progress=False)  # no bar: its default
     _finish(result, args, rank, extra=result.verdict())
 
 
 def cmd_resolution(args, rank):
     from .analysis.resolution import resolution_transfer
 
-    model, name = load_model(args.checkpoint, args)
-    result = resolution_transfer(model, sizes=args.sizes, label=name, **_images_kwargs(args, [(model, name)]))
+    result, _ = _analyse(args, resolution_transfer, sizes=args.sizes)
     _finish(result, args, rank)
 
 
 def cmd_attribution(args, rank):
     from .analysis.attribution import probe_attribution
 
-    model, name = load_model(args.checkpoint, args)
-    result = probe_attribution(model, layer=args.layer, patch=args.patch, image_index=args.image_index,
-                               label=name, **_images_kwargs(args, [(model, name)]))
+    result, _ = _analyse(args, probe_attribution, layer=args.layer, patch=args.patch, image_index=args.image_index)
     _finish(result, args, rank)
 
 
