@@ -284,6 +284,25 @@ def _provenance_html(all_results, metas, command, seed, device) -> str:
     return "".join(out)
 
 
+def snapshot_runs(names) -> list:
+    """The names that are training run directories with a ``snapshots/`` folder (emergence section)."""
+    return [n for n in names if Path(n).is_dir() and (Path(n) / "snapshots").is_dir()]
+
+
+def _emergence_html(runs, images, *, num_images, img_size, batch_size, seed, device, progress, max_snapshots=8):
+    """The emergence section for run directories with snapshots, and its JSON document."""
+    from .analysis.emergence import emergence
+
+    result = emergence(runs, images, num_images=num_images, img_size=img_size, batch_size=batch_size, seed=seed,
+                       device=device, progress=progress, max_snapshots=max_snapshots)
+    caption = (f"Layerwise probes on up to {max_snapshots} training snapshots per run (spread over the run): "
+               "step × layer heatmaps of column and row R², and the last layer's column R² against the step "
+               "(dotted: control task; dashed: the threshold of the summary's first step).")
+    section = (f"<h2>Emergence during training</h2><p class='cap'>{caption}</p>{_png(result.plot())}"
+               f"<details open><summary>summary</summary>{_table(result.summary_frame())}</details>")
+    return section, result.to_json()
+
+
 def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
                  device="cpu", progress=True, with_resolution=True, command=None) -> Path:
     """Analyse ``models`` (list of ``(model, name)``) and write ``report.html``, ``summary.csv``
@@ -291,7 +310,8 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
 
     The page opens with the provenance (package version, ``command``, images, each checkpoint's
     ``asg_meta``: training command, recipe, top-1) and the summary table (:func:`summary_frame`),
-    then one section per analysis.
+    then one section per analysis, and an emergence section (:mod:`asg_probe.analysis.emergence`)
+    when a model's name is a training run directory with ``snapshots/``.
 
     Examples
     --------
@@ -347,12 +367,19 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
         if cells:
             note = f"<p class='note'>{html.escape(ALPHA_FOOTNOTE)}</p>" if flagged else ""
             parts.append(f"<h2>{title}</h2><p class='cap'>{caption}</p><div class='row'>{''.join(cells)}</div>{note}")
+    runs = snapshot_runs(names)
+    if runs:
+        section, contents["emergence.json"] = _emergence_html(
+            runs, images, num_images=num_images, img_size=img_size, batch_size=batch_size, seed=seed,
+            device=device, progress=progress)
+        parts.append(section)
     style = ("<style>body{font-family:sans-serif;margin:24px}.row{display:flex;flex-wrap:wrap;gap:24px}"
              ".cell{flex:0 0 auto;max-width:100%;overflow-x:auto}.cell img{display:block}.cap{color:#555}"
              ".note{color:#555;font-size:13px}.tbl{font-size:13px;border-collapse:collapse}"
              ".tbl td,.tbl th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}"
              ".prov td,.prov th{text-align:left}.summary td:first-child{text-align:left;font-weight:bold}</style>")
     contents["report.html"] = (f"<!doctype html><html><head><meta charset='utf-8'><title>asg_probe report</title>"
+                               "<link rel='icon' href='data:,'>"
                                f"{style}</head><body>{''.join(parts)}</body></html>")
     write_output_set(out, contents)
     return out / "report.html"

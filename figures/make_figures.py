@@ -6,7 +6,7 @@
 
 Inputs are labelled checkpoints: bundled reference names, or run directories laid
 out as ``<runs>/<label>/seed<k>/model.safetensors`` (what ``python -m asg_train.reference``
-writes); several seeds of a label are drawn as mean ± std. Images: held-out
+writes); several seeds of a label are drawn as mean ± std (a label with one seed is marked so). Images: held-out
 procedural scenes (``--images scenes``, the data the reference models were trained
 on) or the embedded photographs (``--images photos``) or any folder.
 
@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import asg_probe  # noqa: E402
-from asg_probe.plotting import display_name, mechanism_color  # noqa: E402
+from asg_probe.plotting import display_name, integer_ticks, model_color  # noqa: E402
+
 
 def discover(args):
     """``{label: [checkpoint paths (one per seed)]}``."""
@@ -59,10 +60,11 @@ def images_for(kind, num, size, seed):
 
 
 def save(fig, out, formats, name):
-    for ext in formats:
-        fig.savefig(out / f"{name}.{ext}", dpi=160 if ext == "png" else None, bbox_inches="tight")
+    paths = [out / f"{name}.{ext}" for ext in formats]
+    for path in paths:
+        fig.savefig(path, dpi=160 if path.suffix == ".png" else None, bbox_inches="tight")
     plt.close(fig)
-    print(f"wrote {out / name}.{{{','.join(formats)}}}")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def mean_std(curves):
@@ -70,16 +72,136 @@ def mean_std(curves):
     return stack.mean(0), (stack.std(0) if len(curves) > 1 else np.zeros(stack.shape[1]))
 
 
+def seeds_note(runs_per_label) -> str:
+    """'mean ± std over seeds' where some label has two or more runs, else 'one seed'."""
+    counts = sorted(set(runs_per_label))
+    if counts[-1] < 2:
+        return "one seed"
+    text = "mean ± std over seeds"
+    return text + ("" if counts[0] > 1 else "; n = 1 where not marked")
+
+
+def legend_outside(ax, **kw):
+    """The legend right of the axes, never over a curve."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, **kw)
+
+
+def layerwise_figure(results, labels):
+    """Row and column R² per layer for every label, control dotted (``results[label]`` = seeds)."""
+    # row and column apart: in scenes the row is given away by content, so the mean would hide
+    # where mechanisms differ
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), sharey=True)
+    for ax, (column, control, what) in zip(axes, [("r2_row", "r2_control_row", "row"),
+                                                  ("r2_col", "r2_control_col", "column")]):
+        all_layers = set()
+        for label in labels:
+            runs = results[label]
+            layers = runs[0].r2()[0]
+            all_layers.update(int(v) for v in layers)
+            m, s = mean_std([r.r2(column)[1] for r in runs])
+            color = model_color(label)
+            ax.plot(layers, m, marker="o", ms=3, color=color,
+                    label=display_name(label) + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+            ax.fill_between(layers, m - s, m + s, color=color, alpha=0.2, lw=0)
+            if control in runs[0].rows[0]:
+                mc, _ = mean_std([r.r2(control)[1] for r in runs])
+                ax.plot(layers, mc, ls=":", lw=0.9, color=color)
+        ax.set_xlabel("layer (0 = patch embedding)")
+        integer_ticks(ax, all_layers)
+        ax.set_title(f"patch {what}", fontsize=9)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out linear-probe R²\n(dotted: control task)")
+    legend_outside(axes[1])
+    note = seeds_note(len(results[label]) for label in labels)
+    fig.suptitle(f"Where does each layer know its position? ({note})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def attention_figure(results, labels):
+    """Head × layer scatter, one panel per label (first seed), one y scale that shows every head."""
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.3 * len(labels) + 0.6, 2.8), sharey=True, squeeze=False)
+    top = 0.0
+    for ax, label in zip(axes[0], labels):
+        res = results[label][0]
+        for layer, px in res.heads_px.items():
+            ax.scatter([layer] * len(px), px, s=10, color=model_color(label))
+            top = max(top, max(px), res.uniform_px)
+        ax.axhline(res.uniform_px, ls="--", color="k", lw=0.7)
+        ax.set_title(display_name(label), fontsize=9)
+        ax.set_xlabel("layer")
+        integer_ticks(ax, res.heads_px)
+    axes[0][0].set_ylim(0, top * 1.08)  # shared: the highest head of any panel stays inside
+    axes[0][0].set_ylabel("mean attention distance (px)")
+    fig.suptitle("Attention distance per head (dashed: uniform attention)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def shuffle_figure(results, labels):
+    """Last-layer R² unshuffled / shuffled → original position / shuffled → slot, per label."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    x = np.arange(len(labels))
+    for j, (key, name, hatch) in enumerate([("r2_unshuffled", "unshuffled", ""),
+                                            ("r2_original", "shuffled: original position", ""),
+                                            ("r2_slot", "shuffled: slot", "//")]):
+        vals = [[r.rows[-1][key] for r in results[lb]] for lb in labels]
+        m = [np.mean(v) for v in vals]
+        s = [np.std(v) if len(v) > 1 else 0 for v in vals]
+        ax.bar(x + (j - 1) * 0.27, m, 0.27, yerr=s, label=name, hatch=hatch,
+               color=[model_color(lb) for lb in labels], alpha=[0.35, 1.0, 0.7][j], edgecolor="k", lw=0.4)
+    ax.set_xticks(x, [display_name(lb) for lb in labels], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("last-layer R²")
+    ax.axhline(0, color="k", lw=0.5)
+    legend_outside(ax)
+    note = seeds_note(len(results[lb]) for lb in labels)
+    ax.set_title(f"Content or injection? (patch-shuffle test; {note})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def resolution_figure(results, labels):
+    """Last-layer R² against input size per label; legend outside the curves."""
+    fig, ax = plt.subplots(figsize=(6.6, 3.4))
+    for label in labels:
+        runs = results[label]
+        last = max(r["layer"] for r in runs[0].to_dict()["layers"])
+        sizes, _ = runs[0].curve(last, "r2")
+        m, s = mean_std([r.curve(last, "r2")[1] for r in runs])
+        color = model_color(label)
+        ax.plot(sizes, m, marker="o", ms=3, color=color,
+                label=display_name(label) + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+        ax.fill_between(sizes, m - s, m + s, color=color, alpha=0.2, lw=0)
+    ax.axvline(runs[0].train_size, color="k", ls="--", lw=0.7)
+    ax.set_xlabel("input size (px); dashed: probe fit size")
+    ax.set_ylabel("last-layer probe R²")
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
+    note = seeds_note(len(results[lb]) for lb in labels)
+    ax.set_title(f"Resolution transfer of the position probe ({note})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default, except where the help says what no value means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", help="folder of <label>/seed<k>/model.safetensors (default: reference models)")
-    p.add_argument("--images", default="scenes", help="scenes | photos | a folder (default: scenes)")
-    p.add_argument("--num-images", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("figures/out"))
-    p.add_argument("--formats", nargs="+", default=["pdf", "png"], choices=["pdf", "png", "svg"],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpWithDefaults)
+    p.add_argument("--runs", help="folder of <label>/seed<k>/model.safetensors (default: the bundled reference models)")
+    p.add_argument("--images", default="scenes", help="scenes | photos | a folder")
+    p.add_argument("--num-images", type=int, default=128, help="images per analysis")
+    p.add_argument("--seed", type=int, default=0, help="image sampling seed")
+    p.add_argument("--out", type=Path, default=Path("figures/out"), help="output folder")
+    p.add_argument("--formats", nargs="+", default=None, choices=["pdf", "png", "svg"],
                    help="file types to write (default: pdf png)")
     args = p.parse_args()
+    args.formats = args.formats or ["pdf", "png"]
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     found = discover(args)
@@ -104,94 +226,20 @@ def main():
             print(f"analysed {label}: {path}")
     labels = list(results)
 
-    # 1. layerwise R² for all mechanisms, row and column apart (in scenes the row is given away by
-    #    content, so the mean would hide where mechanisms differ); control task dotted
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), sharey=True)
-    for ax, (column, control, what) in zip(axes, [("r2_row", "r2_control_row", "row"), ("r2_col", "r2_control_col", "column")]):
-        for i, label in enumerate(labels):
-            runs = results[label]["layerwise"]
-            layers = runs[0].r2()[0]
-            m, s = mean_std([r.r2(column)[1] for r in runs])
-            color = mechanism_color(label, i)
-            ax.plot(layers, m, marker="o", ms=3, color=color,
-                    label=f"{label}" + (f" (n={len(runs)})" if len(runs) > 1 else ""))
-            ax.fill_between(layers, m - s, m + s, color=color, alpha=0.2, lw=0)
-            if control in runs[0].rows[0]:
-                mc, _ = mean_std([r.r2(control)[1] for r in runs])
-                ax.plot(layers, mc, ls=":", lw=0.9, color=color)
-        ax.set_xlabel("layer (0 = patch embedding)")
-        ax.set_xticks(list(layers))
-        ax.set_title(f"patch {what}", fontsize=9)
-        ax.axhline(0, color="k", lw=0.5)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out linear-probe R²\n(dotted: control task)")
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.suptitle("Where does each layer know its position? (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    save(fig, args.out, args.formats, "layerwise_r2")
+    def per_label(kind):
+        return {label: results[label][kind] for label in labels}
 
-    # 2. attention distance: head × layer scatter, one panel per mechanism
-    fig, axes = plt.subplots(1, len(labels), figsize=(2.3 * len(labels), 2.8), sharey=True, squeeze=False)
-    for i, label in enumerate(labels):
-        ax = axes[0][i]
-        res = results[label]["attention"][0]
-        for layer, px in res.heads_px.items():
-            ax.scatter([layer] * len(px), px, s=10, color=mechanism_color(label, i))
-        ax.axhline(res.uniform_px, ls="--", color="k", lw=0.7)
-        ax.set_title(label, fontsize=8)
-        ax.set_xlabel("layer")
-        ax.set_xticks(list(res.heads_px))
-    axes[0][0].set_ylabel("mean attention distance (px)")
-    fig.suptitle("Attention distance per head (dashed: uniform attention)", fontsize=9)
-    fig.tight_layout()
-    save(fig, args.out, args.formats, "attention_distance")
-
-    # 3. UMAP panels of the last layer
+    save(layerwise_figure(per_label("layerwise"), labels), args.out, args.formats, "layerwise_r2")
+    save(attention_figure(per_label("attention"), labels), args.out, args.formats, "attention_distance")
     from asg_probe.analysis.embeddings import compare_embeddings
 
     save(compare_embeddings([results[lb]["embeddings"][0] for lb in labels], labels=labels, layer=-1),
          args.out, args.formats, "umap_last_layer")
-
-    # 4. PE similarity grids, where a model has a position table
-    for label in labels:
+    for label in labels:  # PE similarity grids, where a model has a position table
         if results[label]["pe"]:
             save(results[label]["pe"][0].plot(), args.out, args.formats, f"pe_similarity_{label}")
-
-    # 5. shuffle test: last layer, original vs slot
-    fig, ax = plt.subplots(figsize=(5.6, 3.2))
-    x = np.arange(len(labels))
-    for j, (key, name, hatch) in enumerate([("r2_unshuffled", "unshuffled", ""), ("r2_original", "shuffled: original position", ""),
-                                             ("r2_slot", "shuffled: slot", "//")]):
-        vals = [[r.rows[-1][key] for r in results[lb]["shuffle"]] for lb in labels]
-        m = [np.mean(v) for v in vals]
-        s = [np.std(v) if len(v) > 1 else 0 for v in vals]
-        ax.bar(x + (j - 1) * 0.27, m, 0.27, yerr=s, label=name, hatch=hatch,
-               color=[mechanism_color(lb, i) for i, lb in enumerate(labels)], alpha=[0.35, 1.0, 0.7][j],
-               edgecolor="k", lw=0.4)
-    ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=7)
-    ax.set_ylabel("last-layer R²")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
-    ax.set_title("Content or injection? (patch-shuffle test)", fontsize=10)
-    save(fig, args.out, args.formats, "shuffle_test")
-
-    # 6. resolution transfer of the last layer
-    fig, ax = plt.subplots(figsize=(5.6, 3.4))
-    for i, label in enumerate(labels):
-        runs = results[label]["resolution"]
-        last = max(r["layer"] for r in runs[0].to_dict()["layers"])
-        sizes, _ = runs[0].curve(last, "r2")
-        m, s = mean_std([r.curve(last, "r2")[1] for r in runs])
-        color = mechanism_color(label, i)
-        ax.plot(sizes, m, marker="o", ms=3, color=color, label=label)
-        ax.fill_between(sizes, m - s, m + s, color=color, alpha=0.2, lw=0)
-    ax.axvline(runs[0].train_size, color="k", ls="--", lw=0.7)
-    ax.set_xlabel("input size (px); dashed: probe fit size")
-    ax.set_ylabel("last-layer probe R²")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Resolution transfer of the position probe", fontsize=10)
-    save(fig, args.out, args.formats, "resolution_transfer")
+    save(shuffle_figure(per_label("shuffle"), labels), args.out, args.formats, "shuffle_test")
+    save(resolution_figure(per_label("resolution"), labels), args.out, args.formats, "resolution_transfer")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,18 @@ def test_number_formats_for_tables():
     assert number(-0.0004) == "0.000" and number(-0.2) == "-0.200"
     assert number(1e6) == "1.0e+06" and number(2.5e-7) == "2.5e-07"
     assert number(float("nan")) == "nan" and number(3) == "3" and number("injected") == "injected"
+
+
+def test_report_of_a_run_directory_with_snapshots_adds_the_emergence_section(tmp_path):
+    run = tmp_path / "run"
+    for step in (0, 5):
+        model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1, num_classes=2)
+        asg_probe.save_checkpoint(run / "snapshots" / f"step_{step:07d}.safetensors", model, step=step)
+    asg_probe.save_checkpoint(run / "model.safetensors", model)
+    images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    path = build_report([(asg_probe.load_checkpoint(run), str(run))], tmp_path / "out", images=images,
+                        progress=False, with_resolution=False)
+    page = path.read_text()
+    assert "<h2>Emergence during training</h2>" in page
+    doc = json.loads((tmp_path / "out" / "emergence.json").read_text())
+    assert doc["runs"][0]["steps"] == [0, 5]

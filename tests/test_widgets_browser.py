@@ -1,4 +1,5 @@
-"""Smoke test: the comparison explorer renders in a real JupyterLab, in headless Chromium.
+"""Smoke tests in headless Chromium: the comparison explorer renders in a real JupyterLab,
+and the HTML report (``asg_probe.report.build_report``) opens with every figure loaded.
 
 A notebook that builds a ``ComparisonExplorer`` on two tiny random models is
 written to a temporary folder, JupyterLab serves it on a free localhost port,
@@ -146,6 +147,7 @@ def _chrome(profile: Path):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for driver.get_log
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
 
@@ -239,3 +241,56 @@ def test_explorer_renders_in_jupyterlab(tmp_path):
             _stop_lab(proc, port, token)
     shutil.copy(log_path, ARTIFACTS / "widgets_explorer_jupyter.log")
     assert screenshot.stat().st_size > 10_000
+
+
+# What the report page shows, read in one call.
+_REPORT_STATE_JS = """
+const imgs = [...document.querySelectorAll('img')];
+return {
+  ready: document.readyState,
+  headings: [...document.querySelectorAll('h2')].map(h => h.innerText),
+  images: imgs.length,
+  loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+  squeezed: imgs.filter(i => i.naturalWidth > 0 && i.clientWidth < i.naturalWidth / window.devicePixelRatio - 1)
+                .map(i => [i.clientWidth, i.naturalWidth]),
+  first_img_top: imgs.length ? imgs[0].getBoundingClientRect().top + window.scrollY : -1,
+  summary_top: (() => { const t = document.querySelector('table.summary');
+                        return t ? t.getBoundingClientRect().top + window.scrollY : -1; })(),
+  summary_rows: document.querySelectorAll('table.summary tbody tr').length,
+};
+"""
+
+
+@pytest.mark.browser
+def test_report_renders_in_chromium_with_every_figure_loaded(tmp_path):
+    _require_browser()
+    import torch
+
+    import asg_probe
+    from asg_probe.report import build_report
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "report_chromium.png"
+    models = [(asg_probe.create_model("vit_tiny_patch4_32", pos=p, depth=1), p) for p in ("ape", "none")]
+    images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    page = build_report(models, tmp_path / "report", images=images, progress=False, with_resolution=False)
+    driver = _chrome(tmp_path / "chromium-profile")
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(page.resolve().as_uri())
+        deadline = time.monotonic() + 30
+        state = driver.execute_script(_REPORT_STATE_JS)
+        while time.monotonic() < deadline and (state["ready"] != "complete" or state["loaded"] < state["images"]):
+            time.sleep(0.3)
+            state = driver.execute_script(_REPORT_STATE_JS)
+        driver.set_window_size(1500, max(1100, int(driver.execute_script("return document.body.scrollHeight"))))
+        driver.save_screenshot(str(screenshot))
+        console = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    finally:
+        driver.quit()
+    assert not console, f"console errors: {console}"
+    assert state["images"] >= 11 and state["loaded"] == state["images"], f"figures not loaded: {state}"
+    assert not state["squeezed"], f"figures drawn narrower than their natural width: {state['squeezed']}"
+    assert state["headings"][:2] == ["Provenance", "Summary"], state["headings"]
+    assert 0 <= state["summary_top"] < state["first_img_top"], "the summary table must come before any figure"
+    assert state["summary_rows"] == 2
