@@ -281,7 +281,7 @@ class AttentionDistanceResult(AnalysisResult):
         from ..plotting import integer_ticks, new_figure
 
         if ax is None:
-            _, axes = new_figure(5.0, 3.4)
+            _, axes = new_figure(6.6, 3.4)  # the legend sits right of the axes
             ax = axes[0][0]
         import matplotlib.pyplot as plt
 
@@ -306,7 +306,7 @@ class AttentionDistanceResult(AnalysisResult):
                 sibling._asg_ylim_set = True
         ax.set_ylim(0, upper)
         ax.set_title("Mean attention distance" + (f" — {self.checkpoint}" if self.checkpoint else ""), fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # over no head
         ax.figure.tight_layout()
         return ax.figure
 

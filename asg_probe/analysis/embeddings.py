@@ -173,7 +173,7 @@ def _colour_key(ax, grid, rect=(1.04, 0.62, 0.36, 0.36)):
     inset.set_yticks([0, gh - 1])
     inset.tick_params(labelsize=7, length=2)  # 7 pt: readable at 100% zoom
     inset.set_xlabel("col", fontsize=7, labelpad=1)
-    inset.set_ylabel("row", fontsize=7, labelpad=1)
+    inset.set_ylabel("row", fontsize=7, labelpad=3)
     inset.set_title("position key", fontsize=7)
     return inset
 

@@ -228,7 +228,7 @@ class LayerwiseResult(AnalysisResult):
         from ..plotting import COL_COLOR, ROW_COLOR, integer_ticks, new_figure
 
         if ax is None:
-            fig, axes = new_figure(5.2, 3.4)
+            fig, axes = new_figure(6.4, 3.4)
             ax = axes[0][0]
         fig = ax.figure
         layers, _ = self.r2()
@@ -248,7 +248,7 @@ class LayerwiseResult(AnalysisResult):
         if self.checkpoint:
             title += f" — {self.checkpoint}"
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # over no curve
         fig.tight_layout()
         return fig
 

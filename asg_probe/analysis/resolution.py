@@ -182,7 +182,7 @@ class ResolutionResult(AnalysisResult):
 
         shades = ("k", "0.55", "0.3", "0.75")  # layers, not models: no model colour
         if ax is None:
-            fig, axes = new_figure(5.2, 3.4)
+            fig, axes = new_figure(6.6, 3.4)
             ax = axes[0][0]
         fig = ax.figure
         all_layers = sorted({r["layer"] for r in self.rows})
@@ -197,7 +197,7 @@ class ResolutionResult(AnalysisResult):
             line, = ax.plot(sizes, r2, marker="o", ms=4, lw=2, label=label, color=shades[i % len(shades)])
             for col, ls in (("r2_row", ":"), ("r2_col", "--")):
                 ax.plot(sizes, self.curve(layer, col)[1], ls=ls, lw=0.9, color=line.get_color())
-        ax.axvline(self.train_size, color="k", lw=0.8, ls="--")
+        ax.axvline(self.train_size, color="0.5", lw=0.8)  # solid: dashed and dotted are the column and row
         ax.annotate("fit size", (self.train_size, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
                     rotation=90, ha="right", va="bottom")
         ax.axhline(0, color="k", lw=0.5)
@@ -216,7 +216,7 @@ class ResolutionResult(AnalysisResult):
         if self.checkpoint:
             title += f" — {self.checkpoint}"
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         fig.tight_layout()
         return fig
 
