@@ -151,10 +151,12 @@ SUMMARY_COLUMNS = [
 ]
 
 ALPHA_FOOTNOTE = (
-    "† alpha_at_edge: the ridge penalty chosen by cross-validation lies at an end of the grid searched. "
-    "The grid is extended automatically while held-out R² still improves, so a remaining flag means the "
-    "gain had stopped, or the layer has no decodable position (R² ≤ 0: the largest penalty, i.e. predicting "
-    "the mean, wins, hence alpha = 1e6 on such layers). The R² shown is unaffected.")
+    "† alpha_at_edge: the ridge penalty chosen by cross-validation for the row or the column lies at an end "
+    "of the grid searched (1e-3 to 1e6 by default, extended automatically while held-out R² still improves). "
+    "A flag that remains is expected in two cases: a coordinate with nothing to decode (R² ≤ 0: the largest "
+    "penalty, i.e. predicting the mean, wins; alpha_row / alpha_col = 1e6) and a fit already converged (R² ≈ 1 "
+    "at the smallest penalty, e.g. a position table added at layer 0). Elsewhere a wider grid "
+    "(layerwise_probes(alphas=...)) could raise R² slightly.")
 
 
 def _top1(meta) -> float | None:
@@ -215,7 +217,7 @@ def summary_frame(all_results, metas=None):
     rows = summary_rows(all_results, metas)
     order = [c for c, _ in SUMMARY_COLUMNS]
     extra = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in order]
-    columns = [c for c in order + extra if any(c in r for r in rows)]
+    columns = [c for c in order + extra if any(r.get(c) is not None for r in rows)]  # no empty columns
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -105,3 +105,21 @@ def test_report_of_a_run_directory_with_snapshots_adds_the_emergence_section(tmp
     assert "<h2>Emergence during training</h2>" in page
     doc = json.loads((tmp_path / "out" / "emergence.json").read_text())
     assert doc["runs"][0]["steps"] == [0, 5]
+
+
+def test_report_command_prints_the_summary_table_and_writes_it_as_csv(tmp_path, capsys):
+    from asg_probe.cli import main
+
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1, num_classes=2)
+    checkpoint = asg_probe.save_checkpoint(tmp_path / "ape-small.safetensors", model)
+    out = tmp_path / "out"
+    assert main(["report", str(checkpoint), "--num-images", "10", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    summary = pd.read_csv(out / "summary.csv")
+    last = json.loads((out / "ape-small.safetensors.layerwise.json").read_text())["layers"][-1]
+    assert summary["r2_row"].iloc[0] == pytest.approx(last["r2_row"], abs=1e-12)
+    header = printed.splitlines()[0].split()
+    assert header[:5] == ["model", "layer", "r2_row", "r2_col", "r2_control"]  # no top-1: not stored
+    assert number(last["r2_row"]) in printed and "summary.csv" in printed
+    page = (out / "report.html").read_text()
+    assert "asg-probe report " + str(checkpoint) in page  # the command, in the provenance
