@@ -17,6 +17,7 @@ import base64
 import datetime
 import html
 import io
+import re
 from pathlib import Path
 
 
@@ -263,7 +264,9 @@ def _provenance_html(all_results, metas, command, seed, device) -> str:
     from . import __version__
     from .plotting import display_name
 
-    lines = {n: res["layerwise"].provenance_line().removeprefix("computed on: ") for n, res in all_results.items()}
+    # the images part of each model's provenance line (device and version have their own rows)
+    lines = {n: re.split(r", (?:device|asg_probe) ", res["layerwise"].provenance_line().removeprefix("computed on: "))[0]
+             for n, res in all_results.items()}
     images = next(iter(lines.values())) if len(set(lines.values())) == 1 else \
         "; ".join(f"{display_name(n)}: {v}" for n, v in lines.items())
     run = [("asg_probe", __version__), ("command", command or "build_report() from Python"),
