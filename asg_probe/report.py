@@ -172,8 +172,9 @@ def summary_rows(all_results, metas=None) -> list:
 
     ``all_results`` is ``{name: {analysis name: result}}`` as :func:`analyse_model` returns;
     ``metas`` optional ``{name: model.asg_meta}``. R² figures are the last layer's row of the
-    layerwise result; where a row carries intervals (``r2_row_ci``, ``r2_col_ci``: ``[low, high]``),
-    they are added as ``<column>_low`` / ``<column>_high``.
+    layerwise result; where a row carries intervals over the CV folds (``r2_row_ci``, ``r2_col_ci``,
+    ``r2_control_ci``, ``selectivity_ci``: ``[low, high]``), they are added as ``<column>_low`` /
+    ``<column>_high`` (and shown as ``value [low, high]`` in the page).
 
     Examples
     --------
@@ -193,7 +194,7 @@ def summary_rows(all_results, metas=None) -> list:
         row = {"model": display_name(name), "layer": last["layer"], "top1": _top1(metas.get(name)),
                "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_control": last["r2_control"],
                "selectivity": last["selectivity"]}
-        for key in ("r2_row", "r2_col"):
+        for key in ("r2_row", "r2_col", "r2_control", "selectivity"):
             ci = last.get(f"{key}_ci")
             if ci is not None:
                 row[f"{key}_low"], row[f"{key}_high"] = float(ci[0]), float(ci[1])

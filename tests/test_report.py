@@ -123,3 +123,19 @@ def test_report_command_prints_the_summary_table_and_writes_it_as_csv(tmp_path, 
     assert number(last["r2_row"]) in printed and "summary.csv" in printed
     page = (out / "report.html").read_text()
     assert "asg-probe report " + str(checkpoint) in page  # the command, in the provenance
+
+
+def test_summary_carries_the_fold_intervals_a_layerwise_result_has():
+    from asg_probe.analysis.layerwise import LayerwiseResult
+    from asg_probe.report import _summary_html, summary_frame
+
+    rows = [{"layer": 0, "r2_row": 0.5, "r2_col": 0.4, "r2": 0.45, "r2_control": 0.0, "selectivity": 0.45},
+            {"layer": 1, "r2_row": 0.9, "r2_col": -0.0001, "r2": 0.45, "r2_control": 0.01, "selectivity": 0.44,
+             "r2_row_ci": [0.85, 0.95], "r2_col_ci": [float("nan"), float("nan")]}]
+    frame = summary_frame({"ape": {"layerwise": LayerwiseResult(rows, (8, 8), 10)}})
+    assert list(frame.columns) == ["model", "layer", "r2_row", "r2_col", "r2_control", "selectivity",
+                                   "r2_row_low", "r2_row_high", "r2_col_low", "r2_col_high"]
+    assert frame.iloc[0][["r2_row", "r2_row_low", "r2_row_high"]].tolist() == [0.9, 0.85, 0.95]
+    page = _summary_html(frame)
+    assert "<td>0.900 [0.850, 0.950]</td>" in page
+    assert "<td>0.000</td>" in page and "nan" not in page  # -0.0001 shown as 0.000; no interval: none shown
