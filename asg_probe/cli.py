@@ -120,7 +120,8 @@ def cmd_layerwise(args, rank):
 
     result, name = _analyse(args, layerwise_probes, layers=args.layers, n_folds=args.folds,
                             cell_accuracy=args.cell_accuracy, exact=not args.fast)
-    cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha", "cell_accuracy"]
+    cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "r2_control_content",
+            "selectivity_content", "alpha", "cell_accuracy"]
     _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")
 
 
@@ -188,7 +189,7 @@ def cmd_report(args, rank):
         from .report import number
 
         summary = pd.read_csv(path.parent / "summary.csv")  # the table the page opens with
-        print(summary.to_string(index=False, float_format=number))
+        print(summary.to_string(index=False, float_format=lambda v: number(v, tiny=False)))
         print(f"wrote {path}, {path.parent / 'summary.csv'} and the per-model JSON")
 
 

@@ -95,7 +95,23 @@ def test_the_result_keeps_each_layers_fitted_probe(images):
     probe = res.probe(1)
     row = res.rows[1]
     assert (probe.cv_r2_[0], probe.cv_r2_[1]) == (row["r2_row"], row["r2_col"])
-    assert 0.5 * (probe.control_cv_r2_[0] + probe.control_cv_r2_[1]) == row["r2_control"]
+    # the probe's control is the first seed's slot permutation; the row averages the five seeds
+    r2, names = probe.cv_results_.cv_r2_, probe.cv_results_.target_names
+    assert 0.5 * (probe.control_cv_r2_[0] + probe.control_cv_r2_[1]) == 0.5 * (r2[2] + r2[3])
+    slot = [i for i, n in enumerate(names) if n.startswith("control_")]
+    content = [i for i, n in enumerate(names) if n.startswith("content_")]
+    assert len(slot) == len(content) == 10 and row["n_control_seeds"] == 5
+    assert row["r2_control"] == pytest.approx(np.mean(r2[slot]), abs=1e-12)
+    assert row["r2_control_content"] == pytest.approx(np.mean(r2[content]), abs=1e-12)
+    assert row["selectivity_content"] == pytest.approx(row["r2"] - row["r2_control_content"], abs=1e-12)
+    per_seed = [0.5 * (r2[a] + r2[a + 1]) for a in content[::2]]
+    assert row["r2_control_content_std"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+    # every R² carries its 95% interval over the CV folds, around the fold mean
+    folds = probe.cv_results_.fold_cv_r2_
+    assert row["r2_row_ci"] == asg_probe.probes.fold_interval(folds[:, 0])
+    for key in ("r2", "r2_row", "r2_col", "r2_control", "r2_control_content"):
+        lo, hi = row[f"{key}_ci"]
+        assert lo < row[key] < hi
     assert res.probe(-1) is res.probe(2) and res.probe(0) is not probe
     # a direct ridge (standardised features, scikit-learn) at the chosen alpha, refit on every image
     X, Xn = tokens.reshape(-1, tokens.shape[-1]).numpy(), new.reshape(-1, new.shape[-1]).numpy()
@@ -144,3 +160,75 @@ def test_the_probe_accumulators_follow_the_accumulator_protocol(images):
     result = LayerwiseResult.from_accumulator(layerwise, label="x")
     assert result.num_images == 10 and np.array_equal(result.probe(1).coef_, layerwise.fitted()[1].coef_)
     assert not hasattr(result.probe(1), "stats_")  # results keep the solved probe, not its D x D sums
+
+
+# --------------------------------------------------------------------------- the two controls
+
+def _control_rows(tokens, images, batches, seeds=3, patch=2, grid=(4, 4)):
+    """Layerwise rows of planted layer-0 ``tokens`` (n, N, D) for ``images``, streamed in ``batches``."""
+    from asg_probe.analysis.layerwise import LayerwiseAccumulator, LayerwiseResult
+    from asg_probe.extract import ForwardBatch
+
+    acc = LayerwiseAccumulator(n_folds=4, n_control_seeds=seeds)
+    for idx in batches:
+        idx = torch.as_tensor(idx)
+        acc.update(ForwardBatch(tokens={0: tokens[idx]}, grid=grid, image_index=idx, images=images[idx],
+                                num_prefix_tokens=0, patch_size=patch))
+    return LayerwiseResult.from_accumulator(acc).rows[0]
+
+
+def _patchwise(colours, patch=2):
+    """Images (n, 3, gh * patch, gw * patch) whose patch (i, j) is the uniform colour ``colours[:, i, j]``."""
+    return colours.permute(0, 3, 1, 2).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
+def test_content_tokens_solve_the_content_control_and_a_slot_code_solves_only_the_slot_one():
+    from asg_probe.probes import content_types
+
+    g = torch.Generator().manual_seed(0)
+    n, grid = 40, (4, 4)
+    # content: each patch one of 6 colours at random; the token is a code of its content type only
+    palette = torch.randn(6, 3, generator=g)
+    images = _patchwise(palette[torch.randint(6, (n, *grid), generator=g)])
+    types = content_types(images, grid)
+    code = torch.randn(16, 32, generator=g, dtype=torch.float64)            # 2^ceil(log2 16) types
+    tokens = code[types] + 1e-3 * torch.randn(n, 16, 32, generator=g, dtype=torch.float64)
+    row = _control_rows(tokens, images, [range(n)])
+    assert row["r2_control_content"] > 0.99 and row["r2_control_content_ci"][0] > 0.9   # memorised content
+    assert abs(row["r2"]) < 0.1 and abs(row["r2_control"]) < 0.1                       # no position at all
+    assert row["selectivity_content"] < -0.9
+    # slot: identical content in every patch of an image (a random colour per image), a planted position table
+    flat = _patchwise(torch.randn(n, 1, 1, 3, generator=g).expand(n, *grid, 3))
+    table = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    tokens = table + 1e-3 * torch.randn(n, 16, 32, generator=g, dtype=torch.float64)
+    row = _control_rows(tokens, flat, [range(n)])
+    assert row["r2"] > 0.99 and row["r2_control"] > 0.99                                # slot identity
+    assert row["r2_control_content"] < 0.05 and row["selectivity_content"] > 0.95
+    assert len(set(content_types(flat, grid)[:, 0].tolist())) > 1   # the content target does vary (by image)
+
+
+def test_the_controls_do_not_depend_on_batch_order_or_size():
+    g = torch.Generator().manual_seed(1)
+    n = 24
+    images = _patchwise(torch.randn(n, 4, 4, 3, generator=g))
+    tokens = torch.randn(n, 16, 8, generator=g, dtype=torch.float64) + torch.randn(16, 8, generator=g,
+                                                                                  dtype=torch.float64)
+    a = _control_rows(tokens, images, [range(n)])
+    order = torch.randperm(n, generator=g)
+    b = _control_rows(tokens, images, [order[:5], order[5:17], order[17:]])
+    assert a.keys() == b.keys()
+    for key in ("r2", "r2_control", "r2_control_std", "r2_control_content", "r2_control_content_std"):
+        assert a[key] == pytest.approx(b[key], abs=1e-9)
+
+
+def test_one_control_seed_without_content_is_the_plain_probe():
+    """n_control_seeds=1, content_control=False: the columns of a plain CoordinateProbe on the same tokens."""
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    res = layerwise_probes(model, images, layers=[1], n_control_seeds=1, content_control=False, progress=False)
+    tokens = forward_tokens(model.eval(), images, layers=[1])[1]
+    plain = asg_probe.probes.CoordinateProbe(n_folds=5).fit(tokens, grid=(8, 8))
+    row = res.rows[0]
+    assert "r2_control_content" not in row and row["r2_control_std"] == 0.0
+    assert row["r2"] == pytest.approx(plain.cv_r2_.mean(), abs=1e-9)
+    assert row["r2_control"] == pytest.approx(plain.control_cv_r2_.mean(), abs=1e-9)

@@ -65,3 +65,37 @@ def test_a_wrong_shape_is_a_clear_error():
     probe = CoordinateProbe(n_folds=2).fit(planted(n_images=4), grid=GRID)
     with pytest.raises(ValueError, match=r"X must be \(B, 48, 32\) for grid 6x8"):
         CellAccuracy(probe, GRID).update(torch.randn(2, 16, 32), torch.arange(2))
+
+
+def test_fold_intervals_are_the_t_interval_of_sklearns_fold_scores():
+    from scipy import stats as sps
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from asg_probe.probes import fold_interval
+
+    X = planted(n_images=12, noise=0.5)
+    probe = CoordinateProbe(n_folds=4).fit(X, grid=GRID)
+    res = probe.cv_results_
+    y = coordinate_targets(GRID, dtype=torch.float64).repeat(12, 1).numpy()
+    tokens = X.reshape(-1, X.shape[-1]).numpy()
+    fold = np.repeat(np.arange(12) % 4, N)
+    for col, alpha in enumerate(probe.alpha_):
+        scores = []
+        for k in range(4):
+            model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(tokens[fold != k], y[fold != k, col])
+            scores.append(r2_score(y[fold == k, col], model.predict(tokens[fold == k])))
+        np.testing.assert_allclose(res.fold_cv_r2_[:, col], scores, rtol=1e-7, atol=1e-9)
+        half = sps.t.ppf(0.975, 3) * np.std(scores, ddof=1) / np.sqrt(4)
+        lo, hi = fold_interval(res.fold_cv_r2_[:, col])
+        np.testing.assert_allclose([lo, hi], [np.mean(scores) - half, np.mean(scores) + half], rtol=1e-7)
+        assert lo < probe.cv_r2_[col] < hi and hi - lo > 1e-4   # noisy enough to have a width
+
+
+def test_a_fold_interval_leaves_out_nan_folds_and_needs_two():
+    from asg_probe.probes import fold_interval
+
+    assert fold_interval([0.5, np.nan, 0.7]) == pytest.approx(fold_interval([0.5, 0.7]))
+    assert np.isnan(fold_interval([0.5, np.nan])).all()
+    assert fold_interval([0.3, 0.3, 0.3]) == [0.3, 0.3]

@@ -2,8 +2,18 @@
 
 For every layer (0 = tokens entering block 1, ``i`` = output of block ``i``) a
 ridge probe maps patch tokens to normalised (row, col), regularisation chosen by
-k-fold cross-validation split by image, scored by held-out R². A control probe on
-a fixed random permutation of positions gives the selectivity (true − control).
+k-fold cross-validation split by image, scored by held-out R², with a 95% interval
+over the folds (``r2_ci``, ``r2_row_ci``, ``r2_col_ci``: :func:`~asg_probe.probes.fold_interval`).
+Two controls, each averaged over ``n_control_seeds`` seeds (spread in ``*_std``), are fitted
+and scored exactly like the true task, as extra target columns of the same probe:
+
+* ``r2_control`` / ``selectivity``: the *slot* control (slot ``i`` asked for the coordinates of
+  slot ``perm[i]``), solved by any code that tells slots apart: it rules out "slots are merely
+  distinguishable", i.e. separates geometry from identity;
+* ``r2_control_content`` / ``selectivity_content``: Hewitt & Liang's control task (2019,
+  "Designing and Interpreting Probes with Control Tasks"): each patch's content type (a seeded
+  hash of its pixels, :func:`~asg_probe.probes.content_types`) gets a fixed random cell, so only
+  memorising content solves it: it rules out "the probe reads position off content".
 Each layer's probe is a streaming :class:`asg_probe.probes.CoordinateProbe`
 (statistics, not tokens), so the cost is one forward pass and memory does not grow
 with the number of images; the result keeps the fitted probes
@@ -14,9 +24,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from ..extract import Accumulator, batch_grid
-from ..probes import CellAccuracy, CoordinateProbe
+from ..probes import (CellAccuracy, CoordinateProbe, content_control_targets, control_seeds, control_target_names,
+                      coordinate_targets, fold_interval, slot_control_targets)
+
+#: Control seeds by default (slot and content controls alike): extra target columns, cheap.
+N_CONTROL_SEEDS = 5
 from ..results import AnalysisResult
 
 
@@ -78,7 +93,14 @@ class ProbeAccumulator(Accumulator):
 
 
 class LayerwiseAccumulator(ProbeAccumulator):
-    """Per layer, a probe of the grid coordinates and its control task (:class:`ProbeAccumulator`).
+    """Per layer, a probe of the grid coordinates and its control tasks (:class:`ProbeAccumulator`).
+
+    Target columns: ``row``, ``col``, the slot control of each control seed
+    (``control_row``, ``control_col`` for ``control_seed``, ``control_row_s{seed}``... for the
+    next ``n_control_seeds - 1``) and, with ``content_control``, the content control of each seed
+    (``content_row_s{seed}``...), computed from each batch's ``images``. The fitted probes
+    (:meth:`fitted`) predict ``row``/``col``, with ``control_cv_r2_`` the first slot-control seed;
+    every column's scores are in their ``cv_results_``.
 
     Examples
     --------
@@ -91,12 +113,34 @@ class LayerwiseAccumulator(ProbeAccumulator):
     ([0, 1], (2, 128))
     """
 
-    def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=True, method="fast"):
+    def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=True, method="fast",
+                 n_control_seeds=N_CONTROL_SEEDS, content_control=True):
         super().__init__(n_folds=n_folds, alphas=alphas, exact=exact, method=method)
         self.control_seed = control_seed
+        self.seeds = control_seeds(control_seed, n_control_seeds)
+        self.content_control = bool(content_control)
+        self._fixed = None
 
     def _new_probe(self) -> CoordinateProbe:
         return super()._new_probe().set_params(control=True, control_seed=self.control_seed)
+
+    def _targets(self, batch):
+        tokens = next(iter(batch.tokens.values()))
+        B, N = tokens.shape[:2]
+        if self._fixed is None or self._fixed.device != tokens.device:   # the same for every image
+            self._fixed = torch.cat([coordinate_targets(self.grid), slot_control_targets(self.grid, self.seeds)],
+                                    dim=1).to(tokens.device)
+        parts = [self._fixed.expand(B, N, -1)]
+        if self.content_control:
+            gh, gw = self.grid
+            p = int(batch.patch_size)
+            pixels = batch.images[..., :gh * p, :gw * p]   # the pixels the patch embedding saw
+            parts.append(content_control_targets(pixels, self.grid, self.seeds).to(tokens.device))
+        names = ("row", "col") + control_target_names(self.seeds, content=self.content_control)
+        return torch.cat(parts, dim=-1), names
+
+    def _solved(self, probe):
+        return probe.select([0, 1], control_columns=[2, 3])
 
 
 class CellAccuracyAccumulator(Accumulator):
@@ -135,17 +179,58 @@ def _geomean(a, b):
     return float(math.sqrt(a * b))
 
 
+def _control_columns(names, prefix):
+    """Indices of a control's (row, col) column pairs, one pair per seed, in seed order."""
+    rows = [i for i, n in enumerate(names) if n == f"{prefix}_row" or n.startswith(f"{prefix}_row_s")]
+    cols = [i for i, n in enumerate(names) if n == f"{prefix}_col" or n.startswith(f"{prefix}_col_s")]
+    return list(zip(rows, cols))
+
+
+def _spread(values):
+    # sample std over seeds; 0 with a single seed (no spread measured)
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _row(layer, probe):
-    r2_row, r2_col = (float(v) for v in probe.cv_r2_)
-    c_row, c_col = (float(v) for v in probe.control_cv_r2_)
+    """One table row; every R² with its 95% interval over the CV folds (:func:`~asg_probe.probes.fold_interval`).
+
+    Controls are means over their seeds' columns (row, col, and their average per seed), with
+    ``*_std`` the sample std over seeds of the per-seed (row + col) / 2.
+    """
+    res = probe.cv_results_
+    names, r2, folds = res.target_names, res.cv_r2_, res.fold_cv_r2_
+    main = [names.index(n) for n in probe.target_names_]
+    r2_row, r2_col = (float(r2[i]) for i in main)
     mean = 0.5 * (r2_row + r2_col)
-    control = 0.5 * (c_row + c_col)
-    return {"layer": int(layer), "r2_row": r2_row, "r2_col": r2_col, "r2": mean,
-            "r2_control": control, "selectivity": mean - control,
-            "alpha": _geomean(probe.alpha_[0], probe.alpha_[1]),
-            "alpha_row": float(probe.alpha_[0]), "alpha_col": float(probe.alpha_[1]),
-            "alpha_at_edge": bool(probe.alpha_at_edge_.any()),
-            "r2_control_row": c_row, "r2_control_col": c_col}
+    fold_true = 0.5 * (folds[:, main[0]] + folds[:, main[1]])
+    out = {"layer": int(layer), "r2_row": r2_row, "r2_col": r2_col, "r2": mean}
+    controls = {}
+    for prefix, key in (("control", "r2_control"), ("content", "r2_control_content")):
+        pairs = _control_columns(names, prefix)
+        if pairs:
+            per_seed = [0.5 * (r2[a] + r2[b]) for a, b in pairs]
+            controls[key] = (pairs, per_seed)
+    pairs, per_seed = controls["r2_control"]
+    control = float(np.mean(per_seed))
+    out.update({"r2_control": control, "selectivity": mean - control,
+                "alpha": _geomean(probe.alpha_[0], probe.alpha_[1]),
+                "alpha_row": float(probe.alpha_[0]), "alpha_col": float(probe.alpha_[1]),
+                "alpha_at_edge": bool(probe.alpha_at_edge_.any()),
+                "r2_control_row": float(np.mean([r2[a] for a, _ in pairs])),
+                "r2_control_col": float(np.mean([r2[b] for _, b in pairs])),
+                "r2_control_std": _spread(per_seed), "n_control_seeds": len(pairs),
+                "r2_ci": fold_interval(fold_true), "r2_row_ci": fold_interval(folds[:, main[0]]),
+                "r2_col_ci": fold_interval(folds[:, main[1]])})
+    for key, (pairs, per_seed) in controls.items():
+        fold_ctrl = np.mean([0.5 * (folds[:, a] + folds[:, b]) for a, b in pairs], axis=0)
+        out[f"{key}_ci"] = fold_interval(fold_ctrl)
+        sel = "selectivity" + key[len("r2_control"):]
+        out[f"{sel}_ci"] = fold_interval(fold_true - fold_ctrl)   # paired over the same folds
+        if key == "r2_control_content":
+            out[key] = float(np.mean(per_seed))
+            out[sel] = mean - out[key]
+            out[f"{key}_std"] = _spread(per_seed)
+    return out
 
 
 class LayerwiseResult(AnalysisResult):
@@ -192,8 +277,10 @@ class LayerwiseResult(AnalysisResult):
     def probe(self, layer) -> CoordinateProbe:
         """The fitted probe of ``layer`` (negative counts from the end), e.g. to predict on new tokens.
 
-        Its ``cv_r2_`` are this table's ``r2_row``/``r2_col``, ``control_cv_r2_`` the control
-        columns; ``probe(layer).select([2, 3])`` is the control task's probe.
+        Its ``cv_r2_`` are this table's ``r2_row``/``r2_col``, ``control_cv_r2_`` the first
+        slot-control seed (the table averages the seeds); ``probe(layer).cv_results_`` holds every
+        control column (``target_names``), and ``probe(layer).select([2, 3])`` is the first seed's
+        slot-control probe.
         """
         if not self.probes:
             raise ValueError("this result carries no fitted probes (it was built from rows alone)")
@@ -233,13 +320,15 @@ class LayerwiseResult(AnalysisResult):
         fig = ax.figure
         layers, _ = self.r2()
         styles = [("r2_row", "row", "-", "o", ROW_COLOR), ("r2_col", "col", "-", "s", COL_COLOR),
-                  ("r2", "mean", "-", None, "0.55"), ("r2_control", "control", "--", None, "0.55")]
+                  ("r2", "mean", "-", None, "0.55"), ("r2_control", "slot control", "--", None, "0.55"),
+                  ("r2_control_content", "content control", ":", None, "0.35")]
+        styles = [s for s in styles if all(s[0] in r for r in self.rows)]   # rows of older results lack content
         for col, name, ls, marker, color in styles:
             ax.plot(layers, self.r2(col)[1], ls=ls, marker=marker, ms=4, lw=2 if col == "r2" else 1.2, color=color,
                     label=f"{label + ' ' if label else ''}{name}")
         ax.set_xlabel("layer (0 = patch embedding)")
         ax.set_ylabel("held-out R² (split by image)")
-        low = min(float(np.nanmin(self.r2(c)[1])) for c in ("r2_row", "r2_col", "r2_control"))
+        low = min(float(np.nanmin(self.r2(c)[1])) for c, *_ in styles)
         ax.set_ylim(min(-0.05, low - 0.05), 1.02)
         integer_ticks(ax, layers)
         ax.axhline(0, color="k", lw=0.5)
@@ -255,8 +344,9 @@ class LayerwiseResult(AnalysisResult):
     def summary_line(self):
         last = self.rows[-1]
         best = max(self.rows, key=lambda r: r["r2"])
+        content = f", content control {last['r2_control_content']:.2f}" if "r2_control_content" in last else ""
         return (f"last layer R² row/col {last['r2_row']:.2f}/{last['r2_col']:.2f} "
-                f"(control {last['r2_control']:.2f}); best layer {best['layer']} R² {best['r2']:.2f}")
+                f"(control {last['r2_control']:.2f}{content}); best layer {best['layer']} R² {best['r2']:.2f}")
 
 
 def compare_layerwise(results, labels=None, column="r2", ax=None):
@@ -309,7 +399,8 @@ def probe_images(model, images, n_folds, *, num_images=64, img_size=None, batch_
 
 def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None,
                      n_folds=5, control_seed=0, alphas=None, cell_accuracy=False, seed=0, device="cpu",
-                     progress=True, label="", exact=True, checkpoint=None):
+                     progress=True, label="", exact=True, checkpoint=None, n_control_seeds=N_CONTROL_SEEDS,
+                     content_control=True):
     """Fit cross-validated coordinate probes on every layer of ``model``.
 
     Parameters
@@ -327,7 +418,14 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     n_folds : int
         Cross-validation folds, split by image.
     control_seed : int
-        Seed of the control task's permutation.
+        First control seed: seed ``control_seed`` gives today's slot permutation
+        (:func:`~asg_probe.probes.control_permutation`); seeds ``control_seed + 1, ...`` follow.
+    n_control_seeds : int, default=5
+        Seeds of each control; ``r2_control`` and ``r2_control_content`` are their means (so
+        ``r2_control`` equals the single-permutation value of earlier versions only with
+        ``n_control_seeds=1``), ``r2_control_std``/``r2_control_content_std`` their spread.
+    content_control : bool, default=True
+        Also fit Hewitt & Liang's content control (``r2_control_content``, ``selectivity_content``).
     alphas : array-like, optional
         Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`, extended
         past an end while a layer's CV R² still climbs towards it; a grid you pass is searched as given).
@@ -363,8 +461,9 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     label = display_label(label, checkpoint)
     data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
                         seed=seed)
-    (acc,) = run_analyses(model, data, [LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed,
-                                                             alphas=alphas, exact=exact)],
+    acc = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed, alphas=alphas, exact=exact,
+                               n_control_seeds=n_control_seeds, content_control=content_control)
+    (acc,) = run_analyses(model, data, [acc],
                           layers=layers, device=device, progress=progress, desc="layerwise")
     result = LayerwiseResult.from_accumulator(acc, label=label, img_size=data.img_size)
     if cell_accuracy:

@@ -4,14 +4,16 @@ One concern per module, so each is found by its name:
 
 =================  ==========================================================================
 ``targets``        what is regressed: :func:`coordinate_targets` (normalised row, col; defined in
-                   :mod:`asg_probe.layers.grid`), the control task (:func:`control_permutation`),
-                   :func:`probe_targets` stacking both
+                   :mod:`asg_probe.layers.grid`), the slot control (:func:`control_permutation`),
+                   :func:`probe_targets` stacking both, and Hewitt & Liang's content control
+                   (:func:`content_control_targets` of :func:`content_types`)
 ``stats``          :class:`RidgeStats`, per-fold float64 sufficient statistics streamed from
                    batches of tokens (``fold = image_index % n_folds``), mergeable across processes
 ``solver``         :func:`solve_ridge_cv` → :class:`RidgeCVResult`: every fold and alpha from the
                    statistics alone; ``method="fast"`` or the ``"eigh"`` reference
 ``_lapack``        the solver's fast path (``dsytrd`` without the GIL, tridiagonal solves)
-``metrics``        :class:`CellAccuracy` (held-out cell decoding), :func:`r2_columns`
+``metrics``        :class:`CellAccuracy` (held-out cell decoding), :func:`r2_columns`,
+                   :func:`fold_interval` (95% interval over CV folds)
 ``coordinate``     :class:`CoordinateProbe`, the estimator every analysis uses: ``fit``, or
                    ``partial_fit`` per batch + ``all_reduce`` + ``finalize``; ``predict``, ``score``
 ``reservoir``      :class:`TokenReservoir`, a bounded order-free token sample
@@ -30,15 +32,17 @@ Examples
 True
 """
 from .coordinate import CoordinateProbe
-from .metrics import CellAccuracy, r2_columns
+from .metrics import CellAccuracy, fold_interval, r2_columns
 from .mlp import MLPProbe
 from .reservoir import TokenReservoir
 from .solver import DEFAULT_ALPHAS, METHODS, RidgeCVResult, solve_ridge_cv
 from .stats import RidgeStats
-from .targets import TARGET_NAMES, control_permutation, coordinate_targets, probe_targets
+from .targets import (TARGET_NAMES, content_control_targets, content_types, control_permutation, control_seeds,
+                      control_target_names, coordinate_targets, probe_targets, slot_control_targets)
 
 __all__ = [
     "DEFAULT_ALPHAS", "METHODS", "TARGET_NAMES", "coordinate_targets", "control_permutation", "probe_targets",
-    "RidgeStats", "RidgeCVResult", "solve_ridge_cv", "CellAccuracy", "r2_columns", "CoordinateProbe",
+    "content_types", "content_control_targets", "control_seeds", "control_target_names", "slot_control_targets",
+    "RidgeStats", "RidgeCVResult", "solve_ridge_cv", "CellAccuracy", "r2_columns", "fold_interval", "CoordinateProbe",
     "TokenReservoir", "MLPProbe",
 ]

@@ -14,7 +14,32 @@ from ..layers.grid import grid_coords
 from ._inputs import as_features, as_index
 from .targets import check_grid
 
-__all__ = ["CellAccuracy", "r2_columns"]
+__all__ = ["CellAccuracy", "r2_columns", "fold_interval"]
+
+
+def fold_interval(values, level: float = 0.95) -> list:
+    """``[lo, hi]`` Student-t interval of the mean of per-fold scores: ``mean ± t(1 - (1 - level)/2, k-1)·sd/√k``.
+
+    ``values`` (k,) are the held-out scores of the ``k`` CV folds (NaN folds are left out;
+    ``sd`` with ``ddof=1``). The folds share training images, so this interval is the usual
+    CV approximation, not an exact coverage guarantee; with fewer than two valid folds it is
+    ``[nan, nan]``.
+
+    Examples
+    --------
+    >>> lo, hi = fold_interval([0.8, 0.9, 1.0])
+    >>> round(lo, 4), round(hi, 4)
+    (0.6516, 1.1484)
+    """
+    from scipy.stats import t as student_t
+
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[~np.isnan(v)]
+    if v.size < 2:
+        return [float("nan"), float("nan")]
+    half = float(student_t.ppf(0.5 + 0.5 * float(level), v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    mean = float(v.mean())
+    return [mean - half, mean + half]
 
 
 def r2_columns(y: torch.Tensor, pred: torch.Tensor) -> np.ndarray:

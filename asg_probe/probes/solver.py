@@ -88,6 +88,16 @@ class RidgeCVResult:
     n_tokens: np.ndarray
     n_images: np.ndarray = field(default=None)
 
+    @property
+    def fold_cv_r2_(self) -> np.ndarray:
+        """``(F, T)`` held-out R² of each fold at the chosen ``alpha_`` (``cv_r2_`` is their nan-mean).
+
+        Exact, from the streamed statistics: fold ``k``'s R² is scikit-learn's ``r2_score`` on
+        fold ``k``'s tokens for the model fit on the other folds. Spread over folds gives
+        :func:`~asg_probe.probes.metrics.fold_interval`.
+        """
+        return self.fold_r2[:, self.best_index, np.arange(self.fold_r2.shape[2])]
+
     def predict(self, X) -> torch.Tensor:
         """``X (..., D) @ coef_.T + intercept_`` in float64 on ``X``'s device."""
         X = as_tensor(X)
