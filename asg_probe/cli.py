@@ -189,7 +189,7 @@ def cmd_report(args, rank):
         from .report import number
 
         summary = pd.read_csv(path.parent / "summary.csv")  # the table the page opens with
-        print(summary.to_string(index=False, float_format=number))
+        print(summary.to_string(index=False, float_format=lambda v: number(v, tiny=False)))
         print(f"wrote {path}, {path.parent / 'summary.csv'} and the per-model JSON")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import functools
 import io
 import re
 from pathlib import Path
@@ -37,7 +38,7 @@ def _png_width(data: bytes) -> int:
     return int.from_bytes(data[16:20], "big")  # the IHDR chunk: width, then height
 
 
-def number(value) -> str:
+def number(value, tiny=True) -> str:
     """A table cell: 3 decimals, scientific notation for very large or small values, and no
     negative zero (``-0.0004`` reads ``0.000``: the sign of a rounded-away value means nothing).
 
@@ -45,6 +46,8 @@ def number(value) -> str:
     --------
     >>> number(-0.0004), number(0.91234), number(1e6), number(3.2e-7), number(True), number(None)
     ('0.000', '0.912', '1.0e+06', '3.2e-07', 'yes', '')
+    >>> number(-2e-5, tiny=False)  # R²-like columns: three decimals however small
+    '0.000'
     """
     import math
 
@@ -58,7 +61,7 @@ def number(value) -> str:
         return str(value)
     if not math.isfinite(value) or value == 0:
         return "0.000" if value == 0 else str(value)
-    if abs(value) >= 1e4 or abs(value) < 1e-4:  # alphas, relative errors, tolerances
+    if abs(value) >= 1e4 or (tiny and abs(value) < 1e-4):  # alphas, relative errors, tolerances
         return f"{value:.1e}"
     text = f"{value:.3f}"
     return "0.000" if text == "-0.000" else text
@@ -66,10 +69,16 @@ def number(value) -> str:
 
 def _table(frame, max_rows=40, footnote_column=None) -> str:
     frame = frame.head(max_rows)
+    for column in frame.columns:  # intervals ([low, high]) and other lists: each number formatted
+        if frame[column].dtype == object and any(isinstance(v, (list, tuple)) for v in frame[column]):
+            frame = frame.assign(**{column: [f"[{', '.join(number(x) for x in v)}]" if isinstance(v, (list, tuple))
+                                             else v for v in frame[column]]})
     if footnote_column and footnote_column in frame.columns:  # the flag column carries a footnote mark
         frame = frame.assign(**{footnote_column: [f"{number(v)}†" if v else number(v) for v in frame[footnote_column]]})
-    return frame.to_html(index=False, float_format=number, formatters={c: number for c in frame.columns
-                                                                        if frame[c].dtype == bool},
+    # scientific notation for tiny values only where they mean something (errors, tolerances, alphas)
+    formatters = {c: (number if any(k in c for k in ("error", "tol", "alpha", "delta"))
+                      else functools.partial(number, tiny=False)) for c in frame.columns}
+    return frame.to_html(index=False, formatters=formatters,
                          border=0, classes="tbl", na_rep="")
 
 
@@ -231,9 +240,9 @@ def _summary_html(frame) -> str:
         for column in frame.columns:
             if column.endswith(("_low", "_high")):
                 continue
-            text = number(row[column]) if row[column] == row[column] else ""  # NaN: not measured
+            text = number(row[column], tiny=False) if row[column] == row[column] else ""  # NaN: not measured
             if f"{column}_low" in frame.columns and row[f"{column}_low"] == row[f"{column}_low"]:
-                text += f" [{number(row[f'{column}_low'])}, {number(row[f'{column}_high'])}]"
+                text += f" [{number(row[f'{column}_low'], tiny=False)}, {number(row[f'{column}_high'], tiny=False)}]"
             out.append(f"<td>{html.escape(text)}</td>")
         cells.append("<tr>" + "".join(out) + "</tr>")
     head = "".join(f"<th>{html.escape(headers.get(c, c))}</th>" for c in frame.columns
