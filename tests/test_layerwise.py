@@ -232,3 +232,19 @@ def test_one_control_seed_without_content_is_the_plain_probe():
     assert "r2_control_content" not in row and row["r2_control_std"] == 0.0
     assert row["r2"] == pytest.approx(plain.cv_r2_.mean(), abs=1e-9)
     assert row["r2_control"] == pytest.approx(plain.control_cv_r2_.mean(), abs=1e-9)
+
+
+def test_post_norm_tokens_are_the_final_norm_of_each_layer_and_the_last_is_forward_features(images):
+    from asg_probe.analysis.layerwise import final_norm
+
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1).eval()
+    post = layerwise_probes(model, images[:10], tokens="post_norm", n_control_seeds=1, content_control=False,
+                            progress=False)
+    pre = layerwise_probes(model, images[:10], n_control_seeds=1, content_control=False, progress=False)
+    with torch.no_grad():
+        last = model.forward_features(images[:10])[:, model.num_prefix_tokens:]
+    plain = asg_probe.probes.CoordinateProbe(n_folds=5).fit(last.double(), grid=(8, 8))
+    assert post.rows[1]["r2"] == pytest.approx(plain.cv_r2_.mean(), abs=1e-6)
+    assert abs(pre.rows[1]["r2"] - post.rows[1]["r2"]) > 1e-4      # the norm changes what a linear probe reads
+    with pytest.raises(ValueError, match="tokens must be one of pre_norm, post_norm; got 'final'"):
+        final_norm(model, "final")

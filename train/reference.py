@@ -62,7 +62,7 @@ def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants
                     raise SystemExit(f"training {variant} seed {seed} failed (exit {rc})")
 
 
-def probe_run(run_dir: Path, num_images: int) -> dict:
+def probe_run(run_dir: Path, num_images: int, tokens: str = "pre_norm") -> dict:
     import asg_probe
     from asg_probe.analysis.shuffle import shuffle_test
 
@@ -75,18 +75,24 @@ def probe_run(run_dir: Path, num_images: int) -> dict:
     # (a float tensor is used as is by the probes).
     cfg = merge(cfg, {"data": {"num_train": 1, "num_val": num_images}})
     images = make_task(cfg).build_splits().val.images[:num_images]
-    layer = asg_probe.layerwise_probes(model, images=images, progress=False)
+    layer = asg_probe.layerwise_probes(model, images=images, progress=False, tokens=tokens)
     last = layer.rows[-1]
     shuffle = shuffle_test(model, images=images, progress=False).rows[-1]
     # A linear probe can miss position that is encoded non-linearly (the guidance head is an MLP):
-    # the small MLP probe of asg_probe on the final-norm patch tokens, held out by image.
+    # the small MLP probe of asg_probe on the same last-layer patch tokens as the linear probe
+    # (pre- or post-final-norm, `tokens`), held out by image.
     import torch
+    from asg_probe.analysis.layerwise import final_norm
+    from asg_probe.extract import forward_tokens
     from asg_probe.probes import MLPProbe
 
+    norm, depth = final_norm(model, tokens), max(r["layer"] for r in layer.rows)
     with torch.no_grad():
-        tokens = torch.cat([model.forward_features(b)[:, model.num_prefix_tokens:] for b in images.split(100)])
+        last_tokens = torch.cat([forward_tokens(model, b, layers=[depth])[depth] for b in images.split(100)])
+        if norm is not None:
+            last_tokens = norm(last_tokens)
     p = model.patch_embed.patch_size[0]
-    mlp = MLPProbe(seed=0).fit(tokens, grid=(images.shape[-2] // p, images.shape[-1] // p))
+    mlp = MLPProbe(seed=0).fit(last_tokens, grid=(images.shape[-2] // p, images.shape[-1] // p))
     eval_doc = json.loads((run_dir / "eval.json").read_text())
     sweep = {r["size"]: r["top1"] for r in eval_doc["sweep"]}
     size = eval_doc["train_size"]

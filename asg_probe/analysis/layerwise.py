@@ -32,6 +32,34 @@ from ..probes import (CellAccuracy, CoordinateProbe, content_control_targets, co
 
 #: Control seeds by default (slot and content controls alike): extra target columns, cheap.
 N_CONTROL_SEEDS = 5
+#: Which tokens a probe reads: each layer's output as is (``"pre_norm"``, the default of the
+#: linear and the MLP probe alike) or after the model's final norm (``"post_norm"``).
+TOKENS = ("pre_norm", "post_norm")
+
+
+def final_norm(model, tokens="pre_norm"):
+    """The module that maps a layer's tokens to the ones a probe reads: ``None`` for ``"pre_norm"``,
+    the model's final norm (timm ``norm``, the Hugging Face wrapper's ``_norm``) for ``"post_norm"``.
+
+    Post-norm tokens of the last layer are ``forward_features``' patch tokens; earlier layers get
+    the same norm (timm's ``forward_intermediates(norm=True)`` convention).
+
+    Examples
+    --------
+    >>> import asg_probe
+    >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    >>> final_norm(m) is None, final_norm(m, "post_norm") is m.norm
+    (True, True)
+    """
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens must be one of {', '.join(TOKENS)}; got {tokens!r}")
+    if tokens == "pre_norm":
+        return None
+    norm = getattr(model, "norm", None) or getattr(model, "_norm", None)
+    if norm is None:
+        raise ValueError(f"tokens='post_norm' needs the model's final norm, but {type(model).__name__} has no "
+                         f"'norm' attribute; use tokens='pre_norm'")
+    return norm
 from ..results import AnalysisResult
 
 
@@ -44,8 +72,9 @@ class ProbeAccumulator(Accumulator):
     (:meth:`_new_probe`) and the targets (:meth:`_targets`; ``None``: the grid's coordinates).
     """
 
-    def __init__(self, n_folds=5, alphas=None, exact=True, method="fast"):
+    def __init__(self, n_folds=5, alphas=None, exact=True, method="fast", norm=None):
         self.n_folds = n_folds
+        self.norm = norm  # applied to every layer's tokens first (final_norm), or None
         self.alphas = alphas
         self.exact = exact
         self.method = method
@@ -64,6 +93,9 @@ class ProbeAccumulator(Accumulator):
         self.grid = batch_grid(self.grid, batch)
         y, names = self._targets(batch) or (None, None)
         for layer, tokens in batch.tokens.items():
+            if self.norm is not None:
+                with torch.no_grad():
+                    tokens = self.norm(tokens)
             if layer not in self.probes:
                 self.probes[layer] = self._new_probe()
             self.probes[layer].partial_fit(tokens, batch.image_index, grid=self.grid, y=y, target_names=names)
@@ -114,8 +146,8 @@ class LayerwiseAccumulator(ProbeAccumulator):
     """
 
     def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=True, method="fast",
-                 n_control_seeds=N_CONTROL_SEEDS, content_control=True):
-        super().__init__(n_folds=n_folds, alphas=alphas, exact=exact, method=method)
+                 n_control_seeds=N_CONTROL_SEEDS, content_control=True, norm=None):
+        super().__init__(n_folds=n_folds, alphas=alphas, exact=exact, method=method, norm=norm)
         self.control_seed = control_seed
         self.seeds = control_seeds(control_seed, n_control_seeds)
         self.content_control = bool(content_control)
@@ -154,12 +186,16 @@ class CellAccuracyAccumulator(Accumulator):
     grid : (int, int)
     """
 
-    def __init__(self, probes, grid):
+    def __init__(self, probes, grid, norm=None):
         self.counters = {layer: CellAccuracy(probe, grid) for layer, probe in probes.items()}
+        self.norm = norm  # the probes' token view (final_norm), or None
         self._reduced = False
 
     def update(self, batch):
         for layer, tokens in batch.tokens.items():
+            if self.norm is not None:
+                with torch.no_grad():
+                    tokens = self.norm(tokens)
             self.counters[layer].update(tokens, batch.image_index)
 
     def all_reduce(self, group=None):
@@ -400,7 +436,7 @@ def probe_images(model, images, n_folds, *, num_images=64, img_size=None, batch_
 def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None,
                      n_folds=5, control_seed=0, alphas=None, cell_accuracy=False, seed=0, device="cpu",
                      progress=True, label="", exact=True, checkpoint=None, n_control_seeds=N_CONTROL_SEEDS,
-                     content_control=True):
+                     content_control=True, tokens="pre_norm"):
     """Fit cross-validated coordinate probes on every layer of ``model``.
 
     Parameters
@@ -426,6 +462,9 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
         ``n_control_seeds=1``), ``r2_control_std``/``r2_control_content_std`` their spread.
     content_control : bool, default=True
         Also fit Hewitt & Liang's content control (``r2_control_content``, ``selectivity_content``).
+    tokens : {"pre_norm", "post_norm"}, default="pre_norm"
+        Probe each layer's output as is, or after the model's final norm (:func:`final_norm`);
+        pass the same to the MLP probe's tokens to compare linear and non-linear decoding.
     alphas : array-like, optional
         Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`, extended
         past an end while a layer's CV R² still climbs towards it; a grid you pass is searched as given).
@@ -459,15 +498,16 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     from ..inputs import display_label
 
     label = display_label(label, checkpoint)
+    norm = final_norm(model, tokens)
     data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
                         seed=seed)
     acc = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed, alphas=alphas, exact=exact,
-                               n_control_seeds=n_control_seeds, content_control=content_control)
+                               n_control_seeds=n_control_seeds, content_control=content_control, norm=norm)
     (acc,) = run_analyses(model, data, [acc],
                           layers=layers, device=device, progress=progress, desc="layerwise")
     result = LayerwiseResult.from_accumulator(acc, label=label, img_size=data.img_size)
     if cell_accuracy:
-        (cells,) = run_analyses(model, data, [CellAccuracyAccumulator(acc.fitted(), acc.grid)], layers=layers,
+        (cells,) = run_analyses(model, data, [CellAccuracyAccumulator(acc.fitted(), acc.grid, norm)], layers=layers,
                                 device=device, progress=progress, desc="cell accuracy")
         result.add_column("cell_accuracy", cells.accuracy())
     return result.record_inputs(data, device=device)
