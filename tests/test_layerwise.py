@@ -235,7 +235,7 @@ def test_one_control_seed_without_content_is_the_plain_probe():
 
 
 def test_post_norm_tokens_are_the_final_norm_of_each_layer_and_the_last_is_forward_features(images):
-    from asg_probe.analysis.layerwise import final_norm
+    from asg_probe.probes import final_norm
 
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1).eval()
     post = layerwise_probes(model, images[:10], tokens="post_norm", n_control_seeds=1, content_control=False,

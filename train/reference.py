@@ -82,7 +82,7 @@ def probe_run(run_dir: Path, num_images: int, tokens: str = "pre_norm") -> dict:
     # the small MLP probe of asg_probe on the same last-layer patch tokens as the linear probe
     # (pre- or post-final-norm, `tokens`), held out by image.
     import torch
-    from asg_probe.analysis.layerwise import final_norm
+    from asg_probe.probes import final_norm
     from asg_probe.extract import forward_tokens
     from asg_probe.probes import MLPProbe
 

@@ -28,38 +28,10 @@ import torch
 
 from ..extract import Accumulator, batch_grid
 from ..probes import (CellAccuracy, CoordinateProbe, content_control_targets, control_seeds, control_target_names,
-                      coordinate_targets, fold_interval, slot_control_targets)
+                      coordinate_targets, final_norm, fold_interval, slot_control_targets)
 
 #: Control seeds by default (slot and content controls alike): extra target columns, cheap.
 N_CONTROL_SEEDS = 5
-#: Which tokens a probe reads: each layer's output as is (``"pre_norm"``, the default of the
-#: linear and the MLP probe alike) or after the model's final norm (``"post_norm"``).
-TOKENS = ("pre_norm", "post_norm")
-
-
-def final_norm(model, tokens="pre_norm"):
-    """The module that maps a layer's tokens to the ones a probe reads: ``None`` for ``"pre_norm"``,
-    the model's final norm (timm ``norm``, the Hugging Face wrapper's ``_norm``) for ``"post_norm"``.
-
-    Post-norm tokens of the last layer are ``forward_features``' patch tokens; earlier layers get
-    the same norm (timm's ``forward_intermediates(norm=True)`` convention).
-
-    Examples
-    --------
-    >>> import asg_probe
-    >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
-    >>> final_norm(m) is None, final_norm(m, "post_norm") is m.norm
-    (True, True)
-    """
-    if tokens not in TOKENS:
-        raise ValueError(f"tokens must be one of {', '.join(TOKENS)}; got {tokens!r}")
-    if tokens == "pre_norm":
-        return None
-    norm = getattr(model, "norm", None) or getattr(model, "_norm", None)
-    if norm is None:
-        raise ValueError(f"tokens='post_norm' needs the model's final norm, but {type(model).__name__} has no "
-                         f"'norm' attribute; use tokens='pre_norm'")
-    return norm
 from ..results import AnalysisResult
 
 
@@ -463,7 +435,7 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     content_control : bool, default=True
         Also fit Hewitt & Liang's content control (``r2_control_content``, ``selectivity_content``).
     tokens : {"pre_norm", "post_norm"}, default="pre_norm"
-        Probe each layer's output as is, or after the model's final norm (:func:`final_norm`);
+        Probe each layer's output as is, or after the model's final norm (:func:`~asg_probe.probes.final_norm`);
         pass the same to the MLP probe's tokens to compare linear and non-linear decoding.
     alphas : array-like, optional
         Ridge penalties searched (default :data:`asg_probe.probes.DEFAULT_ALPHAS`, extended

@@ -16,6 +16,7 @@ One concern per module, so each is found by its name:
                    :func:`fold_interval` (95% interval over CV folds)
 ``coordinate``     :class:`CoordinateProbe`, the estimator every analysis uses: ``fit``, or
                    ``partial_fit`` per batch + ``all_reduce`` + ``finalize``; ``predict``, ``score``
+``tokens``         :func:`final_norm`: which tokens a probe reads (``TOKENS``: pre- or post-final-norm)
 ``reservoir``      :class:`TokenReservoir`, a bounded order-free token sample
 ``mlp``            :class:`MLPProbe`, a small non-linear probe on such a sample
 =================  ==========================================================================
@@ -37,6 +38,7 @@ from .mlp import MLPProbe
 from .reservoir import TokenReservoir
 from .solver import DEFAULT_ALPHAS, METHODS, RidgeCVResult, solve_ridge_cv
 from .stats import RidgeStats
+from .tokens import TOKENS, final_norm
 from .targets import (TARGET_NAMES, content_control_targets, content_types, control_permutation, control_seeds,
                       control_target_names, coordinate_targets, probe_targets, slot_control_targets)
 
@@ -44,5 +46,5 @@ __all__ = [
     "DEFAULT_ALPHAS", "METHODS", "TARGET_NAMES", "coordinate_targets", "control_permutation", "probe_targets",
     "content_types", "content_control_targets", "control_seeds", "control_target_names", "slot_control_targets",
     "RidgeStats", "RidgeCVResult", "solve_ridge_cv", "CellAccuracy", "r2_columns", "fold_interval", "CoordinateProbe",
-    "TokenReservoir", "MLPProbe",
+    "TokenReservoir", "MLPProbe", "TOKENS", "final_norm",
 ]
