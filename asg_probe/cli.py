@@ -119,7 +119,8 @@ def cmd_layerwise(args, rank):
     from .analysis.layerwise import layerwise_probes
 
     result, name = _analyse(args, layerwise_probes, layers=args.layers, n_folds=args.folds,
-                            cell_accuracy=args.cell_accuracy, exact=not args.fast)
+                            cell_accuracy=args.cell_accuracy, exact=not args.fast,
+                            n_control_seeds=args.control_seeds, tokens=args.tokens)
     cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "r2_control_content",
             "selectivity_content", "alpha", "cell_accuracy"]
     _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")

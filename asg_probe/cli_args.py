@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="float32 Gram matrices: ~5%% faster on CPU, but R² can move by ~1e-3 "
                         "(default: float64 throughout)")
+    p.add_argument("--control-seeds", type=_int_at_least(1, "at least 1"), default=5,
+                   help="seeds of the slot and content controls, averaged (default: %(default)s)")
+    p.add_argument("--tokens", choices=("pre_norm", "post_norm"), default="pre_norm",
+                   help="probe each layer's tokens before or after the model's final norm (default: %(default)s)")
 
     command("attention-distance", "mean attention distance per head and layer")
 
