@@ -272,8 +272,15 @@ class AnalysisResult:
     def to_dict(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def to_frame(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def to_frame(self):
+        """One table row per entry of ``self.rows`` (most results keep a list of per-layer dicts);
+        results shaped otherwise override this."""
+        import pandas as pd
+
+        rows = getattr(self, "rows", None)
+        if rows is None:  # pragma: no cover - abstract for results without rows
+            raise NotImplementedError(f"{type(self).__name__} must implement to_frame()")
+        return pd.DataFrame(rows)
 
     def plot(self, ax=None):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -116,11 +116,6 @@ class EquivarianceResult(AnalysisResult):
                 "max_rel_error": self.max_rel_error, "num_images": self.num_images,
                 "num_permutations": self.num_permutations, "verdict": self.verdict(), "layers": self.rows}
 
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
     def plot(self, ax=None):
         from ..plotting import integer_ticks, new_figure
 

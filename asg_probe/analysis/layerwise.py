@@ -308,11 +308,6 @@ class LayerwiseResult(AnalysisResult):
         return {"checkpoint": self.checkpoint, "num_images": self.num_images, "img_size": self.img_size,
                 "grid": list(self.grid) if self.grid else None, "layers": self.rows, **self.extra}
 
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
     def r2(self, column="r2"):
         """``(layers, values)`` numpy arrays of one column."""
         return (np.array([r["layer"] for r in self.rows]), np.array([r[column] for r in self.rows]))

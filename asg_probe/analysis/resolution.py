@@ -161,11 +161,6 @@ class ResolutionResult(AnalysisResult):
                 "patch_size": self.patch_size, "num_images_fit": self.num_images_fit,
                 "num_images_eval": self.num_images_eval, "fit": self.fit, "layers": self.rows}
 
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
     def curve(self, layer, column="r2"):
         """``(sizes, values)`` of one layer."""
         pts = sorted((r["size"], r[column]) for r in self.rows if r["layer"] == layer)

@@ -98,11 +98,6 @@ class ShuffleResult(AnalysisResult):
         return {"checkpoint": self.checkpoint, "num_images": self.num_images, "grid": list(self.grid),
                 "layers": self.rows}
 
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
     def plot(self, ax=None):
         import numpy as np
 
