@@ -42,7 +42,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False):
+def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False, single_control=False):
     import asg_probe
     from asg_probe.analysis.layerwise import LayerwiseAccumulator, LayerwiseResult
     from asg_probe.extract import forward_tokens, run_analyses
@@ -62,7 +62,10 @@ def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False
                 model.forward_features(x.to(device, non_blocking=True))
         r2 = None
     elif mode == "layerwise":
-        acc = LayerwiseAccumulator(n_folds=5, exact=not fast)
+        # --single-control: the probe workload before the content control and the 5 control seeds
+        # (4 target columns instead of 22), to separate the cost of the controls from the rest
+        controls = dict(n_control_seeds=1, content_control=False) if single_control else {}
+        acc = LayerwiseAccumulator(n_folds=5, exact=not fast, **controls)
         (acc,) = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False, device=device)
         res = LayerwiseResult.from_accumulator(acc)
         r2 = [round(r["r2"], 4) for r in res.rows]
@@ -109,6 +112,8 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (the hand-written way fits on the CPU either way)")
     p.add_argument("--fast", action="store_true", help="float32 Gram matrices (layerwise --fast); default float64")
     p.add_argument("--naive-max", type=int, default=128, help="largest N for the hand-written way")
+    p.add_argument("--single-control", action="store_true",
+                   help="one slot-control seed and no content control (the workload before both existed)")
     p.add_argument("--repeats", type=int, default=1,
                    help="alternate forward/layerwise this many times per N and keep each one's fastest "
                         "(shared or virtual machines vary by ~±7%% from run to run)")
@@ -116,7 +121,7 @@ def main():
     args = p.parse_args()
     if args.worker:
         run_mode(args.worker[0], args.model, int(args.worker[1]), args.batch_size, args.img_size, args.device,
-                 args.fast)
+                 args.fast, args.single_control)
         return
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"# {args.model} @ {args.img_size}px, batch {args.batch_size}, device {where}, "
@@ -131,6 +136,7 @@ def main():
             cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
                    "--batch-size", str(args.batch_size), "--device", args.device, "--worker", mode, str(n)]
             cmd += ["--fast"] if args.fast else []
+            cmd += ["--single-control"] if args.single_control else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res = json.loads(out)
             if mode not in row or res["seconds"] < row[mode]["seconds"]:
