@@ -142,6 +142,25 @@ def position_colors(grid):
     return np.clip(rgb, 0, 1)
 
 
+def panel_axes(ax, n, width, height):
+    """``(figure, [n axes])`` for a row of ``n`` panels: a new figure when ``ax`` is ``None``,
+    else the caller's axes (one axis or a sequence of them).
+
+    Examples
+    --------
+    >>> fig, axes = panel_axes(None, 3, 2.0, 2.0)
+    >>> len(axes), axes[0].figure is fig
+    (3, True)
+    >>> panel_axes(axes[1], 1, 2.0, 2.0)[1] == [axes[1]]
+    True
+    """
+    if ax is None:
+        fig, grid = new_figure(width, height, ncols=n)
+        return fig, list(grid[0])
+    axes = list(ax) if isinstance(ax, (list, tuple)) or getattr(ax, "ndim", 0) else [ax]
+    return axes[0].figure, axes
+
+
 def new_figure(width=5.0, height=3.4, ncols=1, nrows=1):
     import matplotlib
 

@@ -205,15 +205,10 @@ class AttributionResult(AnalysisResult):
         """
         from matplotlib.patches import Rectangle
 
-        from ..plotting import new_figure
+        from ..plotting import panel_axes
 
         n = 1 + len(self.targets)
-        if ax is None:
-            fig, axes = new_figure(3.0, 3.2, ncols=n)
-            axes = list(axes[0])
-        else:
-            axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
-            fig = axes[0].figure
+        fig, axes = panel_axes(ax, n, 3.0, 3.2)
         p, (r, c) = self.patch_size, self.patch
         gh, gw = self.grid
 

@@ -248,15 +248,10 @@ class EmbeddingsResult(AnalysisResult):
         ``ax`` may be one axis (only the first layer is drawn there) or a sequence
         of axes, one per layer.
         """
-        from ..plotting import new_figure
+        from ..plotting import panel_axes
 
         n = len(self.layers)
-        if ax is None:
-            fig, axes = new_figure(3.3, 3.3, ncols=n)
-            axes = list(axes[0])
-        else:
-            axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
-            fig = axes[0].figure
+        fig, axes = panel_axes(ax, n, 3.3, 3.3)
         for a, entry in zip(axes, self.layers):
             _scatter(a, entry, self.grid, f"layer {entry['layer']} — score {entry['position_score']:.2f}")
         _colour_key(axes[min(n, len(axes)) - 1], self.grid)
