@@ -14,7 +14,6 @@ interval of that step over the seeds.
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -97,14 +96,6 @@ def seed_group(run_label: str) -> str:
     label = str(run_label).rstrip("/")
     stripped = re.sub(r"[/_\-]?seed\d+$", "", label)
     return stripped or label
-
-
-def _t95(n: int) -> float:
-    if n < 2:
-        return float("nan")
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1))
 
 
 class EmergenceResult(AnalysisResult):
@@ -257,11 +248,12 @@ def _tick_positions(n: int, most: int = 8) -> list:
 
 def _interval(values) -> list:
     """95% t interval of a mean over seeds, ``[lo, hi]`` (``None`` for one value)."""
+    from ..probes.metrics import fold_interval
+
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return None
-    half = _t95(len(values)) * values.std(ddof=1) / math.sqrt(len(values))
-    return [float(values.mean() - half), float(values.mean() + half)]
+    return [float(v) for v in fold_interval(values)]
 
 
 def _run_label(run, index: int) -> str:
