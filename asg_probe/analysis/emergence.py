@@ -197,7 +197,7 @@ class EmergenceResult(AnalysisResult):
     def plot(self, ax=None, metric_pair=("r2_col", "r2_row")):
         """Step × layer heatmaps of column and row R² per run, and the summary layer's column R²
         of every run against the (log-scaled) step."""
-        from ..plotting import display_name, model_color, new_figure
+        from ..plotting import new_figure
 
         n = len(self.runs)
         fig, axes = new_figure(3.4, 2.8, ncols=3, nrows=n)
@@ -215,7 +215,7 @@ class EmergenceResult(AnalysisResult):
                 ax_.set_xlabel("training step (snapshot)")
                 ax_.set_ylabel("layer")
                 axis = "column" if metric == "r2_col" else "row"
-                ax_.set_title(f"{display_name(run['run'])}: {axis} R²", fontsize=9)
+                ax_.set_title(f"{_short_label(run['run'])}: {axis} R²", fontsize=9)
                 fig.colorbar(image, ax=ax_, fraction=0.046, pad=0.04)
             axes[r][2].axis("off")
         curve_ax = axes[0][2]
@@ -223,8 +223,8 @@ class EmergenceResult(AnalysisResult):
         for run in self.runs:
             entry = self._layer_entry(run)
             steps = np.array(run["steps"], dtype=float)
-            colour = model_color(seed_group(display_name(run["run"])))
-            curve_ax.plot(steps, entry["r2_col"], marker="o", ms=3, color=colour, label=display_name(run["run"]))
+            colour = _run_color(run["run"])
+            curve_ax.plot(steps, entry["r2_col"], marker="o", ms=3, color=colour, label=_short_label(run["run"]))
             curve_ax.plot(steps, entry["r2_control"], ls=":", lw=0.8, color=colour)
         curve_ax.set_xscale("symlog", linthresh=1)
         curve_ax.axhline(self.threshold, color="k", lw=0.6, ls="--")
@@ -238,6 +238,34 @@ class EmergenceResult(AnalysisResult):
 
     def __repr__(self) -> str:
         return f"EmergenceResult(\n{self.summary_frame().to_string(index=False)}\n)"
+
+
+def _short_label(run_label: str) -> str:
+    """How a run is named in a figure: a run folder ``.../guidance/seed0`` as ``guidance/seed0``,
+    any other label as its display name (the JSON keeps the full label).
+
+    >>> _short_label("/work/runs/guidance/seed0"), _short_label("runs/none"), _short_label("ape")
+    ('guidance/seed0', 'none', 'ape')
+    """
+    from ..plotting import display_name
+
+    parts = str(run_label).replace("\\", "/").rstrip("/").split("/")
+    if len(parts) > 1 and re.fullmatch(r"seed\d+", parts[-1]):
+        return f"{display_name(parts[-2])}/{parts[-1]}"
+    return display_name(parts[-1])
+
+
+def _run_color(run_label: str) -> str:
+    """The colour of the model a run trains (seeds of one variant share it): ``.../guidance_shuffled/seed1``
+    is drawn in ``guidance-shuffled``'s colour.
+
+    >>> from asg_probe.plotting import MODEL_COLORS
+    >>> _run_color("runs/guidance_shuffled/seed1") == MODEL_COLORS["guidance-shuffled"]
+    True
+    """
+    from ..plotting import model_color
+
+    return model_color(_short_label(seed_group(run_label)).split("/")[-1])
 
 
 def _tick_positions(n: int, most: int = 8) -> list:
