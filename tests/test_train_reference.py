@@ -1,23 +1,48 @@
-"""train.reference: the recipe list matches the bundled reference set; the table aggregates seeds."""
+"""asg_train.reference: the recipe list matches the reference set; tables give intervals over seeds;
+the paired tests are the textbook paired t-test."""
+import math
+
+import pytest
+
 from asg_train import reference
 from asg_train.config import CONFIG_DIR, resolve
 
 
 def test_reference_recipes_exist_and_differ_only_in_mechanism():
     cfgs = [resolve(CONFIG_DIR / f"{r}.yaml") for r in reference.RECIPES]
-    described = {(c["model"]["pos"], c["guidance"]["target"] if c["guidance"]["enabled"] else None) for c in cfgs}
-    assert described == {("none", None), ("ape", None), ("rope-mixed", None), ("sdt-decay", None),
-                         ("none", "true"), ("none", "random"), ("none", "shuffled")}
+    described = {(c["model"]["pos"], c["model"]["kwargs"].get("decay_form"),
+                  c["guidance"]["target"] if c["guidance"]["enabled"] else None) for c in cfgs}
+    assert described == {("none", None, None), ("ape", None, None), ("rope-mixed", None, None),
+                         ("sdt-decay", None, None), ("sdt-decay", "hybrid", None), ("none", None, "true"),
+                         ("none", None, "random"), ("none", None, "shuffled")}
     assert len({(c["optim"]["lr"], c["max_steps"], c["batch_size"], c["data"]["num_train"]) for c in cfgs}) == 1
 
 
-def test_tabulate_mean_std_over_seeds():
+def test_tabulate_mean_and_t_interval_over_seeds():
     row = {c: 0.5 for c in reference.COLUMNS}
     table = reference.tabulate({"ape": {0: {**row, "top1": 0.4}, 1: {**row, "top1": 0.6}},
                                 "none": {0: {**row, "r2_control": None}}})
     lines = table.splitlines()
-    assert lines[2].startswith("| ape | 0.500 ± 0.141 |")
-    assert lines[3].startswith("| none | 0.500 |") and "–" in lines[3]
+    # n = 2: mean 0.5, sd 0.1414, t(0.975, 1) = 12.706 -> half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
+    assert lines[2].startswith("| ape (2) | 0.500 [-0.771, 1.771] |")
+    assert lines[3].startswith("| none (1) | 0.500 |") and "–" in lines[3]
+
+
+def test_paired_tests_match_scipy_and_pair_by_seed():
+    from scipy.stats import ttest_rel
+
+    a = {0: {"top1": 0.70}, 1: {"top1": 0.64}, 2: {"top1": 0.69}, 3: {"top1": 0.9}}
+    b = {0: {"top1": 0.66}, 1: {"top1": 0.61}, 2: {"top1": 0.62}}  # seed 3 has no partner
+    (row,) = reference.paired_tests({"x": a, "y": b}, claims=[("top1", "x", "y", "x beats y")])
+    assert row["n"] == 3
+    assert row["diff"] == pytest.approx((0.04 + 0.03 + 0.07) / 3)
+    assert row["p"] == pytest.approx(ttest_rel([0.70, 0.64, 0.69], [0.66, 0.61, 0.62]).pvalue)
+    lo, hi = row["ci"]
+    assert lo < row["diff"] < hi and (lo > 0) == (row["p"] < 0.05)  # the interval and the test agree
+    (none,) = reference.paired_tests({"x": a}, claims=[("top1", "x", "y", "no partner")])
+    assert none["n"] == 0 and math.isnan(none["p"])
+    text = reference.tabulate_paired([row, none])
+    assert "| x beats y | top1 | x − y | 3 | +0.047 [" in text and "| no partner | top1 | x − y | 0 | – | – |" in text
 
 
 def test_variants_map_to_recipe_files_or_overrides():
@@ -29,3 +54,40 @@ def test_variants_map_to_recipe_files_or_overrides():
         from_overrides = resolve(CONFIG_DIR / "cpu_scenes.yaml", reference.VARIANTS[variant])
         assert {k: v for k, v in from_file.items() if k != "out"} == \
             {k: v for k, v in from_overrides.items() if k != "out"}
+
+
+@pytest.mark.slow
+def test_probe_a_tiny_run_end_to_end_with_cache_and_results_files(tmp_path, monkeypatch):
+    """A 2-step run through probe_cached and main --probe-only: every table column, the rendered
+    resolution columns, the probe cache reused, results.json with provenance and paired tests."""
+    import json
+
+    from asg_train import trainer
+
+    out = tmp_path / "ref"
+    for variant in ("none", "guidance"):
+        cfg = resolve(CONFIG_DIR / f"cpu_scenes_{variant}.yaml", [
+            f"out={out / variant / 'seed0'}", "max_steps=2", "batch_size=8", "data.num_train=32",
+            "data.num_val=16", "eval.sizes=[16,32,64]", "progress=false", "model.kwargs.depth=1",
+            "guidance.hidden_dim=16", "threads=1"])
+        trainer.run(cfg)
+    run = out / "none" / "seed0"
+    row = reference.probe_cached(run, num_images=24)
+    for col in reference.COLUMNS:
+        assert col in row and row[col] is not None, col
+    assert row["res_size_source"] == "rendered"
+    assert len(row["layers_r2"]) == 2 and -1.0 <= row["r2_col"] <= 1.0
+    # the cache answers for the same model and settings; other settings probe again
+    monkeypatch.setattr(reference, "probe_run", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert reference.probe_cached(run, num_images=24) == row
+    with pytest.raises(pytest.fail.Exception):
+        reference.probe_cached(run, num_images=26)
+    monkeypatch.undo()
+    assert reference.main(["--out", str(out), "--probe-only", "--probe-images", "24"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["provenance"]["seeds"] == {"none": [0], "guidance": [0]}
+    claim = next(r for r in doc["paired_tests"] if (r["a"], r["b"], r["metric"]) == ("guidance", "none", "r2_col"))
+    assert claim["n"] == 1 and claim["diff"] == pytest.approx(doc["runs"]["guidance"]["0"]["r2_col"]
+                                                              - doc["runs"]["none"]["0"]["r2_col"])
+    md = (out / "results.md").read_text()
+    assert "| none (1) |" in md and "### paired tests over seeds" in md

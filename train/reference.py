@@ -1,7 +1,7 @@
 """Train the CPU reference models and probe them: one command from recipes to a results table.
 
     python -m asg_train.reference --out runs/reference                 # train (skips finished runs), probe, tabulate
-    python -m asg_train.reference --out runs/reference --seeds 0 1 2   # several seeds, mean ± std in the table
+    python -m asg_train.reference --out runs/reference --seeds 0 1 2   # several seeds: mean and 95% interval
     python -m asg_train.reference --out runs/reference --probe-only
     python -m asg_train.reference --out runs/reference --seeds 1 2 --variants none guidance guidance_shuffled
     python -m asg_train.reference --base cpu_photos --out runs/photos     # the same set on the photo crops
@@ -11,8 +11,12 @@ random permutation of the targets, and a fresh one per image — position-free) 
 ``asg-train`` in this process (the recipe file ``<base>_<variant>.yaml`` where one exists, else
 ``<base>.yaml`` plus the variant's overrides), then fits the probes of ``asg_probe`` on held-out
 images of the run's own validation split: last-layer coordinate R² (row, col), the control-task R² and selectivity, and the
-patch-shuffle test (is position read from content or from an injected signal?). Results go to
-``<out>/results.{json,md}``; each run dir keeps its own ``command.txt`` (the exact command).
+patch-shuffle test (is position read from content or from an injected signal?), the content
+(Hewitt & Liang) control, an MLP probe on the same tokens, and resolution transfer on scenes rendered
+at 16 and 64 px. Every cell is a mean with a 95% interval over seeds, and each comparison the
+results page draws a conclusion from is a paired t-test over seeds (:data:`PAIRED_CLAIMS`).
+Results go to ``<out>/results.{json,md}``; each run dir keeps its own ``command.txt`` (the exact
+command) and its probe numbers in ``reference_probe.json`` (reused while model and settings match).
 """
 from __future__ import annotations
 
@@ -31,11 +35,12 @@ VARIANTS = {
     "ape": ["model.pos=ape"],
     "rope-mixed": ["model.pos=rope-mixed"],
     "sdt-decay": ["model.pos=sdt-decay"],
+    "sdt-hybrid": ["model.pos=sdt-decay", "model.kwargs.decay_form=hybrid"],
     "guidance": ["guidance.enabled=true"],
     "guidance_random": ["guidance.enabled=true", "guidance.target=random"],
     "guidance_shuffled": ["guidance.enabled=true", "guidance.target=shuffled"],
 }
-RECIPES = [f"cpu_scenes_{v}" for v in VARIANTS]  # the reference set (all but guidance_shuffled are bundled)
+RECIPES = [f"cpu_scenes_{v}" for v in VARIANTS]  # the reference set (seed 0 of each bundled, except sdt-hybrid)
 
 
 def variant_args(base: str, variant: str) -> list[str]:
@@ -62,9 +67,21 @@ def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants
                     raise SystemExit(f"training {variant} seed {seed} failed (exit {rc})")
 
 
+#: Bumped whenever probe_run computes something different: cached probe files of another version are redone.
+PROBE_VERSION = 2
+#: Input sizes of the resolution-transfer columns (scenes rendered at each size; probes fit at 32 px).
+RESOLUTION_SIZES = (16, 32, 64)
+
+
 def probe_run(run_dir: Path, num_images: int, tokens: str = "pre_norm") -> dict:
+    """Every number of one run's table row, from its exported model and its ``eval.json``."""
+    import torch
+
     import asg_probe
+    from asg_probe.analysis.resolution import resolution_transfer
     from asg_probe.analysis.shuffle import shuffle_test
+    from asg_probe.extract import forward_tokens
+    from asg_probe.probes import MLPProbe, final_norm
 
     from .config import load_yaml, merge
     from .tasks import make_task
@@ -79,13 +96,7 @@ def probe_run(run_dir: Path, num_images: int, tokens: str = "pre_norm") -> dict:
     last = layer.rows[-1]
     shuffle = shuffle_test(model, images=images, progress=False).rows[-1]
     # A linear probe can miss position that is encoded non-linearly (the guidance head is an MLP):
-    # the small MLP probe of asg_probe on the same last-layer patch tokens as the linear probe
-    # (pre- or post-final-norm, `tokens`), held out by image.
-    import torch
-    from asg_probe.probes import final_norm
-    from asg_probe.extract import forward_tokens
-    from asg_probe.probes import MLPProbe
-
+    # the small MLP probe on the same last-layer patch tokens as the linear probe (`tokens`).
     norm, depth = final_norm(model, tokens), max(r["layer"] for r in layer.rows)
     with torch.no_grad():
         last_tokens = torch.cat([forward_tokens(model, b, layers=[depth])[depth] for b in images.split(100)])
@@ -93,37 +104,165 @@ def probe_run(run_dir: Path, num_images: int, tokens: str = "pre_norm") -> dict:
             last_tokens = norm(last_tokens)
     p = model.patch_embed.patch_size[0]
     mlp = MLPProbe(seed=0).fit(last_tokens, grid=(images.shape[-2] // p, images.shape[-1] // p))
+    # Resolution transfer on scenes rendered at each size (not resized), last layer: absolute R² and
+    # the fraction of the 32-px R² retained.
+    res = resolution_transfer(model, images="scenes", sizes=list(RESOLUTION_SIZES), layers=[depth],
+                              num_images=num_images, progress=False)
+    res_rows = {r["size"]: r for r in res.rows if r["layer"] == depth}
     eval_doc = json.loads((run_dir / "eval.json").read_text())
     sweep = {r["size"]: r["top1"] for r in eval_doc["sweep"]}
     size = eval_doc["train_size"]
-    return {"top1": eval_doc["top1"], "top1_half": sweep.get(size // 2), "top1_double": sweep.get(size * 2),
-            "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_control": last.get("r2_control"),
-            "selectivity": last.get("selectivity"), "mlp_r2_row": float(mlp.heldout_r2_[0]),
-            "mlp_r2_col": float(mlp.heldout_r2_[1]), "shuffle_r2_original": shuffle["r2_original"],
-            "shuffle_r2_slot": shuffle["r2_slot"], "shuffle_source": shuffle["source"],
-            "layers_r2": [r["r2"] for r in layer.rows]}
+    out = {"top1": eval_doc["top1"], "top1_half": sweep.get(size // 2), "top1_double": sweep.get(size * 2),
+           "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_col_ci": last.get("r2_col_ci"),
+           "r2_control": last.get("r2_control"), "selectivity": last.get("selectivity"),
+           "r2_control_content": last.get("r2_control_content"),
+           "selectivity_content": last.get("selectivity_content"),
+           "mlp_r2_row": float(mlp.heldout_r2_[0]), "mlp_r2_col": float(mlp.heldout_r2_[1]),
+           "shuffle_r2_original": shuffle["r2_original"], "shuffle_r2_slot": shuffle["r2_slot"],
+           "shuffle_source": shuffle["source"], "layers_r2": [r["r2"] for r in layer.rows],
+           "layers_r2_col": [r["r2_col"] for r in layer.rows]}
+    for s in RESOLUTION_SIZES:
+        if s != size:
+            out[f"res_r2_{s}"] = res_rows[s]["r2"]
+            out[f"res_retained_{s}"] = res_rows[s].get("r2_retained")
+    out["res_size_source"] = res.to_dict().get("size_source")
+    return out
 
 
-COLUMNS = ["top1", "top1_half", "top1_double", "r2_row", "r2_col", "r2_control", "selectivity",
-           "mlp_r2_row", "mlp_r2_col", "shuffle_r2_original", "shuffle_r2_slot"]
+def probe_cached(run_dir: Path, num_images: int, reprobe: bool = False) -> dict:
+    """:func:`probe_run`, kept in ``<run>/reference_probe.json`` for the same model, image count and version."""
+    import hashlib
+
+    digest = hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+    key = {"probe_version": PROBE_VERSION, "num_images": num_images, "model_sha256_16": digest}
+    cache = run_dir / "reference_probe.json"
+    if cache.is_file() and not reprobe:
+        doc = json.loads(cache.read_text())
+        if doc.get("key") == key:
+            return doc["result"]
+    result = probe_run(run_dir, num_images)
+    atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1))
+    return result
 
 
-def tabulate(results: dict) -> str:
-    """Markdown table: one row per recipe, mean ± std over seeds where there are several."""
-    head = "| run | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+# Table 1: accuracy and resolution; table 2: what the probes read from the last layer.
+TABLES = {
+    "accuracy": [("top1", "top-1 @32"), ("top1_half", "@16 (resized)"), ("top1_double", "@64 (resized)"),
+                 ("res_r2_16", "probe R² @16 (rendered)"), ("res_r2_64", "probe R² @64 (rendered)"),
+                 ("res_retained_16", "retained @16"), ("res_retained_64", "retained @64")],
+    "probes": [("r2_row", "R² row"), ("r2_col", "R² col"), ("r2_control", "slot control"),
+               ("selectivity", "selectivity (slot)"), ("r2_control_content", "content control"),
+               ("selectivity_content", "selectivity (content)"), ("mlp_r2_col", "MLP R² col"),
+               ("shuffle_r2_original", "shuffle: original"), ("shuffle_r2_slot", "shuffle: slot")],
+}
+COLUMNS = [c for cols in TABLES.values() for c, _ in cols]
+
+#: The comparisons RESULTS.md draws conclusions from, each a paired test over seeds (same seed:
+#: same initialisation draw and data order): (metric, variant a, variant b, the claim a − b tests).
+PAIRED_CLAIMS = [
+    ("r2_col", "guidance", "none", "guidance builds the column"),
+    ("r2_col", "guidance", "guidance_shuffled", "…through its spatial signal, not the auxiliary loss"),
+    ("mlp_r2_col", "guidance", "guidance_shuffled", "…also read by an MLP probe"),
+    ("r2_col", "guidance_shuffled", "none", "the position-free control stays at none's level"),
+    ("selectivity_content", "guidance", "none", "guidance's column is not content memorisation"),
+    ("r2_col", "guidance_random", "guidance", "a fixed permutation of the targets builds the column too"),
+    ("shuffle_r2_slot", "ape", "none", "ape decodes the slot (an injection)"),
+    ("shuffle_r2_original", "guidance", "none", "guidance reads the original position from content"),
+    ("top1", "guidance", "none", "accuracy: guidance vs no position"),
+    ("top1", "guidance_shuffled", "none", "accuracy cost of the auxiliary loss alone"),
+    ("top1", "guidance", "guidance_shuffled", "accuracy: the spatial signal vs the loss alone"),
+    ("top1", "rope-mixed", "none", "accuracy: rope-mixed vs no position"),
+    ("top1", "sdt-hybrid", "sdt-decay", "accuracy: SDT hybrid vs full decay"),
+    ("res_retained_64", "guidance", "ape", "fraction of the 32-px probe R² kept at 64 px"),
+]
+
+
+def interval(values, level: float = 0.95):
+    """``(mean, lo, hi, n)``: the Student-t interval of the mean over seeds (lo = hi = nan below 2 values)."""
+    from asg_probe.probes.metrics import fold_interval
+
+    values = [float(v) for v in values if v is not None and v == v]
+    if not values:
+        return float("nan"), float("nan"), float("nan"), 0
+    lo, hi = fold_interval(values, level)
+    return statistics.fmean(values), lo, hi, len(values)
+
+
+def _cell(values) -> str:
+    mean, lo, hi, n = interval(values)
+    if n == 0:
+        return "–"
+    if n == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def tabulate(results: dict, columns=None) -> str:
+    """Markdown table: one row per variant (seed count in brackets), mean and 95% interval over seeds.
+
+    ``columns`` is a list of ``(key, heading)`` (default: every column of :data:`TABLES`).
+    """
+    columns = columns or [c for cols in TABLES.values() for c in cols]
+    head = "| run (seeds) | " + " | ".join(h for _, h in columns) + " |"
+    lines = [head, "|---" * (len(columns) + 1) + "|"]
     for recipe, per_seed in results.items():
-        cells = []
-        for col in COLUMNS:
-            values = [r[col] for r in per_seed.values() if r.get(col) is not None]
-            if not values:
-                cells.append("–")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.3f}")
-            else:
-                cells.append(f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}")
-        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+        cells = [_cell([r.get(col) for r in per_seed.values()]) for col, _ in columns]
+        lines.append(f"| {recipe} ({len(per_seed)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_tests(results: dict, claims=None) -> list[dict]:
+    """One paired t-test per claim over the seeds both variants have (two-sided).
+
+    Returns dicts with the claim, ``n``, the mean difference a − b, its 95% interval and ``p``
+    (nan with fewer than two pairs or zero spread).
+    """
+    from scipy.stats import ttest_rel
+
+    rows = []
+    for metric, a, b, claim in claims or PAIRED_CLAIMS:
+        seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+        pairs = [(results[a][s].get(metric), results[b][s].get(metric)) for s in seeds]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None and x == x and y == y]
+        diffs = [x - y for x, y in pairs]
+        mean, lo, hi, n = interval(diffs)
+        p = float("nan")
+        if n >= 2 and statistics.stdev(diffs) > 0:
+            p = float(ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
+        rows.append({"metric": metric, "a": a, "b": b, "claim": claim, "n": n, "diff": mean,
+                     "ci": [lo, hi], "p": p})
+    return rows
+
+
+def tabulate_paired(rows) -> str:
+    lines = ["| claim | metric | a − b | n | mean difference [95% CI] | p (paired t) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = "–" if r["n"] == 0 else (f"{r['diff']:+.3f}" if r["n"] == 1 else
+                                        f"{r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]")
+        p = "–" if r["p"] != r["p"] else (f"{r['p']:.1e}" if r["p"] < 1e-3 else f"{r['p']:.3f}")
+        lines.append(f"| {r['claim']} | {r['metric']} | {r['a']} − {r['b']} | {r['n']} | {diff} | {p} |")
+    return "\n".join(lines)
+
+
+def tabulate_layers(results: dict, key: str = "layers_r2") -> str:
+    """Mean over seeds of a per-layer list (default: the mean (row, col) R²), one row per variant."""
+    depth = max(len(r[key]) for per_seed in results.values() for r in per_seed.values())
+    lines = ["| run | " + " | ".join(str(i) for i in range(depth)) + " |", "|---" * (depth + 1) + "|"]
+    for recipe, per_seed in results.items():
+        cols = [[r[key][i] for r in per_seed.values() if len(r[key]) > i] for i in range(depth)]
+        lines.append(f"| {recipe} | " + " | ".join(f"{statistics.fmean(c):.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(results: dict, num_images: int) -> str:
+    """Every table of RESULTS.md's reference section, in one document."""
+    parts = [f"Probes on {num_images} held-out scenes per run; cells: mean [95% Student-t interval over seeds].", ""]
+    for name, cols in TABLES.items():
+        parts += [f"### {name}", "", tabulate(results, cols), ""]
+    parts += ["### paired tests over seeds", "", tabulate_paired(paired_tests(results)), ""]
+    parts += ["### mean (row, col) R² by layer", "", tabulate_layers(results), ""]
+    parts += ["### column R² by layer", "", tabulate_layers(results, "layers_r2_col"), ""]
+    return "\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -133,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--probe-images", type=int, default=500)
     p.add_argument("--probe-only", action="store_true")
+    p.add_argument("--reprobe", action="store_true", help="probe again even where <run>/reference_probe.json "
+                                                           "holds results for the same model and settings")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                    help="train only these (default: all); every finished run under --out is probed and tabulated")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -146,12 +287,22 @@ def main(argv=None) -> int:
             if (d / "model.safetensors").is_file()]
     results: dict = {}
     for recipe, seed, run_dir in runs:
-        results.setdefault(recipe, {})[seed] = probe_run(run_dir, args.probe_images)
+        results.setdefault(recipe, {})[seed] = probe_cached(run_dir, args.probe_images, args.reprobe)
         print(f"probed {recipe} seed {seed}", file=sys.stderr)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    table = tabulate(results)
-    atomic_write_text(out / "results.md", table + "\n")
-    print(table)
+    import datetime
+
+    import asg_probe
+
+    doc = {"provenance": {"asg_probe_version": asg_probe.__version__, "probe_version": PROBE_VERSION,
+                          "date": datetime.date.today().isoformat(), "probe_images": args.probe_images,
+                          "probe_images_source": "each run's own validation split (scenes); resolution "
+                                                 "columns: scenes rendered at each size",
+                          "seeds": {v: sorted(per_seed) for v, per_seed in results.items()}},
+           "runs": results, "paired_tests": paired_tests(results)}
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=2))
+    text = report_markdown(results, args.probe_images)
+    atomic_write_text(out / "results.md", text + "\n")
+    print(text)
     return 0
 
 
