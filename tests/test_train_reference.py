@@ -91,3 +91,19 @@ def test_probe_a_tiny_run_end_to_end_with_cache_and_results_files(tmp_path, monk
                                                               - doc["runs"]["none"]["0"]["r2_col"])
     md = (out / "results.md").read_text()
     assert "| none (1) |" in md and "### paired tests over seeds" in md
+
+
+def test_bundled_models_become_run_folders_like_the_runs(tmp_path):
+    import json
+
+    import asg_probe
+    from asg_probe.reference import list_reference_models, reference_path
+
+    runs = reference.bundled_runs(tmp_path)
+    assert set(runs) == set(reference.BUNDLED) and set(reference.BUNDLED.values()) <= set(list_reference_models())
+    ape = runs["ape"]
+    meta = asg_probe.load_checkpoint(ape).asg_meta
+    assert json.loads((ape / "eval.json").read_text())["top1"] == meta["metrics"]["top1"]
+    assert resolve(ape / "config.yaml")["model"]["pos"] == "ape"
+    # the same weights as the bundled file (probing them is probe_run's job, tested on a tiny run above)
+    assert (ape / "model.safetensors").read_bytes() == reference_path("ape").read_bytes()

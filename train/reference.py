@@ -67,6 +67,40 @@ def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants
                     raise SystemExit(f"training {variant} seed {seed} failed (exit {rc})")
 
 
+#: The bundled file of each variant's seed 0 (``asg_probe/reference/<name>.safetensors``).
+BUNDLED = {"none": "none", "ape": "ape", "rope-mixed": "rope-mixed", "sdt-decay": "sdt-decay",
+           "guidance": "guidance", "guidance_random": "guidance-random", "guidance_shuffled": "guidance-shuffled"}
+
+
+def bundled_runs(out: Path) -> dict:
+    """The bundled models as run folders under ``<out>/bundled`` (weights, config, eval), ready to probe.
+
+    The bundled files are earlier trainings of seed 0 of the same recipes; a run's folder is
+    rebuilt from the metadata the file carries (its resolved config and its ``eval.json``), so the
+    bundled models are probed exactly like the runs of the table and can be compared with them.
+    Returns ``{variant: run_dir}``.
+    """
+    import shutil
+
+    import yaml
+    from safetensors import safe_open
+
+    from asg_probe.reference import reference_path
+
+    runs = {}
+    for variant, name in BUNDLED.items():
+        src = reference_path(name)
+        with safe_open(str(src), "pt") as f:
+            meta = json.loads(f.metadata()["asg_probe"])
+        run_dir = out / "bundled" / variant / "seed0"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, run_dir / "model.safetensors")
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(meta["config"], sort_keys=False))
+        atomic_write_text(run_dir / "eval.json", json.dumps(meta["train"]["eval"]))
+        runs[variant] = run_dir
+    return runs
+
+
 #: Bumped whenever probe_run computes something different: cached probe files of another version are redone.
 PROBE_VERSION = 2
 #: Input sizes of the resolution-transfer columns (scenes rendered at each size; probes fit at 32 px).
@@ -272,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--probe-images", type=int, default=500)
     p.add_argument("--probe-only", action="store_true")
+    p.add_argument("--bundled", action="store_true", help="also probe the bundled models (earlier seed-0 runs) "
+                                                           "the same way, in a table of their own")
     p.add_argument("--reprobe", action="store_true", help="probe again even where <run>/reference_probe.json "
                                                            "holds results for the same model and settings")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
@@ -299,8 +335,13 @@ def main(argv=None) -> int:
                                                  "columns: scenes rendered at each size",
                           "seeds": {v: sorted(per_seed) for v, per_seed in results.items()}},
            "runs": results, "paired_tests": paired_tests(results)}
-    atomic_write_text(out / "results.json", json.dumps(doc, indent=2))
     text = report_markdown(results, args.probe_images)
+    if args.bundled:
+        bundled = {v: {0: probe_cached(d, args.probe_images, args.reprobe)} for v, d in bundled_runs(out).items()}
+        doc["bundled"] = bundled
+        text += "\n".join(["", "### the bundled models (seed 0, trained earlier with the same recipes)", "",
+                           tabulate({f"{v} bundled": r for v, r in bundled.items()}), ""])
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=2))
     atomic_write_text(out / "results.md", text + "\n")
     print(text)
     return 0
