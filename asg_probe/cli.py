@@ -164,8 +164,10 @@ def cmd_check_equivariance(args, rank):
 def cmd_resolution(args, rank):
     from .analysis.resolution import resolution_transfer
 
-    result, _ = _analyse(args, resolution_transfer, sizes=args.sizes)
-    _finish(result, args, rank)
+    result, name = _analyse(args, resolution_transfer, sizes=args.sizes, render=False if args.resize else "auto")
+    cols = ["layer", "size", "grid", "r2_row", "r2_col", "r2", "r2_row_retained", "r2_col_retained", "r2_retained",
+            "is_fit_size"]
+    _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")
 
 
 def cmd_attribution(args, rank):

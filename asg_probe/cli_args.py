@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("resolution", "fit probes at one size, evaluate at others")
     p.add_argument("--sizes", type=positive_int, nargs="+", default=None,
                    help="evaluation sizes (default: 0.5x..2x the training size, multiples of the patch)")
+    p.add_argument("--resize", action="store_true",
+                   help="make every size by resizing the images loaded at the largest size (default: scenes "
+                        "are rendered at each size, other images resized)")
 
     p = command("attribution", "captum: which pixels drive a probe's coordinate prediction", images=32)
     p.add_argument("--layer", type=int, default=-1, help="layer of the probe (default: last)")

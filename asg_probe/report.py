@@ -148,8 +148,10 @@ SECTIONS = [
      "Shuffle the input patches: do outputs shuffle the same way at every layer? (no positional injection)"),
     ("pos_similarity", "Position-embedding similarity", "Cosine similarity between position embeddings."),
     ("resolution", "Resolution transfer",
-     "Probes fit at the training size, evaluated at other sizes; thick: mean of row and column, "
-     "dotted: row, dashed: column."),
+     "Probes fit at the training size, evaluated at other sizes (procedural scenes rendered at each size, "
+     "other images resized: size_source in the JSON); thick: mean of row and column, dotted: row, dashed: "
+     "column. The table gives absolute R² and the fraction of the same layer's fit-size R² retained "
+     "(*_retained; nan where the fit-size R² is below 0.05)."),
 ]
 
 #: Summary columns: (CSV name, HTML header).
