@@ -157,7 +157,9 @@ SECTIONS = [
 #: Summary columns: (CSV name, HTML header).
 SUMMARY_COLUMNS = [
     ("model", "model"), ("layer", "last layer"), ("top1", "top-1 (checkpoint)"),
-    ("r2_row", "R² row"), ("r2_col", "R² col"), ("r2_control", "control R²"), ("selectivity", "selectivity"),
+    ("r2_row", "R² row"), ("r2_col", "R² col"), ("r2_control", "slot control R²"),
+    ("selectivity", "selectivity (slot)"), ("r2_control_content", "content control R²"),
+    ("selectivity_content", "selectivity (content)"),
     ("attention_distance_px", "mean attention distance (px)"), ("uniform_px", "uniform (px)"),
     ("shuffle_test", "shuffle test"), ("equivariance", "equivariance"),
 ]
@@ -183,8 +185,10 @@ def summary_rows(all_results, metas=None) -> list:
 
     ``all_results`` is ``{name: {analysis name: result}}`` as :func:`analyse_model` returns;
     ``metas`` optional ``{name: model.asg_meta}``. R² figures are the last layer's row of the
-    layerwise result; where a row carries intervals over the CV folds (``r2_row_ci``, ``r2_col_ci``,
-    ``r2_control_ci``, ``selectivity_ci``: ``[low, high]``), they are added as ``<column>_low`` /
+    layerwise result, with both controls (slot permutation: identity vs geometry; content, after
+    Hewitt & Liang 2019: memorising patch content); where a row carries intervals over the CV folds
+    (``r2_row_ci``, ``r2_col_ci``, ``r2_control_ci``, ``selectivity_ci``, ``r2_control_content_ci``,
+    ``selectivity_content_ci``: ``[low, high]``), they are added as ``<column>_low`` /
     ``<column>_high`` (and shown as ``value [low, high]`` in the page).
 
     Examples
@@ -204,8 +208,9 @@ def summary_rows(all_results, metas=None) -> list:
         last = res["layerwise"].rows[-1]
         row = {"model": display_name(name), "layer": last["layer"], "top1": _top1(metas.get(name)),
                "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_control": last["r2_control"],
-               "selectivity": last["selectivity"]}
-        for key in ("r2_row", "r2_col", "r2_control", "selectivity"):
+               "selectivity": last["selectivity"], "r2_control_content": last.get("r2_control_content"),
+               "selectivity_content": last.get("selectivity_content")}
+        for key in ("r2_row", "r2_col", "r2_control", "selectivity", "r2_control_content", "selectivity_content"):
             ci = last.get(f"{key}_ci")
             if ci is not None:
                 row[f"{key}_low"], row[f"{key}_high"] = float(ci[0]), float(ci[1])
@@ -361,8 +366,11 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
     parts = [f"<h1>asg_probe report: {html.escape(', '.join(display_name(n) for n in names))}</h1>",
              "<h2>Provenance</h2>", _provenance_html(all_results, metas, command, seed, device),
              "<h2>Summary</h2><p class='cap'>Last layer of each model. R²: held-out (split by image) linear "
-             "probe of the patch row / column; control: the same probe on permuted positions; selectivity = "
-             "mean R² − control. Shuffle test: where the last layer's position comes from (content, injected, "
+             "probe of the patch row / column with its 95% interval over the CV folds. Slot control: the same "
+             "probe on a fixed random permutation of the positions (solved by any code of slot identity: it "
+             "separates geometry from identity). Content control (Hewitt &amp; Liang 2019): targets that are a "
+             "random function of each patch's content type, solved only by memorising content. Selectivity "
+             "= mean R² − that control, averaged over 5 control seeds. Shuffle test: where the last layer's position comes from (content, injected, "
              "both, none). Equivariance: certified = no positional injection. Also in summary.csv.</p>",
              _summary_html(summary)]
     if len(names) > 1:

@@ -59,8 +59,10 @@ def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
     for name, model in (("ape", "ape"), ("none_guidance", "guidance")):  # file names: "+" becomes "_"
         last = json.loads((out / f"{name}.layerwise.json").read_text())["layers"][-1]
         row = summary[summary["model"] == model].iloc[0]
-        for column in ("r2_row", "r2_col", "r2_control", "selectivity"):
+        for column in ("r2_row", "r2_col", "r2_control", "selectivity", "r2_control_content", "selectivity_content"):
             assert row[column] == pytest.approx(last[column], abs=1e-12), (name, column)
+        assert [row["selectivity_content_low"], row["selectivity_content_high"]] == \
+            pytest.approx(last["selectivity_content_ci"], abs=1e-12)
         assert row["layer"] == last["layer"] == 2
         heads = json.loads((out / f"{name}.attention_distance.json").read_text())["layers"][-1]
         assert row["attention_distance_px"] == pytest.approx(sum(heads["heads_px"]) / len(heads["heads_px"]))
@@ -71,7 +73,8 @@ def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
     # the HTML summary shows the same numbers, three decimals
     table = page.split("<h2>Summary")[1].split("</table>")[0]
     ape = summary.iloc[0]
-    for column in ("r2_row", "selectivity"):  # the value, then its fold interval where the result has one
+    assert "content control R²" in table and "selectivity (content)" in table
+    for column in ("r2_row", "selectivity", "selectivity_content"):  # the value, then its fold interval where the result has one
         assert re.search(f"<td>{re.escape(number(float(ape[column]), tiny=False))}( \\[[^]]+\\])?</td>", table), column
 
 
