@@ -306,6 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--probe-images", type=int, default=500)
     p.add_argument("--probe-only", action="store_true")
+    p.add_argument("--train-only", action="store_true", help="train, then stop (probe later with --probe-only)")
     p.add_argument("--bundled", action="store_true", help="also probe the bundled models (earlier seed-0 runs) "
                                                            "the same way, in a table of their own")
     p.add_argument("--reprobe", action="store_true", help="probe again even where <run>/reference_probe.json "
@@ -318,6 +319,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if not args.probe_only:
         train_all(out, args.seeds, args.overrides, base=args.base, variants=args.variants)
+        if args.train_only:
+            return 0
     # every finished run under --out goes into the table, whichever command trained it
     runs = [(v, int(d.name[4:]), d) for v in VARIANTS for d in sorted((out / v).glob("seed*"))
             if (d / "model.safetensors").is_file()]
