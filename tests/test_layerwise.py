@@ -221,6 +221,42 @@ def test_the_controls_do_not_depend_on_batch_order_or_size():
         assert a[key] == pytest.approx(b[key], abs=1e-9)
 
 
+def test_the_factored_control_targets_are_the_dense_ones_and_give_the_same_probes():
+    """The accumulator streams the controls factored (shared columns + content-type lookup); the dense
+    targets (coordinates, slot controls, content_control_targets) through the plain per-image product
+    give the same statistics and scores."""
+    from asg_probe.analysis.layerwise import LayerwiseAccumulator
+    from asg_probe.extract import ForwardBatch
+    from asg_probe.probes import (CoordinateProbe, FactoredTargets, content_control_targets, coordinate_targets,
+                                  slot_control_targets)
+
+    g = torch.Generator().manual_seed(4)
+    n, grid, seeds = 23, (4, 4), [0, 1, 2]
+    images = _patchwise(torch.randn(6, 3, generator=g)[torch.randint(6, (n, *grid), generator=g)])
+    tokens = torch.randn(n, 16, 12, generator=g, dtype=torch.float64) + torch.randn(16, 12, generator=g,
+                                                                                   dtype=torch.float64)
+    acc = LayerwiseAccumulator(n_folds=4, n_control_seeds=3)
+    dense = CoordinateProbe(n_folds=4)
+    for idx in (torch.arange(0, 9), torch.arange(9, n)):
+        batch = ForwardBatch(tokens={0: tokens[idx]}, grid=grid, image_index=idx, images=images[idx],
+                             num_prefix_tokens=0, patch_size=2)
+        acc.update(batch)
+        y, names = acc._targets(batch)
+        reference = torch.cat([torch.cat([coordinate_targets(grid), slot_control_targets(grid, seeds)], 1)
+                               .expand(len(idx), 16, -1), content_control_targets(images[idx], grid, seeds)], -1)
+        assert isinstance(y, FactoredTargets) and torch.equal(y.dense(), reference)
+        dense.partial_fit(tokens[idx], idx, y=reference, target_names=names)
+    ours, theirs = acc.probes[0].stats_, dense.stats_
+    for name in ("n", "sum_x", "sum_y", "sum_y2", "xtx", "xty"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max()), name
+    mine, ref = acc.fitted()[0].cv_results_, dense.finalize().cv_results_
+    assert mine.target_names == ref.target_names
+    np.testing.assert_allclose(mine.fold_r2, ref.fold_r2, rtol=0, atol=1e-10)
+    assert np.array_equal(mine.alpha_, ref.alpha_)
+    np.testing.assert_allclose(mine.coef_, ref.coef_, rtol=1e-8, atol=1e-10 * np.abs(ref.coef_).max())
+
+
 def test_one_control_seed_without_content_is_the_plain_probe():
     """n_control_seeds=1, content_control=False: the columns of a plain CoordinateProbe on the same tokens."""
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)

@@ -8,8 +8,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from asg_probe.probes import CoordinateProbe, RidgeStats, coordinate_targets, probe_targets, solve_ridge_cv
-from asg_probe.probes._lapack import (_lapack_dsytrd, _ridge_path, _ridge_solve, _tridiagonal_path_eigen,
-                                      _tridiagonalise, ridge_paths)
+from asg_probe.probes._lapack import (Tridiagonal, _lapack_dsytrd, _lapack_function, _ridge_path, _ridge_solve,
+                                      _tridiagonal_path_eigen, _tridiagonalise, ridge_paths)
 from probe_data import GRID, N, planted, stats_of
 
 # --------------------------------------------------------------------------- agreement with scikit-learn
@@ -132,6 +132,61 @@ def test_tridiagonalisation_without_the_gil_equals_scipys_wrapper():
     for a, b in zip(ours, theirs[:4]):  # equal up to the rounding of a different work-space blocking
         a, b = (np.tril(a), np.tril(b)) if a.ndim == 2 else (a, b)
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("d, rank", [(1, 1), (37, 37), (120, 40)])
+def test_the_refit_solves_each_column_at_its_own_alpha(d, rank):
+    C = _psd(d, rank, seed=d)
+    B = torch.randn(d, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    alphas = np.array([1e-3, 10.0, 1e-3, 1e5])
+    W = Tridiagonal(C.clone().numpy()).solve(B.numpy(), alphas)                         # (D, T)
+    for t, a in enumerate(alphas):
+        direct = torch.linalg.solve(C + a * torch.eye(d, dtype=torch.float64), B[:, t])
+        torch.testing.assert_close(torch.from_numpy(W[:, t]), direct, rtol=1e-6, atol=1e-9 * float(direct.abs().max()))
+    path = Tridiagonal(C.clone().numpy()).path(B.numpy(), alphas)                      # (T, A, D)
+    np.testing.assert_allclose(W.T, path[np.arange(4), np.arange(4)], rtol=1e-12, atol=1e-14 * np.abs(W).max())
+
+
+def test_without_scipys_lapack_pointers_the_wrappers_give_the_same_path(monkeypatch):
+    from asg_probe.probes import _lapack
+
+    C = _psd(40, 40, seed=5)
+    B = torch.randn(40, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    alphas = np.logspace(-3, 6, 19)
+    fast = _ridge_path(C.clone(), B, alphas)
+    monkeypatch.setattr(_lapack, "_lapack_function", lambda name: None)   # f2py dsytrd/dgtsv, torch.ormqr
+    assert _lapack._lapack_dsytrd() is None
+    slow = _ridge_path(C.clone(), B, alphas)
+    torch.testing.assert_close(slow, fast, rtol=1e-9, atol=1e-12 * float(fast.abs().max()))
+
+
+def test_a_zero_pivot_falls_back_to_clipped_eigenvalues():
+    # -1 stands for a negative eigenvalue from rounding: at alpha 1 the shifted system has an exact zero pivot
+    C = np.diag([-1.0, 2.0, 3.0])
+    B = np.ones((3, 2))
+    alphas = np.array([0.5, 1.0, 4.0])
+    expected = B[None] / (np.clip(np.diag(C), 0, None)[None, :, None] + alphas[:, None, None])   # (A, D, T)
+    np.testing.assert_allclose(Tridiagonal(C.copy()).path(B, alphas), expected.transpose(2, 0, 1), rtol=1e-12)
+    np.testing.assert_allclose(Tridiagonal(C.copy()).solve(B, alphas[[1, 2]]), expected[[1, 2], :, [0, 1]].T,
+                               rtol=1e-12)
+
+
+def test_a_solve_with_many_targets_equals_one_column_at_a_time():
+    """22 columns share one tridiagonalisation per fold; each column alone gives the same scores and weights."""
+    X = _random_problem(12, 30, 30, seed=4)
+    Y = torch.randn(N, 22, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    Y[:, :2] = coordinate_targets(GRID, dtype=torch.float64)
+    stats = stats_of(X, Y, torch.arange(12), batch=5, n_folds=4, exact=True)
+    together = solve_ridge_cv(stats, extend=True)
+    for t in (0, 1, 7, 21):
+        alone = RidgeStats(n_folds=4)
+        for s in range(0, 12, 5):
+            alone.update(X[s:s + 5], Y[:, [t]], torch.arange(s, min(s + 5, 12)))
+        one = solve_ridge_cv(alone, alphas=together.alphas)
+        np.testing.assert_allclose(together.fold_r2[..., t], one.fold_r2[..., 0], rtol=0, atol=1e-10)
+        assert together.alpha_[t] == one.alpha_[0]
+        np.testing.assert_allclose(together.coef_[t], one.coef_[0], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(together.fold_coef_[:, t], one.fold_coef_[:, 0], rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- edge cases and errors

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from asg_probe.probes import RidgeStats, probe_targets, solve_ridge_cv
+from asg_probe.probes import FactoredTargets, RidgeStats, probe_targets, solve_ridge_cv
 from probe_data import GRID, N, planted, stats_of
 
 
@@ -129,3 +129,59 @@ def test_a_second_shape_is_refused():
     stats.update(torch.randn(2, N, 4), torch.zeros(N, 2), torch.arange(2))
     with pytest.raises(ValueError, match="D=5, T=2 but the statistics hold D=4, T=2"):
         stats.update(torch.randn(2, N, 5), torch.zeros(N, 2), torch.arange(2))
+
+
+# --------------------------------------------------------------------------- factored per-image targets
+
+def _factored(n_images, n_labels, n_shared, n_lookup=5, seed=0):
+    """Random per-image targets kept factored: ``n_shared`` shared columns, then a lookup of per-patch labels."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(N, n_shared, generator=g, dtype=torch.float64) if n_shared else None
+    labels = torch.randint(n_labels, (n_images, N), generator=g)
+    return FactoredTargets(shared, labels, torch.randn(n_labels, n_lookup, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("n_labels, n_shared", [(7, 3), (7, 0), (500, 2)])  # 500 labels: more than a fold's rows
+def test_factored_targets_give_the_statistics_of_their_dense_form(n_labels, n_shared, exact):
+    """The shortcut (shared columns from summed images, lookups from per-label token sums) against the plain
+    per-image product X^T Y of the dense targets, batch by batch, in a shuffled image order."""
+    n_images = 11
+    g = torch.Generator().manual_seed(n_labels + n_shared)
+    X = (3 + torch.randn(n_images, N, 24, generator=g)).to(torch.float64 if exact else torch.float32)
+    Y = _factored(n_images, n_labels, n_shared)
+    order = torch.randperm(n_images, generator=g)   # non-consecutive indices: gathered folds
+    factored, dense = RidgeStats(n_folds=3, exact=exact), RidgeStats(n_folds=3, exact=exact)
+    for batch in (order[:4], order[4:5], order[5:]):
+        factored.update(X[batch], Y[batch], batch)
+        dense.update(X[batch], Y.dense()[batch], batch)
+    for name in ("n", "n_images", "sum_x", "sum_y", "sum_y2", "xtx", "xty"):
+        a, b = getattr(factored, name), getattr(dense, name)
+        assert a.shape == b.shape, name
+        scale = float(b.abs().max()) or 1.0
+        assert float((a - b).abs().max()) <= 1e-12 * scale, name
+    # and the plain sums themselves, fold by fold
+    rows, targets = X.double().reshape(n_images, N, -1), Y.dense(torch.float64)
+    for f in range(3):
+        xf, yf = rows[f::3].reshape(-1, 24), targets[f::3].reshape(-1, Y.shape[-1])
+        torch.testing.assert_close(factored.xty[f], xf.T @ yf, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(factored.sum_y2[f], (yf * yf).sum(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(solve_ridge_cv(factored).cv_r2_, solve_ridge_cv(dense).cv_r2_, rtol=0, atol=1e-10)
+
+
+def test_factored_targets_check_their_parts_and_stream_through_the_probe():
+    from asg_probe.probes import CoordinateProbe
+
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        FactoredTargets(None, torch.tensor([[0, 3]]), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="shared must be"):
+        FactoredTargets(torch.zeros(3, 1), torch.tensor([[0, 1]]), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="Y must be"):
+        RidgeStats(2).update(torch.randn(3, N, 4), _factored(2, 5, 1), torch.arange(3))
+    Y = _factored(9, 6, 2)
+    assert Y.shape == (9, N, 7) and Y[2:4].shape == (2, N, 7) and torch.equal(Y[2:4].dense(), Y.dense()[2:4])
+    X = planted(n_images=9)
+    a = CoordinateProbe(n_folds=3, batch_size=4).fit(X, y=Y)        # fit slices the factored targets per chunk
+    b = CoordinateProbe(n_folds=3, batch_size=4).fit(X, y=Y.dense())
+    np.testing.assert_allclose(a.cv_r2_, b.cv_r2_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-9, atol=1e-12)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from ..extract import Accumulator, batch_grid
-from ..probes import (CellAccuracy, CoordinateProbe, content_control_targets, control_seeds, control_target_names,
-                      coordinate_targets, final_norm, fold_interval, slot_control_targets)
+from ..probes import (CellAccuracy, CoordinateProbe, FactoredTargets, content_control_table, content_types,
+                      control_seeds, control_target_names, coordinate_targets, final_norm, fold_interval,
+                      slot_control_targets)
 
 #: Control seeds by default (slot and content controls alike): extra target columns, cheap.
 N_CONTROL_SEEDS = 5
@@ -130,18 +131,21 @@ class LayerwiseAccumulator(ProbeAccumulator):
 
     def _targets(self, batch):
         tokens = next(iter(batch.tokens.values()))
-        B, N = tokens.shape[:2]
         if self._fixed is None or self._fixed.device != tokens.device:   # the same for every image
             self._fixed = torch.cat([coordinate_targets(self.grid), slot_control_targets(self.grid, self.seeds)],
                                     dim=1).to(tokens.device)
-        parts = [self._fixed.expand(B, N, -1)]
-        if self.content_control:
-            gh, gw = self.grid
-            p = int(batch.patch_size)
-            pixels = batch.images[..., :gh * p, :gw * p]   # the pixels the patch embedding saw
-            parts.append(content_control_targets(pixels, self.grid, self.seeds).to(tokens.device))
+            self._table = (content_control_table(self.grid, self.seeds).to(tokens.device)
+                           if self.content_control else None)
         names = ("row", "col") + control_target_names(self.seeds, content=self.content_control)
-        return torch.cat(parts, dim=-1), names
+        if not self.content_control:
+            return self._fixed, names
+        gh, gw = self.grid
+        p = int(batch.patch_size)
+        pixels = batch.images[..., :gh * p, :gw * p]   # the pixels the patch embedding saw
+        # per image only through the content types: kept factored, the statistics form X^T Y from
+        # per-type token sums (content_control_targets(pixels, ...) is the dense equivalent)
+        types = content_types(pixels, self.grid).to(tokens.device)
+        return FactoredTargets(self._fixed, types, self._table), names
 
     def _solved(self, probe):
         return probe.select([0, 1], control_columns=[2, 3])

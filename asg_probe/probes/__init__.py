@@ -6,7 +6,8 @@ One concern per module, so each is found by its name:
 ``targets``        what is regressed: :func:`coordinate_targets` (normalised row, col; defined in
                    :mod:`asg_probe.layers.grid`), the slot control (:func:`control_permutation`),
                    :func:`probe_targets` stacking both, and Hewitt & Liang's content control
-                   (:func:`content_control_targets` of :func:`content_types`)
+                   (:func:`content_control_targets` of :func:`content_types`), and
+                   :class:`FactoredTargets` (per-image targets kept as shared columns + a label lookup)
 ``stats``          :class:`RidgeStats`, per-fold float64 sufficient statistics streamed from
                    batches of tokens (``fold = image_index % n_folds``), mergeable across processes
 ``solver``         :func:`solve_ridge_cv` → :class:`RidgeCVResult`: every fold and alpha from the
@@ -39,12 +40,14 @@ from .reservoir import TokenReservoir
 from .solver import DEFAULT_ALPHAS, METHODS, RidgeCVResult, solve_ridge_cv
 from .stats import RidgeStats
 from .tokens import TOKENS, final_norm
-from .targets import (TARGET_NAMES, content_control_targets, content_types, control_permutation, control_seeds,
-                      control_target_names, coordinate_targets, probe_targets, slot_control_targets)
+from .targets import (TARGET_NAMES, FactoredTargets, content_control_table, content_control_targets, content_types,
+                      control_permutation, control_seeds, control_target_names, coordinate_targets, probe_targets,
+                      slot_control_targets)
 
 __all__ = [
     "DEFAULT_ALPHAS", "METHODS", "TARGET_NAMES", "coordinate_targets", "control_permutation", "probe_targets",
-    "content_types", "content_control_targets", "control_seeds", "control_target_names", "slot_control_targets",
+    "content_types", "content_control_table", "content_control_targets", "FactoredTargets", "control_seeds",
+    "control_target_names", "slot_control_targets",
     "RidgeStats", "RidgeCVResult", "solve_ridge_cv", "CellAccuracy", "r2_columns", "fold_interval", "CoordinateProbe",
     "TokenReservoir", "MLPProbe", "TOKENS", "final_norm",
 ]

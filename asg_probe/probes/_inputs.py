@@ -48,8 +48,19 @@ def dense_ids(groups, expected_len: int, what: str) -> torch.Tensor:
     return torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
 
 
-def prepare_targets(y, n_images: int, N: int) -> torch.Tensor:
-    """Targets for ``n_images`` images of ``N`` patches: ``(N, T)`` shared or ``(n_images, N, T)``."""
+def prepare_targets(y, n_images: int, N: int, factored: bool = False) -> torch.Tensor:
+    """Targets for ``n_images`` images of ``N`` patches: ``(N, T)`` shared or ``(n_images, N, T)``.
+
+    :class:`~asg_probe.probes.targets.FactoredTargets` stay factored with ``factored`` (for
+    :class:`~asg_probe.probes.RidgeStats`), else they are made dense.
+    """
+    from .targets import FactoredTargets
+
+    if isinstance(y, FactoredTargets):
+        if tuple(y.shape[:2]) != (n_images, N):
+            raise ValueError(f"y must be (n_images, N, T) with n_images={n_images}, N={N}; "
+                             f"got factored targets of shape {tuple(y.shape)}")
+        return y if factored else y.dense()
     Y = as_tensor(y)
     if Y.ndim == 1 or (Y.ndim == 2 and Y.shape == (n_images, N) and N != n_images):
         Y = Y[..., None]

@@ -1,4 +1,4 @@
-"""The ridge solver's fast path: hand-tuned LAPACK behind one function, :func:`ridge_paths`.
+"""The ridge solver's fast path: hand-tuned LAPACK behind :class:`Tridiagonal` and :func:`ridge_paths`.
 
 Everything here answers one question: for symmetric positive semi-definite
 ``C`` (D, D) and right-hand sides ``B`` (D, T), what is ``(C + alpha I)^{-1} B``
@@ -13,12 +13,17 @@ How it is fast, and why each trick is safe:
   serves every alpha; each alpha then costs a tridiagonal solve (``dgtsv``,
   partial pivoting). About half the work of an eigendecomposition (no
   eigenvectors) and as stable: ``Q`` is orthogonal and the solve pivots.
-* **Folds in parallel threads**: ``dsytrd`` reached through
-  ``scipy.linalg.cython_lapack``'s exported pointer via ctypes releases the GIL
-  (scipy's f2py wrapper does not).
+* **Folds in parallel threads**: ``dsytrd``, ``dormtr`` (applying ``Q``) and
+  ``dgtsv`` reached through ``scipy.linalg.cython_lapack``'s exported pointers via
+  ctypes release the GIL (scipy's f2py wrappers do not), so a fold's whole path
+  (:class:`Tridiagonal`) runs in a worker thread.
+* **No copies around ``Q``**: the right-hand sides, the tridiagonal solutions and
+  the back-transformed weights stay in Fortran order, the layout LAPACK works in.
 * **OpenBLAS held to one thread** while we call it: its spinning threads took the
   cores from torch's thread pool (3x slower torch operations on 2 cores).
-* **A few alphas** (the final refit) take one Cholesky factorisation each instead.
+* **A few alphas** take one Cholesky factorisation each instead (:func:`ridge_paths`); the
+  solver's refit at the chosen alphas uses :meth:`Tridiagonal.solve` on a tridiagonalisation
+  made while the folds run.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["ridge_paths"]
+__all__ = ["ridge_paths", "Tridiagonal", "solver_threads"]
 
 
 def ridge_paths(systems, alphas) -> list:
@@ -54,77 +59,72 @@ def ridge_paths(systems, alphas) -> list:
     [0.333333333333, 0.25]
     """
     with _single_threaded_blas():
-        if len(alphas) <= 4:  # a few alphas (the final refit): Cholesky per alpha is cheaper
+        if len(alphas) <= 4:  # a few alphas: Cholesky per alpha is cheaper
             return [_ridge_solve(C, B, alphas) for C, B in systems]
-        # the systems' tridiagonalisations are independent and release the GIL: one thread each
-        workers = min(len(systems), os.cpu_count() or 1)
-        if workers > 1 and systems[0][0].shape[0] > 1:
+        # the systems are independent and their LAPACK calls release the GIL: one thread each
+        workers = solver_threads(len(systems))
+        if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
-                tridiagonals = list(pool.map(lambda s: _tridiagonalise(s[0].numpy()), systems))
-        else:
-            tridiagonals = [None] * len(systems)
-        return [_ridge_path(C, B, alphas, tri) for (C, B), tri in zip(systems, tridiagonals)]
+                return list(pool.map(lambda s: _ridge_path(*s, alphas), systems))
+        return [_ridge_path(C, B, alphas) for C, B in systems]
 
 
-def _ridge_path(C: torch.Tensor, B: torch.Tensor, alphas, tridiagonal=None) -> torch.Tensor:
-    """Solve ``(C + alpha I) W = B`` for every alpha: ``(D, A, T)`` float64 on the CPU.
+def _ridge_path(C: torch.Tensor, B: torch.Tensor, alphas) -> torch.Tensor:
+    """Solve ``(C + alpha I) W = B`` for every alpha: ``(D, A, T)`` float64 on the CPU (:meth:`Tridiagonal.path`).
 
-    ``C`` (D, D) symmetric positive semi-definite, ``B`` (D, T). One Householder
-    tridiagonalisation ``C = Q Tri Q^T`` (LAPACK ``dsytrd``) serves every alpha,
-    each then costing a tridiagonal solve (``dgtsv``, partial pivoting) instead of a
-    factorisation. That is about half the work of the eigendecomposition it
-    replaces (no eigenvectors), and as stable: ``Q`` is orthogonal, and the solve
-    pivots. ``C`` is overwritten; ``tridiagonal`` is :func:`_tridiagonalise`'s
-    output for ``C`` when the caller already has it.
+    ``C`` (D, D) symmetric positive semi-definite (overwritten), ``B`` (D, T). One Householder
+    tridiagonalisation ``C = Q Tri Q^T`` (LAPACK ``dsytrd``) serves every alpha, each then
+    costing a tridiagonal solve (``dgtsv``, partial pivoting) instead of a factorisation.
+    That is about half the work of an eigendecomposition (no eigenvectors), and as stable:
+    ``Q`` is orthogonal, and the solve pivots.
     """
-    from scipy.linalg import lapack
+    W = Tridiagonal(C.numpy()).path(B.numpy(), alphas)               # (T, A, D)
+    return torch.from_numpy(W).permute(2, 1, 0)
 
-    D, T = B.shape
-    a = np.asarray(alphas, dtype=np.float64)
-    A = a.size
-    if D == 1:
-        return (B / (C + torch.as_tensor(a)[:, None])).reshape(1, A, T)
-    packed, diag, off, tau = tridiagonal if tridiagonal is not None else _tridiagonalise(C.numpy())
-    reflectors = torch.from_numpy(packed)[1:, :-1]  # Q = H(1)...H(D-1), acting on rows 1..D-1
-    tau = torch.from_numpy(tau)
-    QtB = B.clone()
-    QtB[1:] = torch.ormqr(reflectors, tau, B[1:], left=True, transpose=True)
-    # all alphas as one block-diagonal tridiagonal system: couplings between blocks are 0
-    sub = np.zeros((A, D))
-    sub[:, :-1] = off
-    sub = sub.reshape(-1)[:-1]
-    rhs = np.tile(QtB.numpy(), (A, 1))
-    *_, Y, info = lapack.dgtsv(sub, (diag[None, :] + a[:, None]).reshape(-1), sub.copy(), rhs,
-                                overwrite_b=1)
-    if info != 0:  # a shifted system singular in rounding (C + alpha I ~ 0 somewhere): clip and solve
-        Y = _tridiagonal_path_eigen(diag, off, QtB.numpy(), a)
-    W = torch.from_numpy(Y).reshape(A, D, T).permute(1, 0, 2).reshape(D, A * T).contiguous()
-    W[1:] = torch.ormqr(reflectors, tau, W[1:], left=True, transpose=False)
-    return W.reshape(D, A, T)
+
+#: ctypes argument types of the LAPACK routines called without the GIL: c = char*, i = int*, d = double*.
+_SIGNATURES = {"dsytrd": "cididdddii", "dormtr": "ccciididdidii", "dgtsv": "iiddddii"}
 
 
 @functools.lru_cache(maxsize=None)
-def _lapack_dsytrd():
-    """scipy's ``dsytrd`` as a ctypes function, which releases the GIL while it runs (None if unavailable).
+def _lapack_function(name: str):
+    """scipy's LAPACK routine ``name`` as a ctypes function, which releases the GIL while it runs (None if unavailable).
 
-    The f2py wrapper in ``scipy.linalg.lapack`` holds the GIL, so threads cannot
-    tridiagonalise several folds at once; the same LAPACK routine reached through
-    ``scipy.linalg.cython_lapack``'s exported pointer (as numba does) can.
+    The f2py wrappers in ``scipy.linalg.lapack`` hold the GIL, so threads cannot run them
+    at once; the same routines reached through ``scipy.linalg.cython_lapack``'s exported
+    pointers (as numba does) can.
     """
     import ctypes
 
     try:
         from scipy.linalg import cython_lapack
 
-        capsule = cython_lapack.__pyx_capi__["dsytrd"]
+        capsule = cython_lapack.__pyx_capi__[name]
         get_name, get_pointer = ctypes.pythonapi.PyCapsule_GetName, ctypes.pythonapi.PyCapsule_GetPointer
         get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
         get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
         address = get_pointer(capsule, get_name(capsule))
-    except Exception:  # another scipy layout: the f2py wrapper still works, one fold at a time
+    except Exception:  # another scipy layout: the f2py wrappers and torch still work, one fold at a time
         return None
-    i, d = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double)
-    return ctypes.CFUNCTYPE(None, ctypes.c_char_p, i, d, i, d, d, d, d, i, i)(address)
+    kinds = {"c": ctypes.c_char_p, "i": ctypes.POINTER(ctypes.c_int), "d": ctypes.POINTER(ctypes.c_double)}
+    return ctypes.CFUNCTYPE(None, *(kinds[k] for k in _SIGNATURES[name]))(address)
+
+
+def _lapack_dsytrd():
+    """``dsytrd`` without the GIL (:func:`_lapack_function`), or None."""
+    return _lapack_function("dsytrd")
+
+
+def _int(value):
+    import ctypes
+
+    return ctypes.byref(ctypes.c_int(int(value)))
+
+
+def _ptr(array: np.ndarray):
+    import ctypes
+
+    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
 
 
 def _tridiagonalise(C: np.ndarray):
@@ -152,10 +152,119 @@ def _tridiagonalise(C: np.ndarray):
     return packed, diag, off, tau
 
 
+def solver_threads(jobs: int) -> int:
+    """Worker threads for ``jobs`` independent LAPACK jobs: no more than torch's thread count (the
+    user's choice of how many cores to use) nor the machine's cores."""
+    return max(1, min(int(jobs), torch.get_num_threads(), os.cpu_count() or 1))
+
+
+class Tridiagonal:
+    """``C = Q Tri Q^T`` of one symmetric PSD float64 matrix, and the ridge solves it serves.
+
+    Built by :func:`_tridiagonalise` (``C`` is overwritten). Every method works on numpy
+    float64 arrays in Fortran order and, where scipy exports its LAPACK pointers, releases
+    the GIL, so several folds run in threads: :meth:`path` gives the ridge weights
+    ``(C + alpha I)^{-1} B`` of every alpha at once (one tridiagonal solve per alpha, then one
+    back-transformation), :meth:`solve` one alpha per column (the refit at the chosen alphas).
+    """
+
+    def __init__(self, C: np.ndarray):
+        self.d = C.shape[0]
+        self.packed, self.diag, self.off, self.tau = _tridiagonalise(C) if self.d > 1 else (C, C[0], None, None)
+
+    def apply_q(self, M: np.ndarray, transpose: bool = False, overwrite: bool = False) -> np.ndarray:
+        """``Q M`` (or ``Q^T M``) for ``M`` (D, k), in Fortran order; ``overwrite``: in ``M`` itself where it is
+        Fortran-ordered float64 already."""
+        M = np.array(M, dtype=np.float64, order="F", copy=None if overwrite else True)
+        if self.d == 1 or M.shape[1] == 0:
+            return M
+        dormtr = _lapack_function("dormtr")
+        if dormtr is None or not self.packed.flags.f_contiguous:
+            out = torch.from_numpy(M.copy(order="F"))
+            out[1:] = torch.ormqr(torch.from_numpy(self.packed)[1:, :-1], torch.from_numpy(self.tau), out[1:].clone(),
+                                  left=True, transpose=transpose)
+            return np.asfortranarray(out.numpy())
+        import ctypes
+
+        m, k = M.shape
+        work = np.empty(64 * max(k, 1) + 4160)  # dormqr's blocked size: NW * NB (64 at most) + T's 65 x 64
+        info = ctypes.c_int(0)
+        dormtr(b"L", b"L", b"T" if transpose else b"N", _int(m), _int(k), _ptr(self.packed), _int(self.d),
+               _ptr(self.tau), _ptr(M), _int(m), _ptr(work), _int(work.size), ctypes.byref(info))
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK dormtr failed (info={info.value})")
+        return M
+
+    def _solve_shifted(self, rhs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+        """``(Tri + shift_j I) y_j = rhs_j`` for blocks ``j``: ``rhs`` (D, J, r) Fortran-ordered, solved in place.
+
+        All blocks form one block-diagonal tridiagonal system (couplings 0, so each block is
+        solved as if alone), solved by one ``dgtsv`` (partial pivoting). Raises
+        :class:`_Singular` on a zero pivot (a shifted system singular in rounding).
+        """
+        D, J, r = rhs.shape
+        if D == 1:
+            rhs /= (self.diag + shifts)[None, :, None]
+            return rhs
+        flat = rhs.reshape(D * J, r, order="F")  # a view (rhs is Fortran-ordered): block j is rows j D ..
+        assert np.shares_memory(flat, rhs)
+        sub = np.zeros((J, D))
+        sub[:, :-1] = self.off
+        sub = sub.reshape(-1)[:-1].copy()
+        diag = (self.diag[None, :] + shifts[:, None]).reshape(-1)
+        dgtsv = _lapack_function("dgtsv")
+        if dgtsv is not None:
+            import ctypes
+
+            info = ctypes.c_int(0)
+            dgtsv(_int(D * J), _int(r), _ptr(sub), _ptr(diag), _ptr(sub.copy()), _ptr(flat), _int(D * J),
+                  ctypes.byref(info))
+            info = info.value
+        else:
+            from scipy.linalg import lapack
+
+            *_, solved, info = lapack.dgtsv(sub, diag, sub.copy(), flat)
+            flat[...] = solved
+        if info != 0:
+            raise _Singular()
+        return rhs
+
+    def path(self, B: np.ndarray, alphas) -> np.ndarray:
+        """Ridge weights for every alpha: ``(T, A, D)``, row ``[t, a]`` = ``(C + alpha_a I)^{-1} B[:, t]``."""
+        a = np.asarray(alphas, dtype=np.float64)
+        D, T = B.shape
+        QtB = self.apply_q(B, transpose=True)
+        rhs = np.empty((D, a.size, T), order="F")                # block a (one per alpha) holds every column
+        rhs[...] = QtB[:, None, :]
+        try:
+            Y = self._solve_shifted(rhs, a)
+        except _Singular:  # a shifted system singular in rounding (C + alpha I ~ 0 somewhere): clip and solve
+            Y = np.asfortranarray(_tridiagonal_path_eigen(self.diag, self.off, QtB, a).reshape(a.size, D, T)
+                                  .transpose(1, 0, 2))
+        W = self.apply_q(Y.reshape(D, a.size * T, order="F"), overwrite=True)   # column a + A t, in C's basis
+        return W.T.reshape(T, a.size, D)
+
+    def solve(self, B: np.ndarray, alphas) -> np.ndarray:
+        """``(C + alpha_t I)^{-1} B[:, t]``, one alpha per column: ``(D, T)`` (the refit at the chosen alphas)."""
+        a = np.asarray(alphas, dtype=np.float64)
+        D, T = B.shape
+        QtB = self.apply_q(B, transpose=True)
+        try:
+            Y = self._solve_shifted(QtB.copy(order="F").reshape(D, T, 1, order="F"), a)[:, :, 0]
+        except _Singular:
+            Y = np.stack([_tridiagonal_path_eigen(self.diag, self.off, QtB[:, [t]], a[[t]])[:, 0]
+                          for t in range(T)], 1)
+        return self.apply_q(Y, overwrite=True)
+
+
+class _Singular(Exception):
+    """A shifted tridiagonal system had an exactly zero pivot (see :meth:`Tridiagonal._solve_shifted`)."""
+
+
 def _tridiagonal_path_eigen(diag, off, B, alphas) -> np.ndarray:
     """``(Tri + alpha I)^{-1} B`` for every alpha through the eigenvectors of ``Tri``, eigenvalues clipped at 0.
 
-    The fallback of :func:`_ridge_path`; returns (A * D, T) in the same layout as its solve.
+    The fallback of :meth:`Tridiagonal.path` and :meth:`Tridiagonal.solve` for a zero pivot; returns (A * D, T).
     """
     from scipy.linalg import eigh_tridiagonal
 

@@ -154,8 +154,9 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         grid : (int, int), optional
             Patch grid; inferred when ``N`` is a square. With ``y=None`` the targets are its
             coordinates (plus the control task when ``control``).
-        y : tensor (N, T), (N,) or (B, N, T), optional
-            Other targets, e.g. per-image ones; the same layout on every call.
+        y : tensor (N, T), (N,) or (B, N, T), or FactoredTargets, optional
+            Other targets, e.g. per-image ones (:class:`~asg_probe.probes.FactoredTargets`: per-image
+            targets that are a lookup of per-patch labels, streamed cheaper); the same layout on every call.
         target_names : sequence of str, optional
             Names of the ``y`` columns (first call only).
 
@@ -178,7 +179,7 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
             y_1d = False
         else:
             fit_grid = None if grid is None else check_grid(grid)
-            targets = prepare_targets(y, B, N)
+            targets = prepare_targets(y, B, N, factored=True)
             names = None if target_names is None else tuple(target_names)
             y_1d = len(np.shape(y)) == 1  # 1-D targets predict 1-D, as in scikit-learn
         if first:
@@ -253,7 +254,7 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
             if y is None:
                 grid = resolve_grid(N, grid)
             else:
-                Y = prepare_targets(y, n_images, N)
+                Y = prepare_targets(y, n_images, N, factored=True)
             self._check_images(int(ids.unique().numel()), F)
             for s in range(0, n_images, bs):
                 part = None if y is None else (Y[s:s + bs] if Y.ndim == 3 else y)

@@ -6,8 +6,8 @@ is fitted from the sums alone (no tokens), as scikit-learn's
 The linear algebra (``(C + alpha I)^{-1} B`` for every alpha) has two
 interchangeable implementations, chosen by ``method``:
 
-* ``"fast"`` (default): :func:`asg_probe.probes._lapack.ridge_paths`, one
-  tridiagonalisation per fold in GIL-free threads;
+* ``"fast"`` (default): :class:`asg_probe.probes._lapack.Tridiagonal`, one
+  tridiagonalisation per fold, each fold's path and scores in a GIL-free thread;
 * ``"eigh"``: a plain ``scipy.linalg.eigh`` per fold, the reference the tests hold
   the fast path to.
 
@@ -25,13 +25,14 @@ True
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ._inputs import as_tensor
-from ._lapack import ridge_paths
+from ._lapack import Tridiagonal, _single_threaded_blas, solver_threads
 from .stats import RidgeStats
 
 __all__ = ["DEFAULT_ALPHAS", "METHODS", "RidgeCVResult", "solve_ridge_cv", "check_alphas"]
@@ -116,10 +117,11 @@ def _moments(n, sx, sy, G, H):
 
 
 def _eigh_paths(systems, alphas) -> list:
-    """Reference for :func:`~asg_probe.probes._lapack.ridge_paths`: ``U diag(1 / (lam + alpha)) U^T B``.
+    """Reference for :meth:`~asg_probe.probes._lapack.Tridiagonal.path`: ``U diag(1 / (lam + alpha)) U^T B``.
 
     One ``scipy.linalg.eigh`` per system, eigenvalues clipped at 0 (a covariance is
     PSD: negative ones are rounding). Slower, and simple enough to trust by reading.
+    Returns one ``(D, A, T)`` tensor per system.
     """
     from scipy.linalg import eigh
 
@@ -134,27 +136,146 @@ def _eigh_paths(systems, alphas) -> list:
     return out
 
 
-def _standardised_paths(problems, alphas, method="fast"):
-    """Ridge weights for every alpha on standardised features, for several problems.
+def _standardise(n, sx, sy, G, H):
+    """One ridge problem from raw sums ``(n, sx, sy, G, H)`` (float64, CPU) on standardised features.
 
-    ``problems`` is a list of raw-sum tuples ``(n, sx, sy, G, H)`` (float64, CPU).
-    Returns one ``(mx, my, scale, Ws)`` per problem, ``Ws`` (D, A, T) the weights on
-    ``(x - mx) / scale``. Features whose variance is lost in rounding count as
-    constant (scale 1, zero weight), so they cannot inject noise.
+    Returns ``(mx, my, scale, Cs, Bs)``: means, feature scales, the standardised covariance
+    ``Cs`` (D, D) and cross-covariance ``Bs`` (D, T), whose weights apply to ``(x - mx) / scale``.
+    Features whose variance is lost in rounding count as constant (scale 1, zero rows and
+    columns, so zero weight): they cannot inject noise.
     """
-    prepared = []
-    for n, sx, sy, G, H in problems:
-        mx, my, C, Cxy = _moments(n, sx, sy, G, H)
-        var = torch.diagonal(C).clamp_min(0) / n
-        second = torch.diagonal(G) / n
-        constant = var <= 1e-12 * second.clamp_min(torch.finfo(torch.float64).tiny)
-        scale = torch.where(constant, torch.ones_like(var), var.sqrt())
-        keep = (~constant).to(torch.float64)
-        Cs = (C / torch.outer(scale, scale) * torch.outer(keep, keep)).contiguous()
-        prepared.append((mx, my, scale, Cs, Cxy / scale[:, None] * keep[:, None]))
-    solve = ridge_paths if method == "fast" else _eigh_paths
-    paths = solve([(Cs, B) for *_, Cs, B in prepared], alphas)
-    return [(mx, my, scale, Ws) for (mx, my, scale, *_), Ws in zip(prepared, paths)]
+    mx, my, C, Cxy = _moments(n, sx, sy, G, H)
+    var = torch.diagonal(C).clamp_min(0) / n
+    second = torch.diagonal(G) / n
+    constant = var <= 1e-12 * second.clamp_min(torch.finfo(torch.float64).tiny)
+    scale = torch.where(constant, torch.ones_like(var), var.sqrt())
+    keep = (~constant).to(torch.float64)
+    Cs = (C / torch.outer(scale, scale) * torch.outer(keep, keep)).contiguous()
+    return mx, my, scale, Cs, Cxy / scale[:, None] * keep[:, None]
+
+
+class _HeldOut:
+    """A fold's model, trained on the other folds, and the held-out fold's centred statistics it is scored on."""
+
+    def __init__(self, train, n, sx, sy, G, H, sy2):
+        mx, my, scale, self.Cs, self.Bs = _standardise(*train)
+        self.mx, self.my, self.scale = mx.numpy(), my.numpy(), scale.numpy()
+        self.m = float(n)
+        hx, hy, Ch, Chy = _moments(n, sx, sy, G, H)
+        self.sst = (sy2 - n * hy * hy).numpy()
+        self.degenerate = self.sst <= 1e-12 * sy2.clamp_min(torch.finfo(torch.float64).tiny).numpy()
+        scale = self.scale
+        self.Ch_s = (Ch.numpy() / np.outer(scale, scale))
+        self.Chy_s = Chy.numpy() / scale[:, None]
+        self.gap_x = (hx.numpy() - self.mx) / scale                     # held-out minus training mean, standardised
+        self.gap_y = hy.numpy() - self.my
+        self.tridiagonal = None
+
+    def r2(self, W: np.ndarray) -> np.ndarray:
+        """Held-out R² ``(A, T)`` of the weights ``W`` (T, A, D) on standardised features.
+
+        ``SSE = SST - 2 w·Chy + w^T Ch w + m d²`` from the held-out fold's centred statistics, with
+        ``d`` the gap between its mean target and the mean prediction (the cross terms vanish).
+        """
+        T, A, D = W.shape
+        rows = W.reshape(T * A, D)
+        quad = np.einsum("jd,jd->j", rows, rows @ self.Ch_s).reshape(T, A)       # w^T Ch w
+        cross = np.einsum("tad,dt->ta", W, self.Chy_s)                           # w · Chy
+        d = self.gap_y[:, None] - (rows @ self.gap_x).reshape(T, A)
+        sse = self.sst[:, None] - 2 * cross + quad + self.m * d * d
+        r2 = 1 - sse / np.where(self.degenerate, 1.0, self.sst)[:, None]
+        r2[self.degenerate] = np.nan
+        return r2.T
+
+    def path(self, alphas, method) -> np.ndarray:
+        """Weights ``(T, A, D)`` for ``alphas``; the fast method tridiagonalises once, at the first call."""
+        if method == "eigh":
+            return np.ascontiguousarray(_eigh_paths([(self.Cs, self.Bs)], alphas)[0].numpy().transpose(2, 1, 0))
+        if self.tridiagonal is None:
+            self.tridiagonal, self.Cs = Tridiagonal(self.Cs.numpy()), None   # overwrites Cs, no longer needed
+        return self.tridiagonal.path(self.Bs.numpy(), alphas)
+
+
+class _GridSolver:
+    """What a cross-validated solve needs besides the alphas, kept while the grid grows.
+
+    Per fold a :class:`_HeldOut` (with ``method="fast"`` its training covariance is
+    tridiagonalised once, however many alphas are added later); the refit problem on all
+    folds. :meth:`paths` scores new alphas; :meth:`result` chooses and refits.
+    """
+
+    def __init__(self, stats: RidgeStats, method: str):
+        self.method = method
+        # the solve runs on the CPU in float64 (LAPACK); the statistics are O(F D^2), a cheap copy off a GPU
+        n, sx, sy, G, H, sy2 = (t.cpu() for t in (stats.n, stats.sum_x, stats.sum_y, stats.xtx, stats.xty,
+                                                    stats.sum_y2))
+        tot = [t.sum(0) for t in (n, sx, sy, G, H)]
+        # every fold's training set is all the folds but k
+        self.folds = [_HeldOut([t - t_k for t, t_k in zip(tot, (n[k], sx[k], sy[k], G[k], H[k]))],
+                               n[k], sx[k], sy[k], G[k], H[k], sy2[k]) for k in range(stats.n_folds)]
+        self.final = _standardise(*tot)
+        self._final_tridiagonal = None
+        self.n_tokens, self.n_images = n.numpy(), stats.n_images.cpu().numpy()
+        self.target_names = stats.target_names or tuple(f"y{i}" for i in range(stats.n_targets))
+
+    def paths(self, alphas):
+        """``(fold_r2 (F, A, T), [weights (T, A, D) per fold])`` for ``alphas``."""
+        def fold(k):
+            W = self.folds[k].path(alphas, self.method)
+            return self.folds[k].r2(W), W
+
+        F = len(self.folds)
+        with _single_threaded_blas():
+            workers = solver_threads(F + 1) if self.method == "fast" else 1
+            if workers == 1:
+                out = [fold(k) for k in range(F)]
+            else:
+                # the folds in parallel threads (LAPACK and numpy release the GIL); the refit problem is
+                # tridiagonalised meanwhile, before its alphas are known
+                with ThreadPoolExecutor(workers) as pool:
+                    jobs = [pool.submit(fold, k) for k in range(F)]
+                    if self._final_tridiagonal is None:
+                        final = pool.submit(Tridiagonal, self.final[3].numpy())
+                    out = [job.result() for job in jobs]
+                    if self._final_tridiagonal is None:
+                        self._final_tridiagonal = final.result()
+        return np.stack([r2 for r2, _ in out]), [W for _, W in out]
+
+    def refit(self, alphas_per_column):
+        """Weights ``(T, D)`` on standardised features, refit on all folds, one alpha per column."""
+        _, _, _, Cs, Bs = self.final
+        if self.method == "eigh":
+            chosen, where = np.unique(alphas_per_column, return_inverse=True)
+            W = _eigh_paths([(Cs, Bs)], chosen)[0].numpy()                 # (D, A, T)
+            return W[:, where.reshape(-1), np.arange(W.shape[2])].T
+        with _single_threaded_blas():
+            if self._final_tridiagonal is None:
+                self._final_tridiagonal = Tridiagonal(Cs.numpy())
+            return self._final_tridiagonal.solve(Bs.numpy(), alphas_per_column).T
+
+    def result(self, alphas, fold_r2, paths) -> RidgeCVResult:
+        F, A, T = fold_r2.shape
+        valid = ~np.isnan(fold_r2)
+        counts = valid.sum(0)
+        path = np.where(counts > 0, np.where(valid, fold_r2, 0).sum(0) / np.maximum(counts, 1), np.nan)
+        best = np.empty(T, dtype=np.int64)
+        for t in range(T):
+            col = path[:, t]
+            if np.all(np.isnan(col)):
+                best[t] = A - 1  # nothing to predict: the strongest penalty gives weights ~0
+            else:
+                best[t] = A - 1 - int(np.nanargmax(col[::-1]))
+        cols = np.arange(T)
+        fold_coef = np.stack([W[cols, best] / held.scale[None] for W, held in zip(paths, self.folds)])   # (F, T, D)
+        fold_icpt = np.stack([held.my - coef @ held.mx for coef, held in zip(fold_coef, self.folds)])
+        # the final refit on all folds needs only the chosen alpha of each column
+        mx, my, scale = (t.numpy() for t in self.final[:3])
+        coef = self.refit(alphas[best]) / scale[None]
+        return RidgeCVResult(
+            alphas=alphas, target_names=self.target_names, fold_r2=fold_r2, cv_r2_path=path, best_index=best,
+            alpha_=alphas[best], cv_r2_=path[best, cols], alpha_at_edge=(best == 0) | (best == A - 1),
+            coef_=coef, intercept_=my - coef @ mx, fold_coef_=fold_coef, fold_intercept_=fold_icpt,
+            x_mean_=mx, x_scale_=scale, n_tokens=self.n_tokens, n_images=self.n_images)
 
 
 def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", extend: bool = False) -> RidgeCVResult:
@@ -169,10 +290,12 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", exte
       units. The loss is ``||y - b - Z w||² + alpha ||w||²`` on standardised ``Z``,
       summed over tokens, i.e. scikit-learn's ``StandardScaler`` + ``Ridge(alpha)``.
     * **All alphas at once**: one Householder tridiagonalisation of the standardised
-      training covariance per fold (the folds in parallel threads), then one cheap
-      tridiagonal solve per alpha; the final refit at the chosen alphas is a Cholesky
-      solve (``method="fast"``). Works when D exceeds the number of tokens. Runs on the
-      CPU in float64 whatever the statistics' device.
+      training covariance per fold, then one cheap tridiagonal solve per alpha, every
+      target column at once; each fold's path and scores run in a thread of their own
+      (as many as torch's thread count), and the refit problem on all folds is
+      tridiagonalised meanwhile, then solved at each column's chosen alpha
+      (``method="fast"``). Works when D exceeds the number of tokens. Runs on the CPU in
+      float64 whatever the statistics' device.
     * **Held-out R²** per fold and column: ``1 - SSE / SST`` with SST around the
       held-out fold's *own* mean (as ``sklearn.metrics.r2_score`` on that fold),
       ``SSE = SST - 2 w·Cxy + w^T C w + m d²`` from the fold's centred statistics,
@@ -227,8 +350,10 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", exte
                          f"(fold = image_index % {F})")
     if not all(bool(torch.isfinite(t).all()) for t in stats._tensors()[:-1]):
         raise ValueError("the statistics contain NaN or inf: the features fed to update() were not finite")
-    result = _solve_grid(stats, alphas, method)
-    return _extend_edges(stats, result, method) if extend else result
+    solver = _GridSolver(stats, method)
+    fold_r2, paths = solver.paths(alphas)
+    result = solver.result(alphas, fold_r2, paths)
+    return _extend_edges(solver, result, paths) if extend else result
 
 
 #: Automatic grid extension: grid steps added at an edge per round, rounds per solve, the
@@ -237,7 +362,7 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", exte
 EXTEND_STEPS, EXTEND_ROUNDS, EXTEND_MIN_GAIN, EXTEND_CONVERGED = 4, 3, 1e-6, 1 - 1e-4
 
 
-def _extend_edges(stats, result, method):
+def _extend_edges(solver, result, paths):
     """Re-solve on a grid extended past an end where a column's CV R² still climbs towards it.
 
     Downwards where a column's R² rises from the grid's second-smallest alpha to its
@@ -255,6 +380,9 @@ def _extend_edges(stats, result, method):
     dominated by rounding; on ViT-S layer 0 it read above 1). A round whose R² exceeds
     1 anyway is dropped and the extension stops. What is still on an edge stays flagged
     in ``alpha_at_edge``.
+
+    Only the new alphas are solved (the folds' tridiagonalisations are kept); every column is
+    scored on them, so the choice is the one a solve on the extended grid from the start makes.
     """
     for _ in range(EXTEND_ROUNDS):
         a, path = result.alphas, result.cv_r2_path
@@ -275,77 +403,20 @@ def _extend_edges(stats, result, method):
         def tidy(values):  # 1e-07, not 9.999999999999994e-08
             return np.array([float(f"{v:.12g}") for v in values])
 
-        grid = a
-        if low.any():
-            grid = np.concatenate([tidy(a[0] / down ** steps[::-1]), grid])
-        if high.any():
-            grid = np.concatenate([grid, tidy(a[-1] * up ** steps)])
-        extended = _solve_grid(stats, grid, method)
+        below = tidy(a[0] / down ** steps[::-1]) if low.any() else a[:0]
+        above = tidy(a[-1] * up ** steps) if high.any() else a[:0]
+        new = np.concatenate([below, above])
+        new_r2, new_paths = solver.paths(new)
+        lo = below.size
+        grid = np.concatenate([below, a, above])
+        fold_r2 = np.concatenate([new_r2[:, :lo], result.fold_r2, new_r2[:, lo:]], axis=1)
+        grown = [np.concatenate([W_new[:, :lo], W, W_new[:, lo:]], axis=1) for W, W_new in zip(paths, new_paths)]
+        extended = solver.result(grid, fold_r2, grown)
         if np.any(extended.cv_r2_path > 1):
             break
         edge = low | high
         gain = np.max(extended.cv_r2_[edge] - result.cv_r2_[edge])
-        result = extended
+        result, paths = extended, grown
         if not gain >= EXTEND_MIN_GAIN:
             break
     return result
-
-
-def _solve_grid(stats, alphas, method):
-    F = stats.n_folds
-    # the solve runs on the CPU in float64 (LAPACK); the statistics are O(F D^2), a cheap copy off a GPU
-    n, sx, sy, G, H, sy2 = (t.cpu() for t in (stats.n, stats.sum_x, stats.sum_y, stats.xtx, stats.xty,
-                                                stats.sum_y2))
-    tot = [t.sum(0) for t in (n, sx, sy, G, H, sy2)]
-    A, T = alphas.size, stats.n_targets
-    fold_r2 = torch.empty(F, A, T, dtype=torch.float64)
-    # every fold's training set is all the folds but k
-    problems = [[t - t_k for t, t_k in zip(tot[:5], (n[k], sx[k], sy[k], G[k], H[k]))] for k in range(F)]
-    fold_paths = _standardised_paths(problems, alphas, method)
-    for k in range(F):
-        mx, my, scale, Ws = fold_paths[k]
-        W = Ws.reshape(Ws.shape[0], A * T)                              # (D, A*T): one product per fold
-        m = n[k]
-        hx, hy, Ch, Chy = _moments(m, sx[k], sy[k], G[k], H[k])
-        sst = sy2[k] - m * hy * hy
-        Ch_s = Ch / torch.outer(scale, scale)
-        Chy_s = Chy / scale[:, None]
-        # residual = (y - hy) - (z - hz)·w + d, with d the gap in means; cross terms vanish
-        d = (hy - my)[None] - (((hx - mx) / scale) @ W).reshape(A, T)
-        sse = (sst[None] - 2 * (Ws * Chy_s[:, None]).sum(0)
-               + (W * (Ch_s @ W)).sum(0).reshape(A, T) + m * d * d)
-        degenerate = sst <= 1e-12 * sy2[k].clamp_min(torch.finfo(torch.float64).tiny)
-        r2 = 1 - sse / torch.where(degenerate, torch.ones_like(sst), sst)[None]
-        fold_r2[k] = torch.where(degenerate[None], torch.full_like(r2, float("nan")), r2)
-    fold_r2_np = fold_r2.numpy()
-    valid = ~np.isnan(fold_r2_np)
-    counts = valid.sum(0)
-    path = np.where(counts > 0, np.where(valid, fold_r2_np, 0).sum(0) / np.maximum(counts, 1), np.nan)
-    best = np.empty(T, dtype=np.int64)
-    for t in range(T):
-        col = path[:, t]
-        if np.all(np.isnan(col)):
-            best[t] = A - 1  # nothing to predict: the strongest penalty gives weights ~0
-        else:
-            best[t] = A - 1 - int(np.nanargmax(col[::-1]))
-    cols = np.arange(T)
-
-    def at_best(mx, my, scale, Ws, index):
-        coef = Ws[:, torch.as_tensor(index), torch.as_tensor(cols)].T / scale[None]  # (T, D)
-        return coef, my - coef @ mx
-
-    fold_coef, fold_icpt = zip(*(at_best(*p, best) for p in fold_paths))
-    # the final refit on all folds needs only the chosen alphas
-    chosen, where = np.unique(best, return_inverse=True)
-    final = _standardised_paths([tot[:5]], alphas[chosen], method)[0]
-    coef, icpt = at_best(*final, where.reshape(-1))
-    names = stats.target_names or tuple(f"y{i}" for i in range(T))
-    return RidgeCVResult(
-        alphas=alphas, target_names=names, fold_r2=fold_r2_np, cv_r2_path=path, best_index=best,
-        alpha_=alphas[best], cv_r2_=path[best, cols], alpha_at_edge=(best == 0) | (best == A - 1),
-        coef_=coef.numpy(), intercept_=icpt.numpy(),
-        fold_coef_=torch.stack(fold_coef).numpy(), fold_intercept_=torch.stack(fold_icpt).numpy(),
-        x_mean_=final[0].numpy(), x_scale_=final[2].numpy(),
-        n_tokens=n.numpy(), n_images=stats.n_images.cpu().numpy())
-
-

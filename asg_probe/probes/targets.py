@@ -38,7 +38,7 @@ from ..layers.grid import check_grid, coordinate_targets
 
 __all__ = ["TARGET_NAMES", "coordinate_targets", "control_permutation", "probe_targets", "check_grid",
            "resolve_grid", "control_seeds", "control_target_names", "slot_control_targets", "content_types",
-           "content_control_targets"]
+           "content_control_table", "content_control_targets", "FactoredTargets"]
 
 #: Column names of :func:`probe_targets` with the control task.
 TARGET_NAMES = ("row", "col", "control_row", "control_col")
@@ -161,8 +161,9 @@ def content_types(images: torch.Tensor, grid, n_bits=None) -> torch.Tensor:
     if H % gh or W % gw:
         raise ValueError(f"images of {H}x{W} pixels do not split into a {gh}x{gw} grid of equal patches")
     ph, pw = H // gh, W // gw
-    patches = (images.detach().to(torch.float64).reshape(B, C, gh, ph, gw, pw)
-               .permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw))
+    # gathered into patches first, then widened (exact, so the same float64 patches at half the copying)
+    patches = (images.detach().reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+               .reshape(B, gh * gw, C * ph * pw).to(torch.float64))
     bits = max(1, math.ceil(math.log2(gh * gw))) if n_bits is None else int(n_bits)
     if not 1 <= bits <= 62:
         raise ValueError(f"n_bits must be in 1..62, got {n_bits}")
@@ -172,11 +173,35 @@ def content_types(images: torch.Tensor, grid, n_bits=None) -> torch.Tensor:
     return (signs << torch.arange(bits, device=signs.device)).sum(-1)
 
 
+def content_control_table(grid, seeds, n_bits=None, dtype=torch.float32) -> torch.Tensor:
+    """The content control's label table, ``(2 ** n_bits, 2 * len(seeds))``: row ``k`` holds, per seed,
+    the coordinates of the random grid cell that content type ``k`` (:func:`content_types`) is given.
+
+    :func:`content_control_targets` is ``content_control_table(...)[content_types(...)]``.
+
+    Examples
+    --------
+    >>> content_control_table((2, 2), [0, 1]).shape                 # 4 cells: 2 bits, 4 types
+    torch.Size([4, 4])
+    """
+    gh, gw = check_grid(grid)
+    N = gh * gw
+    bits = max(1, math.ceil(math.log2(N))) if n_bits is None else int(n_bits)
+    coords = coordinate_targets((gh, gw), dtype=torch.float64)
+    out = []
+    for s in seeds:
+        gen = torch.Generator().manual_seed(int(s) + CONTENT_LABEL_OFFSET)
+        out.append(coords[torch.randint(N, (2 ** bits,), generator=gen)])   # (types, 2)
+    return torch.cat(out, dim=-1).to(dtype)
+
+
 def content_control_targets(images: torch.Tensor, grid, seeds, n_bits=None, dtype=torch.float32) -> torch.Tensor:
     """Hewitt & Liang content-control targets, ``(B, N, 2 * len(seeds))``.
 
     Each content type (:func:`content_types`) gets, per seed, the coordinates of one random
-    grid cell (drawn with replacement, seeded): a deterministic random function of content only.
+    grid cell (drawn with replacement, seeded): a deterministic random function of content only
+    (:func:`content_control_table`). A probe streams them cheaper factored, as
+    ``FactoredTargets(labels=content_types(...), table=content_control_table(...))``.
 
     Examples
     --------
@@ -186,16 +211,88 @@ def content_control_targets(images: torch.Tensor, grid, seeds, n_bits=None, dtyp
     (torch.Size([2, 4, 2]), True, True)
     """
     gh, gw = check_grid(grid)
-    N = gh * gw
-    bits = max(1, math.ceil(math.log2(N))) if n_bits is None else int(n_bits)
+    bits = max(1, math.ceil(math.log2(gh * gw))) if n_bits is None else int(n_bits)
     types = content_types(images, (gh, gw), bits)
-    coords = coordinate_targets((gh, gw), dtype=torch.float64)
-    out = []
-    for s in seeds:
-        gen = torch.Generator().manual_seed(int(s) + CONTENT_LABEL_OFFSET)
-        table = coords[torch.randint(N, (2 ** bits,), generator=gen)].to(types.device)   # (types, 2)
-        out.append(table[types])
-    return torch.cat(out, dim=-1).to(dtype)
+    return content_control_table((gh, gw), seeds, bits, dtype).to(types.device)[types]
+
+
+class FactoredTargets:
+    """Per-image targets ``(B, N, Ts + Tc)`` kept factored: columns shared by every image, then a
+    per-patch lookup. Row ``(b, n)`` of the dense targets (:meth:`dense`) is
+    ``cat(shared[n], table[labels[b, n]])``.
+
+    The content control is of this kind (labels: :func:`content_types`, table:
+    :func:`content_control_table`), next to the coordinates and slot controls every image shares.
+    :meth:`~asg_probe.probes.RidgeStats.update` forms ``X^T Y`` from the factors (on the CPU): the
+    shared columns from the fold's summed images, the lookup columns as per-label sums of token
+    rows times the table, ``O(N D)`` per image instead of ``O(N D T)``; the statistics are those of
+    the dense targets up to rounding.
+
+    Parameters
+    ----------
+    shared : tensor (N, Ts) or None
+        Columns that are the same in every image (None: ``Ts = 0``).
+    labels : integer tensor (B, N)
+        Label of every patch, in ``0 .. K - 1``.
+    table : tensor (K, Tc)
+        Target values of each label.
+
+    Examples
+    --------
+    >>> y = FactoredTargets(torch.zeros(3, 1), torch.tensor([[0, 1, 1], [2, 0, 0]]), torch.arange(6.).reshape(3, 2))
+    >>> y.shape, y.dense()[1, 0].tolist()
+    (torch.Size([2, 3, 3]), [0.0, 4.0, 5.0])
+    """
+
+    ndim = 3
+
+    def __init__(self, shared, labels, table):
+        labels, table = torch.as_tensor(labels), torch.as_tensor(table)
+        if labels.ndim != 2 or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be an integer (B, N) tensor, got {tuple(labels.shape)} of {labels.dtype}")
+        if table.ndim != 2 or table.shape[0] < 1:
+            raise ValueError(f"table must be (K, Tc) with K >= 1, got shape {tuple(table.shape)}")
+        if shared is None:
+            shared = table.new_zeros(labels.shape[1], 0)
+        shared = torch.as_tensor(shared)
+        if shared.ndim != 2 or shared.shape[0] != labels.shape[1]:
+            raise ValueError(f"shared must be (N, Ts) with N={labels.shape[1]}, got shape {tuple(shared.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= table.shape[0]):
+            raise ValueError(f"labels must lie in 0..{table.shape[0] - 1} (the rows of table)")
+        self.shared, self.labels, self.table = shared, labels.long(), table
+
+    @property
+    def shape(self) -> torch.Size:
+        B, N = self.labels.shape
+        return torch.Size((B, N, self.shared.shape[1] + self.table.shape[1]))
+
+    @property
+    def n_shared(self) -> int:
+        """``Ts``, the number of shared columns (they come first)."""
+        return self.shared.shape[1]
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, images) -> "FactoredTargets":
+        """The targets of some images (``labels[images]``), still factored."""
+        labels = self.labels[images]
+        return FactoredTargets(self.shared, labels if labels.ndim == 2 else labels[None], self.table)
+
+    def to(self, device) -> "FactoredTargets":
+        return FactoredTargets(self.shared.to(device), self.labels.to(device), self.table.to(device))
+
+    def dense(self, dtype=None) -> torch.Tensor:
+        """The ``(B, N, Ts + Tc)`` targets as one tensor (``dtype``: by default ``shared``'s and ``table``'s)."""
+        dtype = dtype or torch.promote_types(self.shared.dtype, self.table.dtype)
+        B, N = self.labels.shape
+        table = self.table.to(self.labels.device, dtype)
+        shared = self.shared.to(self.labels.device, dtype).expand(B, N, -1)
+        return torch.cat([shared, table[self.labels]], dim=-1)
+
+    def __repr__(self) -> str:
+        B, N, T = self.shape
+        return f"FactoredTargets(B={B}, N={N}, shared={self.n_shared}, labels={self.table.shape[0]}, T={T})"
 
 
 def resolve_grid(num_patches: int, grid=None) -> tuple[int, int]:
