@@ -162,24 +162,29 @@ def shuffle_figure(results, labels):
 
 
 def resolution_figure(results, labels):
-    """Last-layer R² against input size per label; legend outside the curves."""
-    fig, ax = plt.subplots(figsize=(6.6, 3.4))
-    for label in labels:
-        runs = results[label]
-        last = max(r["layer"] for r in runs[0].to_dict()["layers"])
-        sizes, _ = runs[0].curve(last, "r2")
-        m, s = mean_std([r.curve(last, "r2")[1] for r in runs])
-        color = model_color(label)
-        ax.plot(sizes, m, marker="o", ms=3, color=color,
-                label=display_name(label) + (f" (n={len(runs)})" if len(runs) > 1 else ""))
-        ax.fill_between(sizes, m - s, m + s, color=color, alpha=0.2, lw=0)
-    ax.axvline(runs[0].train_size, color="k", ls="--", lw=0.7)
-    ax.set_xlabel("input size (px); dashed: probe fit size")
-    ax.set_ylabel("last-layer probe R²")
-    ax.grid(alpha=0.3)
-    legend_outside(ax)
+    """Last-layer R² against input size per label (left) and the fraction of the fit-size R² each
+    size retains (right); legend outside the curves."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    for ax, column, ylabel in ((axes[0], "r2", "last-layer probe R²"),
+                               (axes[1], "r2_retained", "fraction of the fit-size R² retained")):
+        for label in labels:
+            runs = results[label]
+            last = max(r["layer"] for r in runs[0].to_dict()["layers"])
+            sizes, _ = runs[0].curve(last, column)
+            m, s = mean_std([r.curve(last, column)[1] for r in runs])
+            color = model_color(label)
+            ax.plot(sizes, m, marker="o", ms=3, color=color,
+                    label=display_name(label) + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+            ax.fill_between(sizes, m - s, m + s, color=color, alpha=0.2, lw=0)
+        ax.axvline(runs[0].train_size, color="k", ls="--", lw=0.7)
+        ax.set_xlabel("input size (px); dashed: probe fit size")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    legend_outside(axes[1])
     note = seeds_note(len(results[lb]) for lb in labels)
-    ax.set_title(f"Resolution transfer of the position probe ({note})", fontsize=10)
+    how = results[labels[0]][0].to_dict().get("size_source")  # "rendered" or "resized"
+    fig.suptitle(f"Resolution transfer of the position probe ({f'sizes {how}; ' if how else ''}{note}; "
+                 "retained: missing where the fit-size R² < 0.05)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -215,7 +220,10 @@ def main():
             results[label]["layerwise"].append(asg_probe.layerwise_probes(model, imgs, **kw))
             results[label]["attention"].append(asg_probe.attention_distance(model, imgs, **kw))
             results[label]["shuffle"].append(asg_probe.shuffle_test(model, imgs, **kw))
-            results[label]["resolution"].append(asg_probe.resolution_transfer(model, imgs, **kw))
+            # scenes are rendered at each size (same seeds), other sources resized from one image set
+            source = dict(images="scenes", num_images=args.num_images, seed=args.seed) if args.images == "scenes" \
+                else dict(images=imgs)
+            results[label]["resolution"].append(asg_probe.resolution_transfer(model, **source, **kw))
             if len(results[label]["embeddings"]) == 0:
                 results[label]["embeddings"].append(asg_probe.token_embeddings(model, imgs[:64], **kw))
             if len(results[label]["pe"]) == 0:

@@ -75,7 +75,7 @@ def _attention(label, heads):
 def _resolution(label, top):
     sizes = [16, 24, 32, 48]
     rows = [{"layer": 2, "size": s, "r2": top - abs(s - 32) / 64, "r2_row": top, "r2_col": top} for s in sizes]
-    return ResolutionResult(rows, 32, sizes, 4, checkpoint=label)
+    return ResolutionResult(rows, 32, sizes, 4, checkpoint=label, size_source="rendered")
 
 
 GUIDANCE_HEADS = {1: [3.0, 21.2, 5.0], 2: [4.0, 4.5, 5.0]}  # one far head, as guidance's layer-1 head 0
@@ -151,10 +151,13 @@ def test_resolution_figure_legend_outside_the_data():
     fig = module.resolution_figure({"ape": [_resolution("ape", 0.9)], "none": [_resolution("none", 0.5)]},
                                    ["ape", "none"])
     fig.canvas.draw()
-    ax = fig.axes[0]
-    legend_box = ax.get_legend().get_window_extent()
-    assert legend_box.x0 >= ax.get_window_extent().x1  # right of the axes: over no curve
-    assert "one seed" in ax.get_title()
+    absolute, retained = fig.axes[:2]
+    legend_box = retained.get_legend().get_window_extent()
+    assert legend_box.x0 >= retained.get_window_extent().x1  # right of the axes: over no curve
+    assert "one seed" in fig._suptitle.get_text() and "sizes rendered" in fig._suptitle.get_text()
+    # left: absolute R² (ape's is 0.9 at the fit size); right: the fraction of it retained (1 at 32 px)
+    assert list(absolute.lines[0].get_ydata())[2] == pytest.approx(0.9)
+    assert list(retained.lines[0].get_ydata()) == pytest.approx([0.65 / 0.9, 0.775 / 0.9, 1.0, 0.65 / 0.9])
     plt.close(fig)
 
 
