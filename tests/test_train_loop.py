@@ -205,3 +205,11 @@ def test_scene_recipe_runs_with_the_scenes_normalisation(tmp_path):
     model = asg_probe.load_checkpoint(tmp_path / "run")
     assert summary["steps"] == 2 and model.num_classes == SceneDataset(1).num_classes
     assert model.asg_meta["data_config"]["mean"] == pytest.approx(list(SceneDataset(1).mean))
+
+
+def test_final_line_names_the_model_kwargs(tmp_path, capsys):
+    # sdt-decay with decay_form=hybrid is another model than the default full form: the line says which
+    cfg = tiny(tmp_path, "model.pos=sdt-decay", "model.kwargs.decay_form=hybrid", "max_steps=1", "eval.sizes=[32]")
+    trainer.run(cfg)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[asg-train]")][-1]
+    assert "pos=sdt-decay depth=2 decay_form=hybrid " in line, line

@@ -374,7 +374,9 @@ class Trainer:
             extra = f", {self.unreadable} unreadable images skipped" if self.unreadable else ""
             if self.snapshots.enabled:
                 extra += f", {len(list_snapshots(self.run_dir))} snapshots in {self.snapshots.folder}"
-            print(f"[asg-train] {cfg['model']['name']} pos={cfg['model']['pos']} "
+            # model kwargs too: sdt-decay's decay_form=hybrid is a different model from the default
+            kwargs = "".join(f" {k}={v}" for k, v in (cfg["model"].get("kwargs") or {}).items())
+            print(f"[asg-train] {cfg['model']['name']} pos={cfg['model']['pos']}{kwargs} "
                   f"guidance={summary['guidance'] or 'off'} seed={cfg['seed']}: {self.step} steps in "
                   f"{_fmt_time(self.train_time)}, {loss}, {evaluation}{extra} → {self.run_dir / 'model.safetensors'}")
         barrier()
