@@ -42,7 +42,16 @@ def test_paired_tests_match_scipy_and_pair_by_seed():
     (none,) = reference.paired_tests({"x": a}, claims=[("top1", "x", "y", "no partner")])
     assert none["n"] == 0 and math.isnan(none["p"])
     text = reference.tabulate_paired([row, none])
-    assert "| x beats y | top1 | x − y | 3 | +0.047 [" in text and "| no partner | top1 | x − y | 0 | – | – |" in text
+    assert "| x beats y | top1 | x − y | 3 | +0.047 [" in text and "| no partner | top1 | x − y | 0 | – | – | – |" in text
+    assert row["p_holm"] == pytest.approx(row["p"]) and math.isnan(none["p_holm"])  # a family of one finite p
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04 (m = 3): 3*0.01 = 0.03, 2*0.03 = 0.06, max(0.06, 1*0.04) = 0.06 (step-down monotone)
+    adjusted = reference.holm([0.04, 0.01, float("nan"), 0.03])
+    assert adjusted[0] == pytest.approx(0.06) and adjusted[1] == pytest.approx(0.03)
+    assert math.isnan(adjusted[2]) and adjusted[3] == pytest.approx(0.06)
+    assert reference.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
 def test_variants_map_to_recipe_files_or_overrides():
