@@ -22,6 +22,7 @@ MODEL_COLORS = {
     "relpos": "#c5b0d5",
     "rmt-decay": "#8c564b",
     "sdt-decay": "#e377c2",
+    "sdt-hybrid": "#f7b6d2",  # the reference recipe of sdt-decay in the SDT paper's hybrid form
 }
 # Kept for code written against the first release (keys were "none+guidance", ...).
 MECHANISM_COLORS = dict(MODEL_COLORS, **{f"none+{k}": v for k, v in MODEL_COLORS.items()
@@ -36,7 +37,7 @@ AXIS_COLORS = {"row": ROW_COLOR, "col": COL_COLOR}
 # Names outside the table get a colour from this list, picked by a hash of the name, so a
 # model keeps its colour whatever else is plotted beside it or in which order.
 _EXTRA_COLORS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#bcbd22", "#c49c94",
-                 "#f7b6d2", "#9edae5", "#dbdb8d", "#5254a3", "#ad494a", "#3182bd", "#31a354",
+                 "#9edae5", "#dbdb8d", "#5254a3", "#ad494a", "#3182bd", "#31a354",
                  "#756bb1", "#636363")
 
 _ALIASES = {

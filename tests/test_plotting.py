@@ -10,7 +10,7 @@ MECHANISMS = ["none", "ape", "sincos", "rope-axial", "rope-mixed", "rope-dinov3"
 
 
 def test_every_bundled_model_and_mechanism_has_its_own_fixed_colour():
-    names = sorted(set(list_reference_models()) | set(MECHANISMS) | {"guidance-shuffled"})
+    names = sorted(set(list_reference_models()) | set(MECHANISMS) | {"guidance-shuffled", "sdt-hybrid"})
     missing = [n for n in names if n not in MODEL_COLORS]
     assert not missing, f"no fixed colour for {missing}"
     colours = [MODEL_COLORS[n] for n in names]
@@ -21,7 +21,10 @@ def test_row_and_column_colours_are_never_a_models():
     assert ROW_COLOR != COL_COLOR
     assert {ROW_COLOR, COL_COLOR}.isdisjoint(MODEL_COLORS.values())
     # nor any colour an unknown name can get
-    assert {ROW_COLOR, COL_COLOR}.isdisjoint({model_color(f"model-{i}") for i in range(200)})
+    extra = {model_color(f"model-{i}") for i in range(200)}
+    assert {ROW_COLOR, COL_COLOR}.isdisjoint(extra)
+    # and an unknown name never takes a known model's colour
+    assert extra.isdisjoint(MODEL_COLORS.values())
 
 
 @pytest.mark.parametrize("alias,name", [("none+guidance", "guidance"), ("none+guidance-random", "guidance-random"),
