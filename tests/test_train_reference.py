@@ -116,3 +116,22 @@ def test_bundled_models_become_run_folders_like_the_runs(tmp_path):
     assert resolve(ape / "config.yaml")["model"]["pos"] == "ape"
     # the same weights as the bundled file (probing them is probe_run's job, tested on a tiny run above)
     assert (ape / "model.safetensors").read_bytes() == reference_path("ape").read_bytes()
+
+
+def test_prediction_interval_and_bundled_check_by_hand():
+    from scipy.stats import t as student_t
+
+    lo, hi = reference.prediction_interval([0.8, 0.9, 1.0])
+    half = student_t.ppf(0.975, 2) * 0.1 * (4 / 3) ** 0.5
+    assert (lo, hi) == (pytest.approx(0.9 - half), pytest.approx(0.9 + half))
+    assert all(math.isnan(v) for v in reference.prediction_interval([0.5]))
+    seeds = {"x": {0: {"top1": 0.8}, 1: {"top1": 0.9}, 2: {"top1": 1.0}}, "y": {0: {"top1": 0.5}}}
+    bundled = {"x": {0: {"top1": 0.45}}, "y": {0: {"top1": 0.5}}, "z": {0: {"top1": 0.9}}}
+    rows = reference.bundled_check(seeds, bundled, metrics=[("top1", "top-1")])
+    assert [r["inside"] for r in rows] == [True, None, None]  # 0.45 > 0.9 - half = 0.403; one seed; none
+    bundled["x"] = {0: {"top1": 0.40}}
+    rows = reference.bundled_check(seeds, bundled, metrics=[("top1", "top-1")])
+    assert rows[0]["inside"] is False
+    text = reference.tabulate_bundled_check(rows)
+    assert "| x | top-1 | 0.400 | 0.800, 0.900, 1.000 | [0.403, 1.397] | **no** |" in text
+    assert "| y | top-1 | 0.500 | 0.500 | – | – |" in text

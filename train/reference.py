@@ -229,6 +229,62 @@ def interval(values, level: float = 0.95):
     return statistics.fmean(values), lo, hi, len(values)
 
 
+def prediction_interval(values, level: float = 0.95):
+    """``(lo, hi)``: where one more run of the recipe should fall, from the seeds' values.
+
+    ``mean ± t(0.975, n−1)·sd·√(1 + 1/n)`` (normal runs assumed). A single further run, such as a
+    bundled model trained apart from the table, is compared with this interval, not with the
+    interval of the mean, which shrinks with n and is meant for means (nan below 2 values).
+
+    >>> lo, hi = prediction_interval([0.8, 0.9, 1.0])  # t(0.975, 2) = 4.303, sd 0.1
+    >>> round(lo, 3), round(hi, 3)
+    (0.403, 1.397)
+    """
+    from scipy.stats import t as student_t
+
+    values = [float(v) for v in values if v is not None and v == v]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    mean, sd, n = statistics.fmean(values), statistics.stdev(values), len(values)
+    half = float(student_t.ppf(0.5 + 0.5 * level, n - 1)) * sd * (1 + 1 / n) ** 0.5
+    return mean - half, mean + half
+
+
+#: What the bundled models are checked on against the seeds of their recipe.
+BUNDLED_CHECK = [("top1", "top-1 @32"), ("r2_col", "R² col"), ("mlp_r2_col", "MLP R² col"),
+                 ("shuffle_r2_slot", "shuffle: slot")]
+
+
+def bundled_check(results: dict, bundled: dict, metrics=None) -> list[dict]:
+    """Each bundled model's value beside its recipe's seeds: their range and the 95% prediction
+    interval for one more run (:func:`prediction_interval`); ``inside`` is None without two seeds."""
+    rows = []
+    for variant, per_seed in bundled.items():
+        (value_doc,) = per_seed.values()
+        seeds = results.get(variant, {})
+        for metric, heading in metrics or BUNDLED_CHECK:
+            values = [r.get(metric) for r in seeds.values() if r.get(metric) is not None]
+            lo, hi = prediction_interval(values)
+            value = value_doc.get(metric)
+            inside = None if lo != lo or value is None else bool(lo <= value <= hi)
+            rows.append({"variant": variant, "metric": metric, "heading": heading, "value": value,
+                         "seeds": values, "prediction_interval": [lo, hi], "inside": inside})
+    return rows
+
+
+def tabulate_bundled_check(rows) -> str:
+    lines = ["| bundled model | metric | bundled | seeds of the table | 95% prediction interval, one more run | inside |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        seeds = ", ".join(f"{v:.3f}" for v in r["seeds"]) or "–"
+        lo, hi = r["prediction_interval"]
+        interval_text = "–" if lo != lo else f"[{lo:.3f}, {hi:.3f}]"
+        inside = {None: "–", True: "yes", False: "**no**"}[r["inside"]]
+        value = "–" if r["value"] is None else f"{r['value']:.3f}"
+        lines.append(f"| {r['variant']} | {r['heading']} | {value} | {seeds} | {interval_text} | {inside} |")
+    return "\n".join(lines)
+
+
 def _cell(values) -> str:
     mean, lo, hi, n = interval(values)
     if n == 0:
@@ -372,8 +428,12 @@ def main(argv=None) -> int:
     if args.bundled:
         bundled = {v: {0: probe_cached(d, args.probe_images, args.reprobe)} for v, d in bundled_runs(out).items()}
         doc["bundled"] = bundled
+        check = bundled_check(results, bundled)
+        doc["bundled_check"] = check
         text += "\n".join(["", "### the bundled models (seed 0, trained earlier with the same recipes)", "",
-                           tabulate({f"{v} bundled": r for v, r in bundled.items()}), ""])
+                           tabulate({f"{v} bundled": r for v, r in bundled.items()}), "",
+                           "### the bundled models against the seeds of their recipe", "",
+                           tabulate_bundled_check(check), ""])
     atomic_write_text(out / "results.json", json.dumps(doc, indent=2))
     atomic_write_text(out / "results.md", text + "\n")
     print(text)
