@@ -48,17 +48,27 @@ _STAGING_SUFFIX = ".tmp"
 _COMPLETE = "COMPLETE"  # inside a staging folder: the file names of a fully written set, one per line
 
 
-def _jsonable(obj):
-    """Turn numpy/torch scalars and arrays into plain Python for json.dumps."""
+def jsonable(obj):
+    """Plain Python for ``json.dumps``: numpy/torch scalars and arrays become lists and numbers,
+    NaN and ±inf become ``None`` (JSON has neither; Python's ``json`` would write ``NaN``, which
+    strict parsers reject).
+
+    >>> import json, numpy as np
+    >>> json.dumps(jsonable({"r2": np.float32(0.5), "p": float("nan"), 1: (2, 3)}), allow_nan=False)
+    '{"r2": 0.5, "p": null, "1": [2, 3]}'
+    """
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "tolist"):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # JSON has no NaN/inf
+        return None
     return obj
+
+
+_jsonable = jsonable  # the name earlier modules import
 
 
 # --------------------------------------------------------------------------- files as a set

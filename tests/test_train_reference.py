@@ -93,8 +93,12 @@ def test_probe_a_tiny_run_end_to_end_with_cache_and_results_files(tmp_path, monk
         reference.probe_cached(run, num_images=26)
     monkeypatch.undo()
     assert reference.main(["--out", str(out), "--probe-only", "--probe-images", "24"]) == 0
-    doc = json.loads((out / "results.json").read_text())
+    def refuse(constant):
+        raise AssertionError(f"results.json holds {constant}, which strict JSON parsers reject")
+
+    doc = json.loads((out / "results.json").read_text(), parse_constant=refuse)
     assert doc["provenance"]["seeds"] == {"none": [0], "guidance": [0]}
+    assert all(r["p"] is None for r in doc["paired_tests"])  # one seed each: no test, null not NaN
     claim = next(r for r in doc["paired_tests"] if (r["a"], r["b"], r["metric"]) == ("guidance", "none", "r2_col"))
     assert claim["n"] == 1 and claim["diff"] == pytest.approx(doc["runs"]["guidance"]["0"]["r2_col"]
                                                               - doc["runs"]["none"]["0"]["r2_col"])

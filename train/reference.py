@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from asg_probe.files import atomic_write_text
+from asg_probe.results import jsonable
 
 from .config import CONFIG_DIR
 
@@ -174,8 +175,8 @@ def probe_cached(run_dir: Path, num_images: int, reprobe: bool = False) -> dict:
         doc = json.loads(cache.read_text())
         if doc.get("key") == key:
             return doc["result"]
-    result = probe_run(run_dir, num_images)
-    atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1))
+    result = jsonable(probe_run(run_dir, num_images))  # as the cache will give it back: undefined values None
+    atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1, allow_nan=False))
     return result
 
 
@@ -434,7 +435,7 @@ def main(argv=None) -> int:
                            tabulate({f"{v} bundled": r for v, r in bundled.items()}), "",
                            "### the bundled models against the seeds of their recipe", "",
                            tabulate_bundled_check(check), ""])
-    atomic_write_text(out / "results.json", json.dumps(doc, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(jsonable(doc), indent=2, allow_nan=False))  # undefined p: null
     atomic_write_text(out / "results.md", text + "\n")
     print(text)
     return 0
