@@ -68,9 +68,6 @@ def jsonable(obj):
     return obj
 
 
-_jsonable = jsonable  # the name earlier modules import
-
-
 # --------------------------------------------------------------------------- files as a set
 
 def _publish(stage: Path, out: Path) -> None:
@@ -298,7 +295,7 @@ class AnalysisResult:
     # -- derived ------------------------------------------------------------------
     def to_json(self, path=None, indent=2) -> str:
         """The JSON document (``to_dict()`` plus provenance); written atomically to ``path`` if given."""
-        text = json.dumps(_jsonable(self.to_dict()), indent=indent)
+        text = json.dumps(jsonable(self.to_dict()), indent=indent)
         if path is not None:
             atomic_write_text(path, text)
         return text

@@ -242,16 +242,18 @@ class RidgeStats:
                 self.xty[f, :, :Ts].addmm_(sums.T, Yd)
                 self.sum_y[f, :Ts] += b * y_sum
                 self.sum_y2[f, :Ts] += b * y2_sum
-            if factored and Ts < T:
-                sel_dev = sel.to(dev) if isinstance(sel, torch.Tensor) else sel
+            if Ts == T:
+                continue
+            sel_dev = sel.to(dev) if isinstance(sel, torch.Tensor) else sel
+            if factored:
                 seg, counts, used = _label_sums(rows, labels[sel_dev].reshape(-1), table.shape[0])
                 values = table if used is None else table[used]      # (k, T - Ts)
                 # X^T Y = sum over labels of (sum of their rows)^T (their targets): O(b N D), not O(b N D T)
                 self.xty[f, :, Ts:] += (values.T @ seg).T
                 self.sum_y[f, Ts:] += counts @ values
                 self.sum_y2[f, Ts:] += counts @ (values * values)
-            elif not factored and Ts < T:
-                Yf = Yd[sel.to(dev) if isinstance(sel, torch.Tensor) else sel].reshape(-1, T)
+            else:
+                Yf = Yd[sel_dev].reshape(-1, T)
                 self.xty[f].addmm_(rows.T, Yf)
                 self.sum_y[f] += Yf.sum(0)
                 self.sum_y2[f] += (Yf * Yf).sum(0)

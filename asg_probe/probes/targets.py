@@ -138,6 +138,14 @@ def slot_control_targets(grid, seeds, device=None, dtype=torch.float32) -> torch
     return torch.cat([true[control_permutation(true.shape[0], s).to(true.device)] for s in seeds], dim=1)
 
 
+def _type_bits(n_cells: int, n_bits=None) -> int:
+    """Bits of a content type id: ``n_bits``, by default ``ceil(log2(n_cells))`` (about as many types as cells)."""
+    bits = max(1, math.ceil(math.log2(n_cells))) if n_bits is None else int(n_bits)
+    if not 1 <= bits <= 62:
+        raise ValueError(f"n_bits must be in 1..62, got {n_bits}")
+    return bits
+
+
 def content_types(images: torch.Tensor, grid, n_bits=None) -> torch.Tensor:
     """Content type of every patch, ``(B, N)`` long: a seeded sign hash of its raw pixels.
 
@@ -164,9 +172,7 @@ def content_types(images: torch.Tensor, grid, n_bits=None) -> torch.Tensor:
     # gathered into patches first, then widened (exact, so the same float64 patches at half the copying)
     patches = (images.detach().reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
                .reshape(B, gh * gw, C * ph * pw).to(torch.float64))
-    bits = max(1, math.ceil(math.log2(gh * gw))) if n_bits is None else int(n_bits)
-    if not 1 <= bits <= 62:
-        raise ValueError(f"n_bits must be in 1..62, got {n_bits}")
+    bits = _type_bits(gh * gw, n_bits)
     gen = torch.Generator().manual_seed(CONTENT_HASH_SEED)
     planes = torch.randn(C * ph * pw, bits, generator=gen, dtype=torch.float64).to(patches.device)
     signs = (patches @ planes >= 0).long()
@@ -186,7 +192,7 @@ def content_control_table(grid, seeds, n_bits=None, dtype=torch.float32) -> torc
     """
     gh, gw = check_grid(grid)
     N = gh * gw
-    bits = max(1, math.ceil(math.log2(N))) if n_bits is None else int(n_bits)
+    bits = _type_bits(N, n_bits)
     coords = coordinate_targets((gh, gw), dtype=torch.float64)
     out = []
     for s in seeds:
@@ -210,10 +216,8 @@ def content_control_targets(images: torch.Tensor, grid, seeds, n_bits=None, dtyp
     >>> t.shape, bool((t[0] == t[0, 0]).all()), torch.equal(t[1, 0], t[0, 0])   # same content, same label
     (torch.Size([2, 4, 2]), True, True)
     """
-    gh, gw = check_grid(grid)
-    bits = max(1, math.ceil(math.log2(gh * gw))) if n_bits is None else int(n_bits)
-    types = content_types(images, (gh, gw), bits)
-    return content_control_table((gh, gw), seeds, bits, dtype).to(types.device)[types]
+    types = content_types(images, grid, n_bits)
+    return content_control_table(grid, seeds, n_bits, dtype).to(types.device)[types]
 
 
 class FactoredTargets:
