@@ -89,7 +89,22 @@ def _command_line(argv) -> str:
     return shlex.join(["asg-probe", *argv])
 
 
-def _finish(result, args, rank, columns=None, extra="", frame=None):
+def _three_decimals(value) -> str:
+    return f"{value:.3f}"
+
+
+def _small_in_scientific(value) -> str:
+    """3 decimals, but scientific notation where 3 decimals would hide the value (errors, tolerances).
+
+    >>> _small_in_scientific(4.7e-1), _small_in_scientific(7.1e-15), _small_in_scientific(0.0)
+    ('0.470', '7.1e-15', '0')
+    """
+    if value == 0:
+        return "0"
+    return f"{value:.1e}" if abs(value) < 1e-3 else f"{value:.3f}"
+
+
+def _finish(result, args, rank, columns=None, extra="", frame=None, float_format=_three_decimals):
     """Print the table (``frame``, default ``result.to_frame()``), ``extra`` and the provenance;
     write the result's files (rank 0 only)."""
     if rank != 0:
@@ -101,7 +116,7 @@ def _finish(result, args, rank, columns=None, extra="", frame=None):
     frame = result.to_frame() if frame is None else frame
     if columns:
         frame = frame[[c for c in columns if c in frame.columns]]
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(frame.to_string(index=False, float_format=float_format))
     if extra:
         print(extra)
     print(result.provenance_line())
@@ -158,7 +173,7 @@ def cmd_check_equivariance(args, rank):
     from .analysis.equivariance import check_equivariance
 
     result, _ = _analyse(args, check_equivariance, tol=args.tol, progress=False)  # no bar: its default
-    _finish(result, args, rank, extra=result.verdict())
+    _finish(result, args, rank, extra=result.verdict(), float_format=_small_in_scientific)
 
 
 def cmd_resolution(args, rank):
@@ -206,7 +221,26 @@ def cmd_emergence(args, rank):
                        img_size=args.img_size, batch_size=args.batch_size, device=args.device, seed=args.seed,
                        progress=not args.no_progress, threshold=args.threshold, summary_layer=args.summary_layer,
                        max_snapshots=args.max_snapshots)
-    _finish(result, args, rank, frame=pd.DataFrame(result.summary_rows()))
+    frame = pd.DataFrame(result.summary_rows())
+    for column in ("first_step_col", "first_step_row"):  # steps are integers; None: never reached
+        if column in frame:
+            frame[column] = [_step(v) for v in frame[column]]
+    layer = frame["layer"].iloc[0] if len(frame) else args.summary_layer
+    note = (f"first_step_col / first_step_row: the first snapshot step at which layer {layer}'s column / row "
+            f"R² reaches {args.threshold:g}; 'never': no snapshot of that run reached it (a seed group's "
+            "mean step is then undefined)")
+    _finish(result, args, rank, frame=frame, extra=note)
+
+
+def _step(value) -> str:
+    """A training step for the table: an integer, a seed group's mean to one decimal, or 'never'.
+
+    >>> _step(256.0), _step(200.5), _step(None), _step(float("nan"))
+    ('256', '200.5', 'never', 'never')
+    """
+    if value is None or value != value:
+        return "never"
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
 def cmd_list(args, rank):
@@ -267,6 +301,8 @@ def main(argv=None) -> int:
 
 
 def _shutdown_distributed():
+    if "torch" not in sys.modules:  # nothing started (help, a usage error): don't import torch to say so
+        return
     try:
         import torch.distributed as dist
 

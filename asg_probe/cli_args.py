@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
+from . import cli_help
 from .errors import UsageError
 
 DEFAULT_CHECKPOINT = "guidance"
+POS_SIMILARITY_DEFAULT = "ape"  # pos-similarity needs a position table; the bundled ape model has one
 DESCRIPTION = "layer-by-layer spatial analysis of any ViT checkpoint, from the shell"
 
 
@@ -72,11 +75,12 @@ def _debug_parent():
     return p
 
 
-def _checkpoint_parent():
+def _checkpoint_parent(default=DEFAULT_CHECKPOINT):
+    # a fresh parent per default, for the reason given in _images_parent
     p = _Parser(add_help=False)
-    p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT,
-                   help="checkpoint file, training run directory, or bundled reference model name "
-                        f"(default: {DEFAULT_CHECKPOINT}; see `asg-probe list`)")
+    p.add_argument("checkpoint", nargs="?", default=default,
+                   help="checkpoint file, training run directory, bundled reference model name, hf:ORG/NAME "
+                        f"or timm:NAME (default: {default}; see `asg-probe list`)")
     return p
 
 
@@ -91,13 +95,15 @@ def _model_parent():
     return p
 
 
-def _run_parent():
+def _run_parent(seed=True):
     p = _Parser(add_help=False)
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: asg-probe-out/<command>); earlier results of the same "
                         "command there are replaced, and the command says so")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for image crops and shuffles (default: %(default)s)")
+    if seed:  # only where something is random (images, shuffles)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed for image crops and shuffles (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -120,7 +126,8 @@ def _images_parent(num_images=64):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``asg-probe`` parser: one subparser per command, shared flags from parent parsers."""
-    parser = _Parser(prog="asg-probe", description=DESCRIPTION)
+    parser = _Parser(prog="asg-probe", description=DESCRIPTION, epilog=cli_help.TOP_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", default=False,
                         help="on an unexpected error, print the full traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -128,10 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     debug, ckpt, model, run = _debug_parent(), _checkpoint_parent(), _model_parent(), _run_parent()
 
     def command(name, help, *, images=64, checkpoint=True, model_file=True):
-        parents = [debug] + ([ckpt] if checkpoint else []) + ([model] if model_file else []) + [run]
+        ckpt_parent = ckpt if checkpoint is True else _checkpoint_parent(checkpoint)
+        parents = ([debug] + ([ckpt_parent] if checkpoint else []) + ([model] if model_file else [])
+                   + [run if images else _run_parent(seed=False)])
         if images:
             parents.append(_images_parent(images))
-        return sub.add_parser(name, help=help, parents=parents)
+        # description and examples as written (RawDescription), wrapped here to the terminal's habit
+        return sub.add_parser(name, help=help, parents=parents, epilog=cli_help.epilog(name),
+                              description=textwrap.fill(cli_help.description(name), width=96),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = command("layerwise", "coordinate probes for every layer (the headline analysis)")
     p.add_argument("--folds", type=_int_at_least(2, "at least 2"), default=5,
@@ -151,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("embeddings", "UMAP of patch tokens coloured by 2D position")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers (default: first, middle, last)")
 
-    command("pos-similarity", "cosine similarity of position embeddings (ape, sincos)", images=None)
+    # its own default: the bundled model with a position table (guidance has none)
+    command("pos-similarity", "cosine similarity of position embeddings (ape, sincos)", images=None,
+            checkpoint=POS_SIMILARITY_DEFAULT)
     command("shuffle-test", "content or injection? probes on patch-shuffled images")
 
     p = command("check-equivariance", "certify that a model has no positional injection", images=8)
@@ -189,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-snapshots", type=_int_at_least(2, "at least 2"), default=None,
                    help="analyse at most this many snapshots per run, spread over the run (default: all)")
 
-    sub.add_parser("list", help="list bundled reference models, architectures and mechanisms", parents=[debug])
+    sub.add_parser("list", help="list bundled reference models, architectures and mechanisms", parents=[debug],
+                   description=cli_help.description("list"), epilog=cli_help.epilog("list"),
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
 
@@ -224,6 +240,8 @@ def out_dir(args) -> Path:
 
 def check_device(spec: str) -> None:
     """Raise UsageError unless ``spec`` names a device this machine has."""
+    if spec == "cpu":  # the default needs no torch: argument errors and help stay instant
+        return
     import torch
 
     try:

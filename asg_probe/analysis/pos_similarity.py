@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..results import AnalysisResult
 
 
@@ -27,8 +28,10 @@ def position_embeddings(model, grid=None) -> tuple[torch.Tensor, tuple]:
         return sincos_2d(gh, gw, model.embed_dim), (gh, gw)
     table = getattr(model, "pos_embed", None)
     if table is None or not isinstance(table, torch.Tensor):
-        raise ValueError(f"{type(model).__name__} (pos={pos!r}) has no absolute position embedding; "
-                         "pos-similarity applies to learned (ape) or sin-cos embeddings")
+        # a usage error (exit 2), not a bug: the model is fine, the analysis does not apply to it
+        raise UsageError(f"{type(model).__name__} (pos={pos!r}) has no position-embedding table to compare; "
+                         "pos-similarity applies to learned (ape, most timm ViTs) or sin-cos embeddings, "
+                         "e.g. `asg-probe pos-similarity ape`")
     table = table.detach()[0]
     native = tuple(model.patch_embed.grid_size)
     n_patch = native[0] * native[1]
