@@ -51,6 +51,7 @@ RANKS = [
     (7, "asg_probe.widgets"),
     (8, "asg_probe.cli"),
     (8, "asg_probe.cli_args"),
+    (8, "asg_probe.cli_help"),    # the words of --help: no imports at all
 ]
 LAYER_NAMES = {0: "helpers", 1: "layers", 2: "models", 3: "checkpoint", 4: "extraction", 5: "probes",
                6: "analysis", 7: "report/widgets", 8: "cli"}
