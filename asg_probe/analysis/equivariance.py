@@ -16,6 +16,20 @@ difference directly and says what it checked:
   error of about ``d`` where it enters), and a refusal names the first layer whose
   error exceeds its tolerance.
 
+Which mechanisms can be certified
+--------------------------------
+Only those that inject nothing are permutation-equivariant by construction: ``pos="none"``,
+and Active Spatial Guidance (a training-only loss on the final tokens; the exported model is a
+``none`` model, e.g. the bundled ``guidance``, ``guidance-random`` and ``guidance-shuffled``).
+Every other mechanism is refused, correctly: ``ape`` and ``sincos`` add a per-slot vector, and
+every relative mechanism (``rope-axial``, ``rope-mixed``, ``rope-dinov3``, ``alibi2d``,
+``relpos``, ``rmt-decay``, ``sdt-decay``) makes attention a function of the slots' geometry, so
+shuffling the patches changes what attention sees. A refusal does not mean a probe can read
+the slot: a decay that depends only on the distance between two slots tells a token how far the
+others are, not where it is itself, and the shuffle test (:func:`asg_probe.shuffle_test`) of the
+bundled ``sdt-decay`` finds its slot undecodable (``r2_slot`` ≈ 0). The certificate answers
+"is there any positional injection?", the shuffle test "can a linear probe read the slot?".
+
 Examples
 --------
 >>> import asg_probe, torch
