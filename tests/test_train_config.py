@@ -159,3 +159,35 @@ def test_overrides_do_not_mutate_input():
     cfg = load_yaml(DEFAULTS)
     apply_overrides(cfg, ["optim.lr=1"], defaults)
     assert cfg == defaults
+
+
+def test_packaged_recipes_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from asg_train.config import CONFIG_DIR, find_recipe, list_recipes, run_label
+
+    monkeypatch.chdir(tmp_path)  # not the repository: train/configs/... is no path from here
+    packaged = CONFIG_DIR / "cpu_scenes_guidance.yaml"
+    for spelling in ("cpu_scenes_guidance", "cpu_scenes_guidance.yaml", "train/configs/cpu_scenes_guidance.yaml"):
+        assert find_recipe(spelling) == packaged
+    cfg = resolve("cpu_scenes_guidance")
+    assert cfg["guidance"]["enabled"] and cfg["recipe"] == "cpu_scenes_guidance"
+    assert run_label(cfg) == "cpu_scenes_guidance"  # the progress bar's label, not "none seed 0"
+    assert run_label(resolve(overrides=["data.kind=synthetic", "guidance.enabled=true"])) == "none + guidance (true)"
+    with pytest.raises(ConfigError, match="did you mean cpu_scenes_guidance"):
+        find_recipe("cpu_scenes_guidanc")
+    assert cli.main(["--list-recipes"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[:-1]] == list_recipes() and "default" not in list_recipes()
+    assert "ASG" in next(line for line in listed if line.startswith("cpu_scenes_guidance "))
+
+
+def test_help_lists_every_config_key(capsys):
+    from asg_train.config import flatten, key_comments
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    keys = [k for k, _ in key_comments()]
+    assert set(flatten(load_yaml(DEFAULTS))) <= set(keys)
+    for key in ("max_steps", "guidance.target", "optim.lr", "--list-recipes"):
+        assert f"  {key} " in text or key in text
+    assert dict(key_comments())["guidance.target"].startswith('"true"')

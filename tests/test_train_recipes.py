@@ -9,7 +9,8 @@ from asg_train.config import CONFIG_DIR, changed_keys, resolve
 
 RECIPES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name != "default.yaml")
 # What a per-mechanism recipe may change relative to its architecture's base recipe.
-MECHANISM_KEYS = {"out", "model.pos", "guidance.enabled", "guidance.target", "data.multires_sizes"}
+# what a mechanism variant may change (recipe: its own name, recorded for labels)
+MECHANISM_KEYS = {"out", "recipe", "model.pos", "guidance.enabled", "guidance.target", "data.multires_sizes"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

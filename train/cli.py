@@ -1,6 +1,8 @@
 """``asg-train`` / ``python -m asg_train``: resolve the config, then train one run per seed.
 
     asg-train --config train/configs/cpu_scenes_none.yaml out=runs/none max_steps=300 device=cpu seed=0
+    asg-train --config cpu_scenes_none out=runs/none   # a packaged recipe by name, from any folder
+    asg-train --list-recipes
     asg-train --config ... seeds=[0,1,2]           # one run dir per seed + summary.{csv,md,json}
     asg-train --resume runs/none                   # continue from runs/none/train_state.pt
     asg-train --config ... out=runs/none --resume  # the same, from the original command
@@ -23,11 +25,35 @@ from asg_probe.errors import AsgProbeError
 from . import config as config_mod
 
 
+def _epilog() -> str:
+    """Examples, then every config key with the comment it has in the packaged default.yaml."""
+    import textwrap
+
+    lines = ["examples:",
+             "  asg-train --list-recipes                                   # the packaged recipes",
+             "  asg-train --config cpu_scenes_guidance out=runs/g          # a recipe by name, from any folder",
+             "  asg-train --config cpu_scenes_none seeds=[0,1,2] device=cpu",
+             "  asg-train --config in100_vits16_ape data.root=/data/in100 --print-config",
+             "",
+             "overrides: key=value, nested keys with dots (optim.lr=1e-4), lists as seeds=[0,1,2].",
+             f"config keys (defaults and comments: {config_mod.DEFAULTS}):"]
+    defaults = config_mod.flatten(config_mod.load_yaml(config_mod.DEFAULTS))
+    for key, comment in config_mod.key_comments():
+        if not comment and key in defaults:  # no comment: the default value says what kind of value it takes
+            comment = f"default: {defaults[key]}"
+        text = f"{key:<28} {comment}".rstrip()
+        lines += textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent=" " * 31,
+                               break_on_hyphens=False) or [f"  {key}"]
+    return "\n".join(lines)
+
+
 def _parser():
     p = argparse.ArgumentParser(
         prog="asg-train", description="Train ViTs with a positional mechanism under the matched ASG protocol.",
-        epilog="Overrides: key=value, nested keys with dots (optim.lr=1e-4), lists as seeds=[0,1,2].")
-    p.add_argument("--config", help="recipe YAML (see train/configs/)")
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="RECIPE",
+                   help="recipe: a YAML path, or the name of a packaged recipe (see --list-recipes)")
+    p.add_argument("--list-recipes", action="store_true", help="list the packaged recipes and exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue a run: from RUN_DIR's saved config, or from out= of --config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -45,7 +71,8 @@ def resolve_from_args(args) -> dict:
         base = config_mod.load_yaml(saved)
         return config_mod.resolve(recipe=args.config, base=base, overrides=list(args.overrides) + [f"out={run_dir}"])
     if args.config is None:
-        raise config_mod.ConfigError("pass --config train/configs/<recipe>.yaml (or --resume RUN_DIR)")
+        raise config_mod.ConfigError("pass --config RECIPE (a name from asg-train --list-recipes, or a YAML path), "
+                                     "or --resume RUN_DIR")
     return config_mod.resolve(recipe=args.config, overrides=args.overrides)
 
 
@@ -84,7 +111,18 @@ def main(argv=None) -> int:
         cleanup()
 
 
+def print_recipes() -> None:
+    names = config_mod.list_recipes()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {config_mod.recipe_summary(name)}".rstrip())
+    print(f"({len(names)} recipes in {config_mod.CONFIG_DIR}; use asg-train --config NAME)")
+
+
 def _main(args, argv) -> int:
+    if args.list_recipes:
+        print_recipes()
+        return 0
     cfg = resolve_from_args(args)
     if args.print_config:
         print(config_mod.dump(cfg), end="")

@@ -38,6 +38,78 @@ def load_yaml(path) -> dict:
     return data
 
 
+def list_recipes() -> list[str]:
+    """Names of the recipes that ship with the package (``train/configs``, installed as ``asg_train/configs``).
+
+    Examples
+    --------
+    >>> "cpu_scenes_guidance" in list_recipes(), "default" in list_recipes()
+    (True, False)
+    """
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p != DEFAULTS)
+
+
+def recipe_summary(name: str) -> str:
+    """The first comment line of a packaged recipe (what it trains), or ``""``."""
+    for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            return ""
+    return ""
+
+
+def key_comments() -> list[tuple[str, str]]:
+    """``(dotted key, its comment in default.yaml)`` for every key, in file order: what ``--help`` lists.
+
+    Examples
+    --------
+    >>> dict(key_comments())["max_steps"].startswith("stop after")
+    True
+    """
+    import re
+
+    entries, section = [], None
+    for line in DEFAULTS.read_text().splitlines():
+        match = re.match(r"^( *)([A-Za-z_][\w-]*):(.*)$", line)
+        if not match:
+            if entries and re.match(r"^ +#", line):  # a comment continued on the next line
+                entries[-1] = (entries[-1][0], f"{entries[-1][1]} {line.strip().lstrip('# ')}".strip())
+            continue
+        indent, key, rest = match.groups()
+        comment = rest.split("#", 1)[1].strip() if "#" in rest else ""
+        if indent:
+            entries.append((f"{section}.{key}", comment))
+        else:
+            value = rest.split("#", 1)[0].strip()
+            section = key if not value else None
+            entries.append((key, comment))
+    return entries
+
+
+def find_recipe(recipe) -> Path:
+    """A recipe file: an existing path as given, else a packaged recipe by name, from any folder.
+
+    ``cpu_scenes_guidance``, ``cpu_scenes_guidance.yaml`` and ``train/configs/cpu_scenes_guidance.yaml``
+    (README's form, typed outside the repository) all name the packaged file.
+
+    Examples
+    --------
+    >>> find_recipe("cpu_scenes_guidance") == find_recipe("train/configs/cpu_scenes_guidance.yaml")
+    True
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    name = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if name in list_recipes():
+        return CONFIG_DIR / f"{name}.yaml"
+    close = difflib.get_close_matches(name, list_recipes(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"config file not found: {recipe} ({hint}a YAML path, or a packaged recipe name: "
+                      "see asg-train --list-recipes)")
+
+
 def load_recipe(path) -> dict:
     """A recipe with its ``base:`` chain resolved (paths relative to the file that names them)."""
     path = Path(path)
@@ -283,15 +355,36 @@ def resolve(recipe=None, overrides=(), base: dict | None = None) -> dict:
     defaults = load_yaml(DEFAULTS)
     cfg = defaults
     if recipe is not None:
-        layer = load_recipe(recipe)
+        path = find_recipe(recipe)
+        layer = load_recipe(path)
         check_keys(layer, defaults, str(recipe))
-        cfg = merge(cfg, layer)
+        named = {} if path.resolve() == DEFAULTS.resolve() else {"recipe": path.stem}  # defaults: no recipe
+        cfg = merge(cfg, {**layer, **named})
     if base is not None:
         check_keys(base, defaults, "the saved run config")
         cfg = merge(cfg, base)
     cfg = apply_overrides(cfg, list(overrides), defaults)
     validate(cfg)
     return cfg
+
+
+def run_label(cfg: dict) -> str:
+    """How a run is named on screen: its recipe, else its mechanism and guidance target.
+
+    Examples
+    --------
+    >>> run_label({"recipe": "cpu_scenes_guidance", "model": {"pos": "none"}, "guidance": {"enabled": True}})
+    'cpu_scenes_guidance'
+    >>> run_label({"model": {"pos": "none"}, "guidance": {"enabled": True, "target": "shuffled"}})
+    'none + guidance (shuffled)'
+    """
+    if cfg.get("recipe"):
+        return str(cfg["recipe"])
+    label = cfg["model"]["pos"]
+    guidance = cfg.get("guidance") or {}
+    if guidance.get("enabled"):
+        label += f" + guidance ({guidance.get('target', 'true')})"
+    return label
 
 
 def dump(cfg: dict) -> str:

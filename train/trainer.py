@@ -234,7 +234,7 @@ class Trainer:
                                                meta={"data_config": self.data_config})
         snapshots.start(self.step, self.model)
         bar = progress_bar(self.ctx, cfg["progress"], total=self.total_steps, initial=self.step,
-                           desc=f"{cfg['model']['pos']} seed {cfg['seed']}")
+                           desc=f"{config_mod.run_label(cfg)} seed {cfg['seed']}")
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.t_start = self.t_window = time.perf_counter()
         grad_norm = torch.zeros((), device=self.device)
