@@ -43,3 +43,15 @@ def test_train_never_imported_by_the_library():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "asg_probe").rglob("*.py")
                  if re.search(r"^\s*(from|import)\s+train\b", p.read_text(), re.M)]
     assert not offenders, f"asg_probe must not import train/: {offenders}"
+
+
+def test_readme_and_environment_say_how_to_install_the_cpu_build():
+    index = "--index-url https://download.pytorch.org/whl/cpu"
+    readme = (ROOT / "README.md").read_text()
+    env_text = (ROOT / "environment.yml").read_text()
+    assert index in readme and "https://download.pytorch.org/whl/cpu" in env_text
+    assert "cpuonly" in readme and "cpuonly" in env_text
+    # the CPU option is a comment: the default environment still resolves to the default wheels
+    env = yaml.safe_load(env_text)
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert not any("download.pytorch.org" in line for line in pip_section)
