@@ -21,6 +21,7 @@ import os
 import shlex
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from .cli_args import DEFAULT_CHECKPOINT, build_parser, is_reference_name, out_dir, validate
@@ -274,6 +275,16 @@ def main(argv=None) -> int:
     """
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     debug = "--debug" in argv  # before parsing succeeds, the raw flag decides
+    with warnings.catch_warnings():  # the library's warnings read like the CLI's own `warning:` lines
+        warnings.showwarning = _show_warning
+        return _main(argv, debug)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _main(argv, debug) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv, debug = argv, getattr(args, "debug", debug)

@@ -338,6 +338,8 @@ def load_hf_folder(path, map_location="cpu") -> HFViT:
             pre = json.loads(pre_file.read_text())
         except ValueError:
             raise CheckpointError(f"{pre_file}: not valid JSON") from None
+    else:
+        _warn_default_preprocessing(path, model_type)
     model = HFViT(hf_model.float(), pre)
     model.to(map_location).eval()
     model.asg_meta = {"checkpoint": str(path), "checkpoint_format": "transformers",
@@ -346,6 +348,28 @@ def load_hf_folder(path, map_location="cpu") -> HFViT:
                                    "preprocessing": "preprocessor_config.json" if pre else
                                    f"{model_type} image-processor defaults"}}
     return model
+
+
+_WARNED_DEFAULT_PREPROCESSING: set = set()  # folders already warned about, once per process
+
+
+def _warn_default_preprocessing(path, model_type) -> None:
+    """Say once per folder that mean/std are the image processor's defaults, not the folder's own.
+
+    A model trained with other statistics would be probed on shifted inputs without any sign,
+    so the guess is said out loud (also recorded in ``asg_meta["inferred"]["preprocessing"]``).
+    """
+    import warnings
+
+    key = str(Path(path).resolve())
+    if key in _WARNED_DEFAULT_PREPROCESSING:
+        return
+    _WARNED_DEFAULT_PREPROCESSING.add(key)
+    mean, std = _DEFAULT_NORM.get(model_type, _IMAGENET)
+    warnings.warn(f"{path}: no preprocessor_config.json, so images are normalised with the {model_type} "
+                  f"image processor's defaults (mean {tuple(round(m, 3) for m in mean)}, std "
+                  f"{tuple(round(v, 3) for v in std)}); copy the model's preprocessor_config.json into the "
+                  "folder if it was trained with others", UserWarning, stacklevel=3)
 
 
 def load_hf_hub(repo_id: str, map_location="cpu") -> HFViT:

@@ -75,8 +75,15 @@ def test_preprocessor_config_sets_mean_std_and_input_size(tmp_path):
 
 def test_missing_preprocessor_config_uses_the_processor_defaults(tmp_path):
     hf_model("CLIPVisionModel", "CLIPVisionConfig", {}).save_pretrained(tmp_path)
-    mean, std, size, patch = data_config_for(asg_probe.load_checkpoint(tmp_path))
+    with pytest.warns(UserWarning, match="no preprocessor_config.json.*mean \\(0.481"):
+        model = asg_probe.load_checkpoint(tmp_path)
+    mean, std, size, patch = data_config_for(model)
     assert mean == pytest.approx((0.48145466, 0.4578275, 0.40821073)) and (size, patch) == (32, 8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per folder: a second load is silent
+        asg_probe.load_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("cls_name,cfg_name,extra,prefix", [HF_CLASSES[0], HF_CLASSES[4]], ids=["vit", "clip"])
@@ -124,6 +131,10 @@ def test_cli_layerwise_reads_a_folder(tmp_path, capsys):
     assert code == 0
     doc = json.loads((tmp_path / "out" / "layerwise.json").read_text())
     assert doc["grid"] == [4, 4] and [row["layer"] for row in doc["layers"]] == [0, 1, 2]
+    # the folder has no preprocessor_config.json: said once, as the CLI's own warning line
+    err = capsys.readouterr().err
+    assert sum("no preprocessor_config.json" in line for line in err.splitlines()) == 1
+    assert any(line.startswith("warning:") and "siglip" in line for line in err.splitlines())
 
 
 # --------------------------------------------------------------------------- hf:ORG/NAME and timm:NAME

@@ -394,7 +394,22 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         return Xt
 
     def predict(self, X):
-        """Predicted targets, ``(..., T)`` for ``X (..., D)``; tensor in → tensor out (float64)."""
+        """Predicted targets, ``(..., T)`` for ``X (..., D)``; tensor in → tensor out (float64).
+
+        For a probe fit on grid coordinates (``fit(X, grid=...)``, what every analysis does) the
+        targets are **normalised**: ``(row / (grid_h - 1), col / (grid_w - 1))``, so 0 is the
+        top row / left column and 1 the bottom / right one (values slightly outside ``[0, 1]``
+        are possible: the probe is linear). Multiply by ``(grid_h - 1, grid_w - 1)`` for cells.
+
+        Examples
+        --------
+        >>> X = torch.eye(9)[None].repeat(4, 1, 1)  # one-hot slot code: position is exact
+        >>> probe = CoordinateProbe(n_folds=2, alphas=(1e-6,)).fit(X, grid=(3, 3))
+        >>> probe.predict(X[0])[[0, 4, 8]].round(decimals=3)
+        tensor([[0.0000, 0.0000],
+                [0.5000, 0.5000],
+                [1.0000, 1.0000]], dtype=torch.float64)
+        """
         is_tensor = isinstance(X, torch.Tensor)
         Xt = self._features_for(X)
         W = torch.as_tensor(self.coef_, device=Xt.device)
