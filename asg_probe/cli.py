@@ -201,7 +201,20 @@ def cmd_report(args, rank):
     out = out_dir(args)
     if rank == 0 and (out / "report.html").exists():
         print(f"overwriting previous results in {out} (report.html and the per-model JSON)")
-    path = build_report(models, out_dir=out, command=_command_line(args.argv), **_images_kwargs(args, models))
+    computed_on = {}  # each model's provenance line; warnings (skipped files, fewer images) said once each
+
+    def said(name, results):
+        layerwise = results["layerwise"]
+        layerwise.provenance.setdefault("device", args.device)
+        computed_on[name] = layerwise.provenance_line()
+        for line in layerwise.provenance_warnings():
+            if rank == 0 and line not in said.warned:
+                said.warned.add(line)
+                print(f"warning: {line}", file=sys.stderr)
+    said.warned = set()
+
+    path = build_report(models, out_dir=out, command=_command_line(args.argv), on_results=said,
+                        **_images_kwargs(args, models))
     if rank == 0:
         import pandas as pd
 
@@ -209,6 +222,12 @@ def cmd_report(args, rank):
 
         summary = pd.read_csv(path.parent / "summary.csv")  # the table the page opens with
         print(summary.to_string(index=False, float_format=lambda v: number(v, tiny=False)))
+        lines = set(computed_on.values())
+        if len(lines) == 1:
+            print(lines.pop())
+        else:
+            for name, line in computed_on.items():
+                print(f"{name}: {line}")
         print(f"wrote {path}, {path.parent / 'summary.csv'} and the per-model JSON")
 
 

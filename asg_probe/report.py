@@ -22,16 +22,88 @@ import re
 from pathlib import Path
 
 
-def _png(fig, dpi=110) -> str:
-    """The figure as an embedded PNG shown at its natural size (pixels / device pixel ratio)."""
+def _png(fig, dpi=110, alt="figure") -> str:
+    """The figure as an embedded PNG shown at its natural size (pixels / device pixel ratio);
+    ``alt``: what a reader without the image is told (the caption)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     width = _png_width(buf.getvalue())
-    return (f"<img width='{width}' alt='figure' "
+    return (f"<img width='{width}' alt='{html.escape(alt, quote=True)}' "
             f"src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>")
+
+
+_LINE_STYLES = {"-": "solid", "solid": "solid", "--": "dashed", "dashed": "dashed", ":": "dotted",
+                "dotted": "dotted", "-.": "dash-dot", "dashdot": "dash-dot"}
+
+
+def line_key(fig) -> str:
+    """The lines a figure's legends name, with their styles, e.g. ``"row (solid), slot control (dashed)"``.
+
+    Read off the drawn figure, so a caption built from it names exactly what is drawn, whatever
+    lines a result's ``plot`` adds later.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> fig, ax = plt.subplots()
+    >>> _ = ax.plot([0, 1], label="row"); _ = ax.plot([1, 0], ls=":", label="slot control"); _ = ax.legend()
+    >>> line_key(fig)
+    'row (solid), slot control (dotted)'
+    >>> plt.close(fig)
+    """
+    from matplotlib.lines import Line2D
+
+    entries = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        handles = getattr(legend, "legend_handles", None) or getattr(legend, "legendHandles", [])
+        for handle, text in zip(handles, legend.get_texts()):
+            style = ""
+            if isinstance(handle, Line2D):  # points and patches: the label alone
+                style = _LINE_STYLES.get(handle.get_linestyle(), "markers")
+            entry = f"{text.get_text()} ({style})" if style else text.get_text()
+            if entry not in entries:
+                entries.append(entry)
+    return ", ".join(entries)
+
+
+def _portable_path(path) -> str:
+    """A path as another machine can read it: a bundled model by name, a packaged recipe by name,
+    else relative to the working folder when below it, else its last two parts.
+
+    Examples
+    --------
+    >>> _portable_path("/build/host/train/configs/cpu_scenes_guidance.yaml")
+    'cpu_scenes_guidance'
+    >>> _portable_path("/elsewhere/runs/a/model.safetensors")
+    '…/a/model.safetensors'
+    >>> _portable_path("runs/a")
+    'runs/a'
+    """
+    text = str(path)
+    p = Path(text)
+    if not p.is_absolute():
+        return text
+    if p.parent.name == "configs" and p.parent.parent.name in ("train", "asg_train") and p.suffix == ".yaml":
+        return p.stem  # a packaged recipe: `asg-train --config NAME` finds it from any folder
+    if p.parent.name == "reference" and p.parent.parent.name == "asg_probe":
+        return f"bundled: {p.stem}"
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return "…/" + "/".join(p.parts[-2:])
+
+
+def _portable_command(command: str) -> str:
+    """A command line with every absolute path shortened by :func:`_portable_path`."""
+    # a path starts after a space, an "=" or the start of the line
+    return re.sub(r"(?<![^\s=])/[^\s'\"]+", lambda m: _portable_path(m.group(0)), command or "")
 
 
 def _png_width(data: bytes) -> int:
@@ -78,8 +150,8 @@ def _table(frame, max_rows=40, footnote_column=None) -> str:
     # scientific notation for tiny values only where they mean something (errors, tolerances, alphas)
     formatters = {c: (number if any(k in c for k in ("error", "tol", "alpha", "delta"))
                       else functools.partial(number, tiny=False)) for c in frame.columns}
-    return frame.to_html(index=False, formatters=formatters,
-                         border=0, classes="tbl", na_rep="")
+    table = frame.to_html(index=False, formatters=formatters, border=0, classes="tbl", na_rep="")
+    return f"<div class='scroll'>{table}</div>"  # a wide table scrolls inside its box, not the page
 
 
 def analyse_model(model, label, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
@@ -136,12 +208,18 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
 
 SECTIONS = [
     ("layerwise", "Layerwise coordinate probes",
-     "Held-out R² (split by image) of a ridge probe from each layer's patch tokens to (row, col); "
-     "dashed grey: control task (fixed random permutation of positions). Selectivity = true − control."),
+     "Held-out R² (split by image) of a ridge probe from each layer's patch tokens to (row, col), and of the "
+     "same probe on each control task (the controls are described under Summary). Selectivity = true − "
+     "control."),
     ("attention_distance", "Mean attention distance",
      "Attention-weighted distance (px) between query and key patches, one dot per head and layer, grey line: "
      "mean over heads; prefix tokens excluded and weights renormalised. Dashed line: uniform attention."),
-    ("embeddings", "Token-position embeddings", "UMAP of patch tokens, coloured by 2D grid position (key at right)."),
+    ("embeddings", "Token-position embeddings",
+     "UMAP of patch tokens, coloured by 2D grid position (key at right). The score in each panel's title is "
+     "the position score: the Pearson correlation between each token's normalised (row, col) and the mean "
+     "position of its nearest neighbours in the 2-D map among tokens of other images (same-image neighbours "
+     "are left out, because neighbouring patches of one image look alike), averaged over row and column: "
+     "about 0 = no spatial organisation, 1 = perfect."),
     ("shuffle_test", "Content or injection?",
      "Patches shuffled: can a probe decode the patch's original position (content) or its slot (injection)?"),
     ("equivariance", "Equivariance certificate",
@@ -254,13 +332,14 @@ def _summary_html(frame) -> str:
         cells.append("<tr>" + "".join(out) + "</tr>")
     head = "".join(f"<th>{html.escape(headers.get(c, c))}</th>" for c in frame.columns
                    if not c.endswith(("_low", "_high")))
-    return f"<table class='tbl summary'><thead><tr>{head}</tr></thead><tbody>{''.join(cells)}</tbody></table>"
+    return (f"<div class='scroll'><table class='tbl summary'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(cells)}</tbody></table></div>")
 
 
 def _recipe(meta) -> str:
     """The training recipe in one line, from the checkpoint's stored config (what is there)."""
     config = (meta or {}).get("config") or {}
-    parts = []
+    parts = [f"recipe {config['recipe']}"] if config.get("recipe") else []
     for key in ("task", "max_steps", "epochs", "batch_size", "seed"):
         if config.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {config[key]}")
@@ -286,23 +365,25 @@ def _provenance_html(all_results, metas, command, seed, device) -> str:
              for n, res in all_results.items()}
     images = next(iter(lines.values())) if len(set(lines.values())) == 1 else \
         "; ".join(f"{display_name(n)}: {v}" for n, v in lines.items())
-    run = [("asg_probe", __version__), ("command", command or "build_report() from Python"),
+    run = [("asg_probe", __version__), ("command", _portable_command(command) or "build_report() from Python"),
            ("date", datetime.datetime.now().isoformat(timespec="seconds")), ("images", images),
            ("seed", str(seed)), ("device", str(device))]
-    out = ["<table class='tbl prov'>"] + [f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in run]
-    out.append("</table><h3>Checkpoints</h3><table class='tbl prov'><thead><tr><th>model</th><th>checkpoint</th>"
-               "<th>architecture</th><th>training command</th><th>recipe</th><th>top-1</th></tr></thead><tbody>")
+    out = ["<div class='scroll'><table class='tbl prov'>"] + [f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>"
+                                                             for k, v in run]
+    out.append("</table></div><h3>Checkpoints</h3><div class='scroll'><table class='tbl prov'><thead><tr>"
+               "<th>model</th><th>checkpoint</th><th>architecture</th><th>training command</th><th>recipe</th>"
+               "<th>top-1</th></tr></thead><tbody>")
     for name in all_results:
         meta = metas.get(name) or {}
         model = meta.get("model") or {}
         arch = " ".join(str(model[k]) for k in ("name", "pos") if model.get(k))
-        train = (meta.get("train") or {}).get("command") or ""
+        train = _portable_command((meta.get("train") or {}).get("command") or "")
         top1 = _top1(meta)
         fmt = meta.get("checkpoint_format")
-        checkpoint = (meta.get("checkpoint") or name) + (f" ({fmt})" if fmt else "")
+        checkpoint = _portable_path(meta.get("checkpoint") or name) + (f" ({fmt})" if fmt else "")
         cells = [display_name(name), checkpoint, arch, train, _recipe(meta), "" if top1 is None else number(top1)]
         out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
@@ -326,14 +407,18 @@ def _emergence_html(runs, images, *, num_images, img_size, batch_size, seed, dev
 
 
 def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
-                 device="cpu", progress=True, with_resolution=True, command=None) -> Path:
+                 device="cpu", progress=True, with_resolution=True, command=None, on_results=None) -> Path:
     """Analyse ``models`` (list of ``(model, name)``) and write ``report.html``, ``summary.csv``
     and per-model JSON.
 
-    The page opens with the provenance (package version, ``command``, images, each checkpoint's
-    ``asg_meta``: training command, recipe, top-1) and the summary table (:func:`summary_frame`),
-    then one section per analysis, and an emergence section (:mod:`asg_probe.analysis.emergence`)
-    when a model's name is a training run directory with ``snapshots/``.
+    The page opens with a table of contents, the summary table (:func:`summary_frame`) and a
+    reading of each model's verdicts side by side (:func:`reading_of_verdicts`), then the
+    provenance (package version, ``command``, images, each checkpoint's ``asg_meta``: training
+    command, recipe, top-1; paths shortened so that they mean something on another machine),
+    then one section per analysis (raw tables folded, wide ones scrolling in their own box), and
+    an emergence section (:mod:`asg_probe.analysis.emergence`) when a model's name is a training
+    run directory with ``snapshots/``. ``on_results(name, results)`` is called with each model's
+    results as they are computed (the command line prints their provenance).
 
     Examples
     --------
@@ -355,6 +440,8 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
                             batch_size=batch_size, seed=seed, device=device, progress=progress,
                             with_resolution=with_resolution)
         all_results[name], metas[name] = res, getattr(model, "asg_meta", None) or {}
+        if on_results is not None:
+            on_results(name, res)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
         for result in res.values():
             if command:
@@ -363,21 +450,36 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
     names = list(all_results)
     summary = summary_frame(all_results, metas)
     contents["summary.csv"] = summary.to_csv(index=False)
-    parts = [f"<h1>asg_probe report: {html.escape(', '.join(display_name(n) for n in names))}</h1>",
-             "<h2>Provenance</h2>", _provenance_html(all_results, metas, command, seed, device),
-             "<h2>Summary</h2><p class='cap'>Last layer of each model. R²: held-out (split by image) linear "
-             "probe of the patch row / column with its 95% interval over the CV folds. Slot control: the same "
-             "probe on a fixed random permutation of the positions (solved by any code of slot identity: it "
-             "separates geometry from identity). Content control (Hewitt &amp; Liang 2019): targets that are a "
-             "random function of each patch's content type, solved only by memorising content. Selectivity "
-             "= mean R² − that control, averaged over 5 control seeds. Shuffle test: where the last layer's position comes from (content, injected, "
-             "both, none). Equivariance: certified = no positional injection. Also in summary.csv.</p>",
-             _summary_html(summary)]
+    sections = []  # (anchor, title, html): the table of contents is made from them
+
+    def section(anchor, title, body_html):
+        sections.append((anchor, title, f"<h2 id='{anchor}'>{html.escape(title)}</h2>{body_html}"))
+
+    section("summary", "Summary",
+            "<p class='cap'>Last layer of each model. R²: held-out (split by image) linear "
+            "probe of the patch row / column with its 95% interval over the CV folds. Slot control: the same "
+            "probe on a fixed random permutation of the positions (solved by any code of slot identity: it "
+            "separates geometry from identity). Content control (Hewitt &amp; Liang 2019): targets that are a "
+            "random function of each patch's content type, solved only by memorising content. Selectivity "
+            "= mean R² − that control, averaged over 5 control seeds. Shuffle test: where the last layer's position comes from (content, injected, "
+            "both, none). Equivariance: certified = no positional injection. Also in summary.csv.</p>"
+            + _summary_html(summary))
+    readings = reading_of_verdicts(summary)
+    if readings:
+        section("verdicts", "Reading the verdicts together",
+                "<p class='cap'>The shuffle test asks whether a linear probe can read the slot a patch "
+                "occupies; the equivariance certificate asks whether the model injects any position at all. "
+                "They can disagree without contradicting each other.</p><ul class='readings'>"
+                + "".join(f"<li><b>{html.escape(display_name(m))}</b>: {html.escape(t)}</li>" for m, t in readings)
+                + "</ul>")
+    section("provenance", "Provenance", _provenance_html(all_results, metas, command, seed, device))
     if len(names) > 1:
-        parts.append("<h2>All models</h2><p class='cap'>Mean of row and column R² per layer; dotted: control task."
-                     "</p>" + _png(compare_layerwise([all_results[n]["layerwise"] for n in names], labels=names)))
+        caption = ("Mean of row and column R² per layer, one colour per model (solid); dotted, in the same "
+                   "colour: that model's slot control (r2_control, a fixed random permutation of the positions).")
+        section("all-models", "All models", f"<p class='cap'>{caption}</p>"
+                + _png(compare_layerwise([all_results[n]["layerwise"] for n in names], labels=names), alt=caption))
     for key, title, caption in SECTIONS:
-        cells, flagged = [], False
+        cells, flagged, lines = [], False, ""
         for n in names:
             result = all_results[n].get(key)
             if result is None:
@@ -385,26 +487,89 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
             extra = f"<p><b>{html.escape(result.verdict())}</b></p>" if hasattr(result, "verdict") else ""
             frame = result.to_frame()
             flagged |= bool("alpha_at_edge" in frame.columns and frame["alpha_at_edge"].any())
-            is_open = " open" if len(frame) <= 16 else ""  # short tables shown, long ones one click away
-            cells.append(f"<div class='cell'><h3>{html.escape(display_name(n))}</h3>{extra}{_png(result.plot())}"
-                         f"<details{is_open}><summary>table ({len(frame)} rows)</summary>"
+            fig = result.plot()
+            if key == "layerwise" and not lines:
+                lines = line_key(fig)  # the same plot for every model: its legend, once
+            alt = f"{title}, {display_name(n)}: {caption}"
+            # raw tables folded: the figures carry the page, the numbers are one click away
+            cells.append(f"<div class='cell'><h3>{html.escape(display_name(n))}</h3>{extra}{_png(fig, alt=alt)}"
+                         f"<details><summary>table ({len(frame)} rows)</summary>"
                          f"{_table(frame, footnote_column='alpha_at_edge')}</details></div>")
         if cells:
             note = f"<p class='note'>{html.escape(ALPHA_FOOTNOTE)}</p>" if flagged else ""
-            parts.append(f"<h2>{title}</h2><p class='cap'>{caption}</p><div class='row'>{''.join(cells)}</div>{note}")
+            key_text = f" Lines drawn: {html.escape(lines)}." if lines else ""
+            section(key.replace("_", "-"), title,
+                    f"<p class='cap'>{caption}{key_text}</p><div class='row'>{''.join(cells)}</div>{note}")
     runs = snapshot_runs(names)
     if runs:
-        section, contents["emergence.json"] = _emergence_html(
+        emergence_html, contents["emergence.json"] = _emergence_html(
             runs, images, num_images=num_images, img_size=img_size, batch_size=batch_size, seed=seed,
             device=device, progress=progress)
-        parts.append(section)
-    style = ("<style>body{font-family:sans-serif;margin:24px}.row{display:flex;flex-wrap:wrap;gap:24px}"
-             ".cell{flex:0 0 auto;max-width:100%;overflow-x:auto}.cell img{display:block}.cap{color:#555}"
-             ".note{color:#555;font-size:13px}.tbl{font-size:13px;border-collapse:collapse}"
+        sections.append(("emergence", "Emergence during training", emergence_html))
+    toc = ("<nav class='toc'><b>Contents</b><ol>"
+           + "".join(f"<li><a href='#{a}'>{html.escape(t)}</a></li>" for a, t, _ in sections) + "</ol></nav>")
+    parts = [f"<h1>asg_probe report: {html.escape(', '.join(display_name(n) for n in names))}</h1>", toc]
+    parts += [body_html for _, _, body_html in sections]
+    style = ("<style>body{font-family:sans-serif;margin:24px;max-width:100%}"
+             ".row{display:flex;flex-wrap:wrap;gap:24px}"
+             ".cell{flex:0 1 auto;min-width:0;max-width:100%}.cell img{display:block;max-width:none}"
+             ".scroll,.cell{overflow-x:auto}.scroll{max-width:100%}.cap{color:#555;max-width:70em}"
+             ".toc{border:1px solid #ddd;padding:4px 16px;display:inline-block}.toc ol{margin:4px 0}"
+             ".readings{max-width:70em}"
+             ".note{color:#555;font-size:13px;max-width:70em}.tbl{font-size:13px;border-collapse:collapse}"
              ".tbl td,.tbl th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}"
-             ".prov td,.prov th{text-align:left}.summary td:first-child{text-align:left;font-weight:bold}</style>")
-    contents["report.html"] = (f"<!doctype html><html><head><meta charset='utf-8'><title>asg_probe report</title>"
-                               "<link rel='icon' href='data:,'>"
+             ".prov td,.prov th{text-align:left}.summary td{white-space:nowrap}.summary td:first-child{text-align:left;font-weight:bold}</style>")
+    contents["report.html"] = (f"<!doctype html><html><head><meta charset='utf-8'>"
+                               "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+                               "<title>asg_probe report</title><link rel='icon' href='data:,'>"
                                f"{style}</head><body>{''.join(parts)}</body></html>")
     write_output_set(out, contents)
     return out / "report.html"
+
+
+#: What a (shuffle test, certificate) pair of verdicts means together, for the last layer.
+_READINGS = {
+    ("content", "certified"):
+        "no positional injection (certified), so all it knows about position it infers from content; a "
+        "probe reads the original position, never the slot (r2_slot is 0 by equivariance, not by chance).",
+    ("content", "not equivariant"):
+        "the model does inject something that depends on where patches sit (the certificate refuses it), yet "
+        "no linear probe reads the slot at the last layer. Typical of relative mechanisms such as a distance "
+        "decay or relative bias: attention knows how far apart two patches are, not where either one is, so "
+        "the position it reports comes from content. Both verdicts are right; they answer different questions.",
+    ("both", "not equivariant"):
+        "position is injected (refused by the certificate) and a probe still reads the slot after shuffling, "
+        "alongside the original position that content gives.",
+    ("injected", "not equivariant"):
+        "position is injected and the slot is what a probe reads; content adds little the probe uses.",
+    ("none", "certified"):
+        "no positional injection, and at the last layer no position either (neither original nor slot "
+        "above the shuffle test's threshold).",
+    ("none", "not equivariant"):
+        "position is injected somewhere, but at the last layer neither the slot nor the original position "
+        "is decodable above the shuffle test's threshold.",
+}
+
+
+def reading_of_verdicts(summary) -> list:
+    """``[(model, sentence)]``: what each model's shuffle-test and certificate verdicts mean together.
+
+    A pair that cannot happen (a certified model whose slot a probe reads) is said to be so,
+    rather than explained away.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> rows = pd.DataFrame([{"model": "sdt-decay", "shuffle_test": "content", "equivariance": "not equivariant"}])
+    >>> reading_of_verdicts(rows)[0][1].startswith("the model does inject")
+    True
+    """
+    if "shuffle_test" not in summary or "equivariance" not in summary:
+        return []
+    out = []
+    for _, row in summary.iterrows():
+        pair = (row["shuffle_test"], row["equivariance"])
+        text = _READINGS.get(pair, f"shuffle test '{pair[0]}' with certificate '{pair[1]}' is not expected: a "
+                                   "certified model cannot let a probe read the slot; please report it.")
+        out.append((row["model"], text))
+    return out

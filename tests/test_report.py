@@ -1,4 +1,4 @@
-"""The HTML report: provenance and summary first, every analysis, several models side by side, one file."""
+"""The HTML report: contents, summary and provenance first, every analysis, several models side by side, one file."""
 import json
 import re
 
@@ -34,22 +34,58 @@ def test_report_has_every_section_for_every_model(report):
     assert page.count("data:image/png;base64") >= 13  # 6 per model + ape's PE grid + comparison
     assert "CERTIFIED equivariant" in page and "NOT equivariant" in page
     # the PE similarity section exists for ape only; "none+guidance" is shown under its display name
-    section = page.split("Position-embedding similarity")[1].split("<h2>")[0]
+    section = page.split("<h2 id='pos-similarity'>")[1].split("<h2")[0]
     assert "<h3>ape</h3>" in section and "<h3>guidance</h3>" not in section
-    assert "none+guidance" not in page.split("<h2>Summary")[1]
+    assert "none+guidance" not in page.split("<h2 id='summary'>")[1].split("<h2")[0]
     doc = json.loads((out / "ape.layerwise.json").read_text())
     assert doc["layers"][0]["r2"] > 0.99
     assert doc["provenance"]["command"] == "asg-probe report ape none"
     assert not re.search(r"<script", page)  # a static page: nothing to execute
 
 
-def test_report_opens_with_provenance_then_summary_before_any_figure(report):
+def test_report_opens_with_contents_summary_and_provenance_before_any_figure(report):
     _, page = report
     first_figure = page.index("<img")
     for text in ("Provenance", "asg_probe", asg_probe.__version__, "asg-probe report ape none",
                  "asg-train --config cpu_scenes_ape.yaml seed=0", "max steps 600", "lr 0.001", "0.625",
-                 "10 images", "32x32 px", "Summary", "summary.csv"):
+                 "10 images", "32x32 px", "Summary", "summary.csv", "Reading the verdicts together"):
         assert -1 < page.index(text) < first_figure, text
+    # the contents come first and link every section, in page order
+    toc = page.split("<nav class='toc'>")[1].split("</nav>")[0]
+    assert page.index("<nav class='toc'>") < page.index("<h2")
+    anchors = re.findall(r"href='#([\w-]+)'", toc)
+    assert anchors == re.findall(r"<h2 id='([\w-]+)'>", page)
+    assert anchors[:3] == ["summary", "verdicts", "provenance"] and "layerwise" in anchors
+
+
+def test_verdicts_are_read_side_by_side(report):
+    _, page = report
+    readings = page.split("<h2 id='verdicts'>")[1].split("<h2")[0]
+    # ape injects and its slot is readable; the none model is certified: each gets its own reading
+    assert "<b>ape</b>: position is injected" in readings
+    assert "<b>guidance</b>: no positional injection" in readings  # random weights: certified, little position
+    from asg_probe.report import reading_of_verdicts
+
+    frame = pd.DataFrame([{"model": "sdt-decay", "shuffle_test": "content", "equivariance": "not equivariant"},
+                          {"model": "odd", "shuffle_test": "injected", "equivariance": "certified"}])
+    sdt, odd = (text for _, text in reading_of_verdicts(frame))
+    assert "distance decay" in sdt and "different questions" in sdt
+    assert "not expected" in odd  # an impossible pair is flagged, not explained away
+
+
+def test_paths_are_portable_and_figures_have_their_caption_as_alt_text(report):
+    from asg_probe.report import _portable_command, _portable_path
+
+    _, page = report
+    assert "<img width=" in page and " alt='figure'" not in page
+    alts = re.findall(r"<img width='\d+' alt='([^']*)'", page)
+    assert len(alts) == page.count("<img") and all(len(a) > 40 for a in alts)
+    assert any(a.startswith("Layerwise coordinate probes, ape: Held-out R²") for a in alts)
+    command = "asg-train --config /home/u/repo/train/configs/cpu_scenes_guidance.yaml out=/scratch/u/runs/g seed=0"
+    assert _portable_command(command) == "asg-train --config cpu_scenes_guidance out=…/runs/g seed=0"
+    from asg_probe.reference import reference_path
+
+    assert _portable_path(reference_path("guidance")) == "bundled: guidance"
 
 
 def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
@@ -71,7 +107,7 @@ def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
     assert list(summary["equivariance"]) == ["not equivariant", "certified"]
     assert summary["top1"].iloc[0] == 0.625 and pd.isna(summary["top1"].iloc[1])
     # the HTML summary shows the same numbers, three decimals
-    table = page.split("<h2>Summary")[1].split("</table>")[0]
+    table = page.split("<h2 id='summary'>")[1].split("</table>")[0]
     ape = summary.iloc[0]
     assert "content control R²" in table and "selectivity (content)" in table
     for column in ("r2_row", "selectivity", "selectivity_content"):  # the value, then its fold interval where the result has one
@@ -84,10 +120,15 @@ def test_report_figures_at_natural_width_and_captions_match(report):
     assert len(widths) == page.count("<img") and min(widths) > 200
     assert "max-width:620px" not in page  # no cell squeezes a figure
     assert "-0.000" not in page
-    layerwise = page.split("Layerwise coordinate probes")[1].split("<h2>")[0]
-    assert "dashed grey: control" in layerwise  # the per-model plot draws the control dashed
-    assert "dotted: control" in page.split("<h2>All models")[1].split("<h2>")[0]
-    assert "<details open>" in page  # short tables are shown, not all collapsed
+    layerwise = page.split("<h2 id='layerwise'>")[1].split("<h2")[0]
+    # the caption names every line the per-model plot draws, with its style, read off the figure
+    assert "Lines drawn: row (solid), col (solid), mean (solid), slot control (dashed)" in layerwise
+    assert "that model&#x27;s slot control (r2_control" in page.split("<h2 id='all-models'>")[1].split("<h2")[0] \
+        or "that model's slot control (r2_control" in page.split("<h2 id='all-models'>")[1].split("<h2")[0]
+    assert "<details open>" not in page and "<details>" in page  # raw tables folded
+    assert page.count("<div class='scroll'>") >= page.count("<table")  # every table in its scrolling box
+    embeddings = page.split("<h2 id='embeddings'>")[1].split("<h2")[0]
+    assert "position score: the Pearson correlation" in embeddings
 
 
 def test_number_formats_for_tables():
@@ -126,7 +167,9 @@ def test_report_command_prints_the_summary_table_and_writes_it_as_csv(tmp_path, 
     assert header[:5] == ["model", "layer", "r2_row", "r2_col", "r2_control"]  # no top-1: not stored
     assert number(last["r2_row"]) in printed and "summary.csv" in printed
     page = (out / "report.html").read_text()
-    assert "asg-probe report " + str(checkpoint) in page  # the command, in the provenance
+    assert "asg-probe report " in page  # the command, in the provenance
+    assert str(tmp_path) not in page  # paths of this machine shortened
+    assert "computed on: 10 images" in printed  # what every command prints
 
 
 def test_summary_carries_the_fold_intervals_a_layerwise_result_has():

@@ -398,6 +398,29 @@ return {
 """
 
 
+# The report's layout on a laptop screen, read in one call after the window is 1366 px wide.
+_LAPTOP_JS = """
+const width = window.innerWidth;
+const rightOf = e => e.getBoundingClientRect().right;
+const tables = [...document.querySelectorAll('table')];
+const toc = document.querySelector('nav.toc');
+const summary = document.getElementById('summary');
+return {
+  width: width,
+  page_overflow: document.documentElement.scrollWidth - width,
+  toc_top: toc ? toc.getBoundingClientRect().top : -1,
+  toc_links: toc ? toc.querySelectorAll('a').length : 0,
+  sections: document.querySelectorAll('h2[id]').length,
+  summary_top: summary ? summary.getBoundingClientRect().top : -1,
+  screen: window.innerHeight,
+  open_details: document.querySelectorAll('details[open]').length,
+  loose_tables: tables.filter(t => !t.closest('.scroll')).length,
+  boxes_past_edge: [...document.querySelectorAll('.scroll, .cell, p.cap')].filter(e => rightOf(e) > width + 1).length,
+  images_without_alt: [...document.querySelectorAll('img')].filter(i => (i.alt || '').length < 20).length,
+};
+"""
+
+
 @pytest.mark.browser
 def test_report_renders_in_chromium_with_every_figure_loaded(tmp_path):
     _require_browser()
@@ -422,12 +445,22 @@ def test_report_renders_in_chromium_with_every_figure_loaded(tmp_path):
             state = driver.execute_script(_REPORT_STATE_JS)
         driver.set_window_size(1500, max(1100, int(driver.execute_script("return document.body.scrollHeight"))))
         driver.save_screenshot(str(screenshot))
+        # a laptop screen: the page must read at 1366 px without scrolling sideways
+        driver.set_window_size(1366, 768)
+        driver.execute_script("window.scrollTo(0, 0)")
+        laptop = driver.execute_script(_LAPTOP_JS)
+        driver.save_screenshot(str(ARTIFACTS / "report_chromium_1366.png"))
         console = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     finally:
         driver.quit()
+    assert laptop["width"] <= 1366 and laptop["page_overflow"] <= 0, f"the page scrolls sideways: {laptop}"
+    assert 0 <= laptop["toc_top"] < laptop["screen"] and laptop["toc_links"] == laptop["sections"] >= 8, laptop
+    assert 0 <= laptop["summary_top"] < laptop["screen"], f"the summary is not on the first screen: {laptop}"
+    assert laptop["open_details"] == 0 and laptop["loose_tables"] == 0, f"raw tables open or unboxed: {laptop}"
+    assert laptop["boxes_past_edge"] == 0 and laptop["images_without_alt"] == 0, laptop
     assert not console, f"console errors: {console}"
     assert state["images"] >= 11 and state["loaded"] == state["images"], f"figures not loaded: {state}"
     assert not state["squeezed"], f"figures drawn narrower than their natural width: {state['squeezed']}"
-    assert state["headings"][:2] == ["Provenance", "Summary"], state["headings"]
+    assert state["headings"][:3] == ["Summary", "Reading the verdicts together", "Provenance"], state["headings"]
     assert 0 <= state["summary_top"] < state["first_img_top"], "the summary table must come before any figure"
     assert state["summary_rows"] == 2

@@ -379,7 +379,7 @@ def compare_layerwise(results, labels=None, column="r2", ax=None):
         ax.plot(layers, values, marker="o", ms=3, color=color, label=display_name(label))
         ax.plot(layers, res.r2("r2_control")[1], ls=":", color=color, lw=0.8)
     ax.set_xlabel("layer (0 = patch embedding)")
-    ax.set_ylabel(f"held-out {column.replace('r2', 'R²')}  (dotted: control)")
+    ax.set_ylabel(f"held-out {column.replace('r2', 'R²')}  (dotted: slot control)")
     integer_ticks(ax, sorted(all_layers))
     ax.axhline(0, color="k", lw=0.5)
     ax.grid(alpha=0.3)
