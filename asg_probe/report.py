@@ -400,9 +400,11 @@ def _emergence_html(runs, images, *, num_images, img_size, batch_size, seed, dev
                        device=device, progress=progress, max_snapshots=max_snapshots)
     caption = (f"Layerwise probes on up to {max_snapshots} training snapshots per run (spread over the run): "
                "step × layer heatmaps of column and row R², and the last layer's column R² against the step "
-               "(dotted: control task; dashed: the threshold of the summary's first step).")
-    section = (f"<h2>Emergence during training</h2><p class='cap'>{caption}</p>{_png(result.plot())}"
-               f"<details open><summary>summary</summary>{_table(result.summary_frame())}</details>")
+               "(solid: each run's column R²; dotted, in the run's colour: its slot control, r2_control; dashed black: "
+               "the threshold of the summary's first step).")
+    section = (f"<h2 id='emergence'>Emergence during training</h2><p class='cap'>{caption}</p>"
+               f"{_png(result.plot(), alt=caption)}"
+               f"<details><summary>summary</summary>{_table(result.summary_frame())}</details>")
     return section, result.to_json()
 
 

@@ -147,7 +147,7 @@ def test_report_of_a_run_directory_with_snapshots_adds_the_emergence_section(tmp
     path = build_report([(asg_probe.load_checkpoint(run), str(run))], tmp_path / "out", images=images,
                         progress=False, with_resolution=False)
     page = path.read_text()
-    assert "<h2>Emergence during training</h2>" in page
+    assert "<h2 id='emergence'>Emergence during training</h2>" in page and "href='#emergence'" in page
     doc = json.loads((tmp_path / "out" / "emergence.json").read_text())
     assert doc["runs"][0]["steps"] == [0, 5]
 
