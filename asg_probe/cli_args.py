@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
             parents.append(_images_parent(images))
         # description and examples as written (RawDescription), wrapped here to the terminal's habit
         return sub.add_parser(name, help=help, parents=parents, epilog=cli_help.epilog(name),
-                              description=textwrap.fill(cli_help.description(name), width=96),
+                              description=textwrap.fill(cli_help.description(name) or help, width=96),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = command("layerwise", "coordinate probes for every layer (the headline analysis)")

@@ -156,16 +156,19 @@ Each command prints a table and a `computed on:` line and writes JSON + CSV + PN
 Exit codes: 0 done, 2 usage error, 1 unreadable input or unexpected error, 130 interrupted."""
 
 
-def description(command: str) -> str:
-    """The one-paragraph description of ``command``."""
-    return COMMAND_HELP[command]["description"]
+def description(command: str) -> str | None:
+    """The one-paragraph description of ``command`` (``None`` for a command not written up yet:
+    its help still works; tests/test_cli_help.py asks for the paragraph)."""
+    return COMMAND_HELP.get(command, {}).get("description")
 
 
-def epilog(command: str) -> str:
+def epilog(command: str) -> str | None:
     """Examples and the column key of ``command``, laid out for argparse's RawDescriptionHelpFormatter."""
     import textwrap
 
-    info = COMMAND_HELP[command]
+    info = COMMAND_HELP.get(command)
+    if info is None:
+        return None
     lines = ["examples:"] + [f"  {e}" for e in info["examples"]]
     if info["columns"]:
         lines += ["", "printed columns:"]
