@@ -106,9 +106,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        from .dist import cleanup
+        if "torch" in sys.modules:  # nothing ran (--list-recipes, a config error): no torch import to say so
+            from .dist import cleanup
 
-        cleanup()
+            cleanup()
 
 
 def print_recipes() -> None:
