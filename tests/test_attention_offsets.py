@@ -325,3 +325,19 @@ def test_cli_runs_on_the_bundled_sdt_decay_model(tmp_path, capsys):
                                                          "attention_offsets.npz", "attention_offsets.png"]
     doc = json.loads((tmp_path / "attention_offsets.json").read_text())
     assert doc["provenance"]["command"].startswith("asg-probe attention-offsets sdt-decay")
+
+
+def test_widget_shows_the_chosen_layer_and_head():
+    pytest.importorskip("ipywidgets")
+    from asg_probe.widgets import OffsetKernelViewer
+
+    model = tiny("alibi2d", depth=2)
+    res = attention_offsets(model, noise(3), progress=False, label="alibi2d", n_folds=1)
+    viewer = OffsetKernelViewer({"alibi2d": res})
+    viewer.layer.value, viewer.head.value = 1, 2
+    shown = viewer.last_render["alibi2d"]
+    assert viewer.last_error is None and (shown["layer"], shown["head"]) == (1, 2)
+    np.testing.assert_array_equal(shown["kernel"], res.kernels[1][2])
+    viewer.kind.value = "prob"
+    np.testing.assert_array_equal(viewer.last_render["alibi2d"]["kernel"], res.prob_kernels[1][2])
+    assert bytes(viewer._images["alibi2d"].value[:8]) == b"\x89PNG\r\n\x1a\n"
