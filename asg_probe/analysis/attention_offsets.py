@@ -449,6 +449,8 @@ class AttentionOffsetsResult(AnalysisResult):
         self.n_folds = int(n_folds)
         self.checkpoint = checkpoint
         self.patches_shuffled = bool(patches_shuffled)
+        #: name of the ``.npz`` beside the JSON (``save`` writes it; the report prefixes the model)
+        self.kernels_file = f"{self.name}.npz"
 
     @property
     def layers(self) -> list:
@@ -472,7 +474,7 @@ class AttentionOffsetsResult(AnalysisResult):
             layers.append({**row, "heads": heads})
         return {"checkpoint": self.checkpoint, "grid": list(self.grid), "num_prefix_tokens": self.num_prefix_tokens,
                 "num_images": self.num_images, "n_folds": self.n_folds, "patches_shuffled": self.patches_shuffled,
-                "kernels_file": f"{self.name}.npz", "layers": layers}
+                "kernels_file": self.kernels_file, "layers": layers}
 
     def layer_frame(self):
         """One row per layer: pooled ``offset_r2`` and the held-out score with its interval."""
@@ -534,16 +536,21 @@ class AttentionOffsetsResult(AnalysisResult):
 
     def save(self, out_dir, dpi=130) -> list:
         """Write the JSON, CSV, PNG and the kernels' ``.npz`` into ``out_dir``, as one set."""
-        import numpy as np
-
         from ..results import write_output_set
 
         json_name, csv_name, png_name, npz_name = self.output_names()
+        self.kernels_file = npz_name
+        contents = {json_name: self.to_json(), csv_name: self.to_frame().to_csv(index=False),
+                    png_name: self.figure_png(dpi=dpi), npz_name: self.npz_bytes()}
+        return write_output_set(out_dir, contents)
+
+    def npz_bytes(self) -> bytes:
+        """:meth:`kernel_arrays` as the bytes of an ``.npz`` file."""
+        import numpy as np
+
         buf = io.BytesIO()
         np.savez(buf, **self.kernel_arrays())
-        contents = {json_name: self.to_json(), csv_name: self.to_frame().to_csv(index=False),
-                    png_name: self.figure_png(dpi=dpi), npz_name: buf.getvalue()}
-        return write_output_set(out_dir, contents)
+        return buf.getvalue()
 
     @classmethod
     def load(cls, json_path) -> "AttentionOffsetsResult":
