@@ -341,3 +341,23 @@ def test_widget_shows_the_chosen_layer_and_head():
     viewer.kind.value = "prob"
     np.testing.assert_array_equal(viewer.last_render["alibi2d"]["kernel"], res.prob_kernels[1][2])
     assert bytes(viewer._images["alibi2d"].value[:8]) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("pos,form", [("rope-mixed", "full"), ("relpos", "full"), ("sdt-decay", "decomposed")])
+def test_captured_logits_are_what_the_softmax_received(pos, form):
+    torch.manual_seed(0)
+    kw = {"decay_form": form} if pos == "sdt-decay" else {}
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos=pos, depth=1, **kw).eval()
+    x = noise(2)
+    with torch.no_grad(), capture_attention(model) as plain:
+        model.forward_features(x)
+    with torch.no_grad(), capture_attention(model, logits=True) as both:
+        model.forward_features(x)
+    probs, logits = both.attn[1]
+    torch.testing.assert_close(probs, plain.attn[1])                     # the probabilities do not change
+    torch.testing.assert_close(logits.softmax(-1), probs, atol=1e-6, rtol=1e-5)
+    if form == "decomposed":  # two chained passes: no single logit matrix, the log of the composed map
+        assert both.calls[1] == 2
+        torch.testing.assert_close(logits, probs.log())
+    else:                     # the logits themselves: a query's logits are not shifted to log-probabilities
+        assert not torch.allclose(logits, probs.log(), atol=1e-3)
