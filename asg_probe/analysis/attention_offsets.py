@@ -27,7 +27,16 @@ total sum of squares: with one image's design ``G = diag(n) − Σ_i u_i u_iᵀ 
 for ``m`` images and the explained sum of squares is ``Sᵀ G⁺ S / m``. A constant
 added to ``K`` changes nothing; the kernel is reported with a count-weighted mean
 of zero. Everything streams: per batch, per-offset sums and sums of squares; memory
-is flat in the number of images, and torchrun processes combine by addition.
+is flat in the number of images, and torchrun processes combine by addition. The
+fit is one pseudo-inverse of a ``K × K`` matrix, ``K = (2H − 1)(2W − 1)`` (729 for a
+14 × 14 grid).
+
+What it does not see: only the *additive*, content-independent part of the offset
+dependence enters the kernel. RoPE rotates q and k by their positions, so its offset
+effect multiplies content and can change sign with it; such a head can be shaped by
+offset and still score low. The logits are read where each block calls attention
+(:func:`asg_probe.capture.capture_attention` with ``logits=True``): exactly what the
+softmax received, biases, masks and rotary embeddings included, in float32.
 
 ``offset_r2_nonself`` is the share of the variance left after the zero offset (a
 token attending to itself, which a model without any position can tell apart from
