@@ -695,6 +695,8 @@ def attention_offsets(model, images=None, *, num_images=64, img_size=None, batch
     shuffle_patches : bool
         The control: shuffle each image's patches first and measure offsets between
         slots (content adjacency removed; the mechanism's own offset structure stays).
+        The pixels of each patch move together, so this shuffles the tokens exactly only
+        for models whose tokens are non-overlapping image patches (not convolutional stems).
     mode : {"auto", "sdpa", "attn_drop"}
         How attention is read; see :func:`asg_probe.capture.capture_attention`.
 
