@@ -30,6 +30,7 @@ _LAZY = {
     "CoordinateProbe": "asg_probe.probes",
     "layerwise_probes": "asg_probe.analysis.layerwise",
     "attention_distance": "asg_probe.analysis.attention_distance",
+    "attention_offsets": "asg_probe.analysis.attention_offsets",
     "token_embeddings": "asg_probe.analysis.embeddings",
     "pos_similarity": "asg_probe.analysis.pos_similarity",
     "shuffle_test": "asg_probe.analysis.shuffle",

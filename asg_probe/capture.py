@@ -16,6 +16,14 @@ user to switch every module to the slow path. :func:`capture_attention` does not
   ``softmax`` and then ``self.attn_drop``; a forward hook on ``attn_drop`` reads
   its input, which is the probability map.
 
+With ``logits=True`` the recorder also keeps what went *into* the softmax: on the
+``sdpa`` route the logits ``q kᵀ · scale + mask`` themselves (positional biases,
+RoPE and masks included), computed once and shared with the probabilities. Where
+no single logit matrix exists (the ``attn_drop`` route, which sees probabilities
+only, and a block whose attention is a composition of passes) it keeps the
+log-probabilities instead: they differ from logits by one constant per query,
+which softmax ignores. The default (``logits=False``) path does not change.
+
 Forward pre-hooks on ``model.blocks[i]`` tell both routes which block is running;
 calls outside any block (e.g. an attention-pooling head) are ignored. Everything
 (the SDPA function, all hooks, any ``fused_attn`` flag we changed) is restored in a
@@ -37,13 +45,55 @@ import torch.nn.functional as F
 
 from .geometry import resolve_layers
 
-__all__ = ["AttentionRecorder", "attention_probabilities", "capture_attention", "MODES"]
+__all__ = ["AttentionRecorder", "attention_logits", "attention_probabilities", "capture_attention", "MODES"]
 
 MODES = ("auto", "sdpa", "attn_drop")
 
 # Positional parameters of SDPA after (query, key, value), in order. ``scale`` and
 # ``enable_gqa`` are keyword-only in torch, but accepting them positionally costs nothing.
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def attention_logits(q, k, attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
+    """What SDPA feeds its softmax: ``q kᵀ · scale + mask`` in float32.
+
+    Same conventions as :func:`attention_probabilities` (which is the softmax of
+    this); pairs a bool mask or ``is_causal`` excludes are ``-inf``.
+
+    Examples
+    --------
+    >>> q = torch.ones(1, 1, 2, 4); k = torch.ones(1, 1, 3, 4)
+    >>> attention_logits(q, k, attn_mask=torch.tensor([0.0, -1.0, 0.5]))[0, 0, 0]
+    tensor([2.0000, 1.0000, 2.5000])
+    """
+    # Autocast would silently push the matmul back to bf16/fp16; the point here is fp32.
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        q, k = q.detach().float(), k.detach().float()
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        logits = (q @ k.transpose(-2, -1)) * scale
+        if is_causal:
+            L, S = logits.shape[-2:]
+            upper = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+            logits = logits.masked_fill(upper, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
+            else:
+                logits = logits + attn_mask.detach().float()
+        return logits
+
+
+def _softmax_rows(logits):
+    """Softmax over keys; a fully masked query (all ``-inf``) gets a zero row, not NaN."""
+    with torch.autocast(logits.device.type, enabled=False):
+        probs = logits.softmax(dim=-1)
+        # softmax of an all -inf row is NaN; a NaN would poison every sum downstream.
+        dead = torch.isneginf(logits.amax(dim=-1, keepdim=True))
+        if bool(dead.any()):
+            probs = probs.masked_fill(dead, 0.0)
+        return probs
 
 
 def attention_probabilities(q, k, attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
@@ -75,28 +125,8 @@ def attention_probabilities(q, k, attn_mask=None, scale=None, is_causal=False, e
     >>> attention_probabilities(q, k)[0, 0, 0]
     tensor([0.2000, 0.2000, 0.2000, 0.2000, 0.2000])
     """
-    # Autocast would silently push the matmul back to bf16/fp16; the point here is fp32.
-    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        q, k = q.detach().float(), k.detach().float()
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        logits = (q @ k.transpose(-2, -1)) * scale
-        if is_causal:
-            L, S = logits.shape[-2:]
-            upper = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
-            logits = logits.masked_fill(upper, float("-inf"))
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                logits = logits.masked_fill(~attn_mask, float("-inf"))
-            else:
-                logits = logits + attn_mask.detach().float()
-        probs = logits.softmax(dim=-1)
-        # softmax of an all -inf row is NaN; a NaN would poison every sum downstream.
-        dead = torch.isneginf(logits.amax(dim=-1, keepdim=True))
-        if bool(dead.any()):
-            probs = probs.masked_fill(dead, 0.0)
-        return probs
+    with torch.no_grad():
+        return _softmax_rows(attention_logits(q, k, attn_mask, scale, is_causal, enable_gqa))
 
 
 class AttentionRecorder:
@@ -116,16 +146,21 @@ class AttentionRecorder:
     calls : dict
         ``{layer: number of attention computations}`` in the last pass; 2 for the
         decomposed (axial) decay, whose map is the composition of both.
+    logits : bool
+        Also keep what went into the softmax: ``value`` is then ``(probs, logits)``
+        (or ``reduce(probs, logits)``), ``logits`` ``(B, H, N_all, N_all)`` float32.
     """
 
-    def __init__(self, layers=None, reduce=None):
+    def __init__(self, layers=None, reduce=None, logits=False):
         self.layers = layers
         self.reduce = reduce
+        self.logits = bool(logits)
         self.attn = {}
         self.calls = {}
         self.current = None       # layer whose block is running, or None between blocks
         self._thread = None       # thread running that block: SDPA is patched process-wide
         self._pending = None      # map of the running block, composed over its SDPA calls
+        self._pending_logits = None  # its logits while one logit matrix describes it (logits=True)
         self._last_out = None     # output of the block's previous SDPA call (chain detection)
         self._warned = set()
 
@@ -135,17 +170,25 @@ class AttentionRecorder:
         self.calls = {}
 
     def _start_block(self, layer):
-        self._pending, self._last_out = None, None
+        self._pending, self._pending_logits, self._last_out = None, None, None
         self.current = layer if self.wants(layer) else None
         self._thread = threading.get_ident()
 
     def _end_block(self):
-        layer, probs = self.current, self._pending
-        self.current, self._pending, self._last_out = None, None, None
-        if layer is not None and probs is not None:
-            # reduce runs once the block's map is complete (after composing its passes),
-            # so only one full map per block is ever alive.
+        layer, probs, logits = self.current, self._pending, self._pending_logits
+        self.current, self._pending, self._pending_logits, self._last_out = None, None, None, None
+        if layer is None or probs is None:
+            return
+        # reduce runs once the block's map is complete (after composing its passes),
+        # so only one full map per block is ever alive.
+        if not self.logits:
             self.attn[layer] = self.reduce(probs) if self.reduce is not None else probs
+            return
+        if logits is None:
+            # No single logit matrix (attn_drop route, composed passes): the log-probabilities
+            # are logits up to one constant per query, which is all softmax sees.
+            logits = probs.log()
+        self.attn[layer] = self.reduce(probs, logits) if self.reduce is not None else (probs, logits)
 
     def active(self):
         """True while a recorded block is running in this thread."""
@@ -154,11 +197,12 @@ class AttentionRecorder:
     def wants(self, layer):
         return self.layers is None or layer in self.layers
 
-    def _record(self, probs, chained=True):
+    def _record(self, probs, chained=True, logits=None):
         layer, prev = self.current, self._pending
         self.calls[layer] = self.calls.get(layer, 0) + 1
+        prev_logits, self._pending_logits = self._pending_logits, None
         if prev is None:
-            self._pending = probs
+            self._pending, self._pending_logits = probs, logits
         elif chained and prev.shape[-2] == probs.shape[-1]:
             # A block that attends twice on the first pass's output (the decomposed decay:
             # out1 = A1 V, then out = A2 out1 with the same q, k) mixes values with
@@ -170,7 +214,10 @@ class AttentionRecorder:
             # attention: two SDPA calls on the same v) cannot be composed; they are kept
             # as extra heads, so each is still a distribution per query.
             self._pending = torch.cat([prev, probs], dim=1)
+            if prev_logits is not None and logits is not None:
+                self._pending_logits = torch.cat([prev_logits, logits], dim=1)
         else:
+            self._pending_logits = prev_logits
             if layer not in self._warned:
                 self._warned.add(layer)
                 warnings.warn(f"capture_attention: block {layer - 1} attends several times with maps "
@@ -199,7 +246,7 @@ def _attention_modules(block):
 
 
 @contextlib.contextmanager
-def capture_attention(model, layers=None, reduce=None, mode="auto"):
+def capture_attention(model, layers=None, reduce=None, mode="auto", logits=False):
     """Record attention probabilities of ``model``'s blocks during forward passes.
 
     Nothing about the model changes for the caller: fused modules stay fused, the
@@ -223,6 +270,13 @@ def capture_attention(model, layers=None, reduce=None, mode="auto"):
         ones, leaving the modules as they are. ``sdpa`` switches every module with a
         ``fused_attn`` flag to fused for the duration and intercepts SDPA only;
         ``attn_drop`` switches them to unfused and only hooks ``attn_drop``.
+    logits : bool
+        Also record the pre-softmax scores: each block's value becomes
+        ``(probs, logits)``, and ``reduce`` is called as ``reduce(probs, logits)``.
+        On the ``sdpa`` route the logits are exactly what the module's softmax
+        received (``q kᵀ · scale`` plus any bias or mask it passed); where attention
+        is only seen as probabilities (``attn_drop`` route) or is a composition of
+        passes, ``log(probs)``, which differs by one constant per query.
 
     Yields
     ------
@@ -262,7 +316,7 @@ def capture_attention(model, layers=None, reduce=None, mode="auto"):
     blocks = list(blocks)
     # layer 0 (the patch embedding) has no attention: blocks are layers 1..depth
     wanted = None if layers is None else set(resolve_layers(layers, len(blocks), first=1))
-    recorder = AttentionRecorder(wanted, reduce)
+    recorder = AttentionRecorder(wanted, reduce, logits=logits)
     original_sdpa = F.scaled_dot_product_attention
     state = {"open": True}
     handles, flags = [], []
@@ -272,9 +326,15 @@ def capture_attention(model, layers=None, reduce=None, mode="auto"):
             return original_sdpa(query, key, value, *args, **kwargs)
         named = dict(zip(_SDPA_ARGS, args))
         named.update(kwargs)
-        probs = attention_probabilities(query, key, named.get("attn_mask"), named.get("scale"),
-                                        bool(named.get("is_causal", False)), bool(named.get("enable_gqa", False)))
-        recorder._record(probs, chained=recorder._last_out is not None and _same_tensor(value, recorder._last_out))
+        chained = recorder._last_out is not None and _same_tensor(value, recorder._last_out)
+        mask, scale = named.get("attn_mask"), named.get("scale")
+        causal, gqa = bool(named.get("is_causal", False)), bool(named.get("enable_gqa", False))
+        if recorder.logits:
+            # one logit matrix, shared by the probabilities and the reducer
+            scores = attention_logits(query, key, mask, scale, causal, gqa)
+            recorder._record(_softmax_rows(scores), chained=chained, logits=scores)
+        else:
+            recorder._record(attention_probabilities(query, key, mask, scale, causal, gqa), chained=chained)
         # The original kernel gets exactly the caller's arguments: outputs are unchanged.
         out = original_sdpa(query, key, value, *args, **kwargs)
         recorder._last_out = out
@@ -322,4 +382,4 @@ def capture_attention(model, layers=None, reduce=None, mode="auto"):
             handle.remove()
         for module, flag in flags:
             module.fused_attn = flag
-        recorder.current, recorder._pending, recorder._last_out = None, None, None
+        recorder.current, recorder._pending, recorder._pending_logits, recorder._last_out = None, None, None, None

@@ -149,6 +149,13 @@ def cmd_attention_distance(args, rank):
     _finish(result, args, rank)
 
 
+def cmd_attention_offsets(args, rank):
+    from .analysis.attention_offsets import attention_offsets
+
+    result, name = _analyse(args, attention_offsets, n_folds=args.folds, shuffle_patches=args.shuffle_patches)
+    _finish(result, args, rank, frame=result.layer_frame(), extra=f"{name}: {result.summary_line()}")
+
+
 def cmd_embeddings(args, rank):
     from .analysis.embeddings import token_embeddings
 
@@ -274,6 +281,7 @@ def cmd_list(args, rank):
 
 COMMANDS = {
     "layerwise": cmd_layerwise, "attention-distance": cmd_attention_distance, "embeddings": cmd_embeddings,
+    "attention-offsets": cmd_attention_offsets,
     "pos-similarity": cmd_pos_similarity, "shuffle-test": cmd_shuffle_test,
     "check-equivariance": cmd_check_equivariance, "resolution": cmd_resolution,
     "attribution": cmd_attribution, "report": cmd_report, "emergence": cmd_emergence, "list": cmd_list,

@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("attention-distance", "mean attention distance per head and layer")
 
+    p = command("attention-offsets", "position in attention scores: offset kernel and offset R² per head")
+    p.add_argument("--folds", type=_int_at_least(1, "at least 1"), default=5,
+                   help="folds of images for the held-out offset R² and its interval (default: %(default)s)")
+    p.add_argument("--shuffle-patches", action="store_true",
+                   help="control: shuffle each image's patches and measure offsets between slots (content "
+                        "adjacency removed, the mechanism's own offset structure kept)")
+
     p = command("embeddings", "UMAP of patch tokens coloured by 2D position")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers (default: first, middle, last)")
 

@@ -57,7 +57,11 @@ class Accumulator(Protocol):
       else ``{}``. The reducer is called on each block's ``(B, H, N_all, N_all)``
       attention probabilities (prefix tokens included, original view only) as soon
       as the block has run, so full maps are never stored; every accumulator that
-      asks gets the output of *its own* reducer.
+      asks gets the output of *its own* reducer. With :attr:`attention_logits`
+      True it is called as ``attention(map, grid, logits)``, ``logits`` being the
+      block's pre-softmax scores, ``(B, H, N_all, N_all)`` float32 (see
+      :func:`asg_probe.capture.capture_attention`); they are only computed and kept
+      while some accumulator asks for them.
     * ``perm``: ``(B, N)`` when :attr:`view` is ``"shuffled"``: ``tokens`` are then those
       of the same images with their patches shuffled (slot ``s`` holds original patch
       ``perm[b, s]``, fixed per image by ``shuffle_seed``); ``None`` otherwise.
@@ -99,6 +103,8 @@ class Accumulator(Protocol):
     shuffle_seed: int = 0
     #: ``None`` (no attention), or ``reduce(attn (B, H, N, N), grid) -> anything``.
     attention: Optional[Callable] = None
+    #: ``True``: ``attention`` is called as ``reduce(attn, grid, logits)`` with the pre-softmax scores.
+    attention_logits: bool = False
 
     def update(self, batch: ForwardBatch) -> None:
         """Add one batch."""
@@ -272,6 +278,12 @@ def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", pro
     return list(accumulators)
 
 
+def _wants_logits(acc) -> bool:
+    # getattr: accumulators written against the protocol before attention_logits existed
+    # satisfy it structurally without the attribute.
+    return bool(getattr(acc, "attention_logits", False))
+
+
 def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_attn, shuffled, seeds, mode):
     B = images.shape[0]
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
@@ -280,12 +292,14 @@ def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_a
     if shuffled:
         perm = image_permutations(index, grid[0] * grid[1], next(iter(seeds))).to(images.device)
         model_input = torch.cat([images, permute_patches(images, patch, perm)])
-    reducers = [acc.attention for acc in want_attn]
+    reducers = [(acc.attention, _wants_logits(acc)) for acc in want_attn]
+    with_logits = any(wants for _, wants in reducers)
 
-    def reduce(attn):
+    def reduce(attn, logits=None):
         # attention analyses look at the original view only (the first B images)
         attn = attn[:B]
-        return [r(attn, grid) for r in reducers]
+        logits = None if logits is None else logits[:B]
+        return [r(attn, grid, logits) if wants else r(attn, grid) for r, wants in reducers]
 
     with contextlib.ExitStack() as stack:
         # attention analyses need every block, so no early stop then
@@ -293,7 +307,7 @@ def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_a
         if want_attn:
             from .capture import capture_attention
 
-            recorder = stack.enter_context(capture_attention(model, reduce=reduce, mode=mode))
+            recorder = stack.enter_context(capture_attention(model, reduce=reduce, mode=mode, logits=with_logits))
         _forward(model, model_input)
         tokens = dict(store)
         reduced = dict(recorder.attn) if want_attn else {}

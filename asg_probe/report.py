@@ -181,14 +181,18 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
     embeddings = EmbeddingsAccumulator(layers=sorted({0, depth // 2, depth}), seed=seed)
     shuffled = ShuffleAccumulator(shuffle_seed=seed)
     accumulators = [layerwise, embeddings, shuffled]
-    attention = None
+    attention = offsets = None
     if geo.token_attention:  # attention over channels (XCiT) has no distance between patches: left out
+        from .analysis.attention_offsets import AttentionOffsetsAccumulator
+
         attention = AttentionDistanceAccumulator(patch_size=patch, num_prefix_tokens=prefix)
-        accumulators.append(attention)
+        offsets = AttentionOffsetsAccumulator(num_prefix_tokens=prefix)  # same pass: the logits ride along
+        accumulators += [attention, offsets]
     run_analyses(model, data, accumulators, device=device, progress=progress, desc=f"report: {label}")
     results = {"layerwise": LayerwiseResult.from_accumulator(layerwise, label=label, img_size=data.img_size)}
     if attention is not None:
         results["attention_distance"] = attention.result(label)
+        results["attention_offsets"] = offsets.result(label)
     results["embeddings"] = embeddings.result(label, num_images=data.num_images)
     results["shuffle_test"] = ShuffleResult.from_accumulators(shuffled, layerwise, label=label)
     for result in results.values():
@@ -214,6 +218,12 @@ SECTIONS = [
     ("attention_distance", "Mean attention distance",
      "Attention-weighted distance (px) between query and key patches, one dot per head and layer, grey line: "
      "mean over heads; prefix tokens excluded and weights renormalised. Dashed line: uniform attention."),
+    ("attention_offsets", "Position in attention scores",
+     "Offset kernel per layer (rows) and head (columns): the part of the attention logit that depends on the "
+     "offset key − query alone (query at +, one colour scale per model), fitted with a free constant per query; "
+     "R² = share of the within-query logit variance it explains. The table adds the same score on held-out "
+     "images (folds) with its 95% interval, the part beyond the zero offset, and the attention given to "
+     "prefix tokens. Kernels: asg-probe attention-offsets writes them as .npz."),
     ("embeddings", "Token-position embeddings",
      "UMAP of patch tokens, coloured by 2D grid position (key at right). The score in each panel's title is "
      "the position score: the Pearson correlation between each token's normalised (row, col) and the mean "
@@ -448,6 +458,9 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
         for result in res.values():
             if command:
                 result.provenance["command"] = command
+            if hasattr(result, "npz_bytes"):  # attention offsets: the kernels beside the JSON
+                result.kernels_file = f"{safe}.{result.name}.npz"
+                contents[result.kernels_file] = result.npz_bytes()
             contents[f"{safe}.{result.name}.json"] = result.to_json()
     names = list(all_results)
     summary = summary_frame(all_results, metas)

@@ -169,8 +169,8 @@ def test_commands_share_their_common_flags_with_their_own_defaults():
     parse = build_parser().parse_args
     common = ["--arch", "vit_tiny_patch4_32", "--pos", "ape", "--out", "o", "--seed", "3", "--device", "cpu",
               "--images", "d", "--img-size", "32", "--batch-size", "4", "--no-progress", "--trust"]
-    for command in ("layerwise", "attention-distance", "embeddings", "shuffle-test", "check-equivariance",
-                    "resolution", "attribution", "report"):
+    for command in ("layerwise", "attention-distance", "attention-offsets", "embeddings", "shuffle-test",
+                    "check-equivariance", "resolution", "attribution", "report"):
         args = parse([command, *common])
         assert (args.arch, args.pos, str(args.out), args.seed, args.images, args.img_size, args.batch_size,
                 args.no_progress, args.trust) == ("vit_tiny_patch4_32", "ape", "o", 3, "d", 32, 4, True, True)

@@ -41,6 +41,8 @@ def test_report_has_every_section_for_every_model(report):
     assert doc["layers"][0]["r2"] > 0.99
     assert doc["provenance"]["command"] == "asg-probe report ape none"
     assert not re.search(r"<script", page)  # a static page: nothing to execute
+    offsets = json.loads((out / "ape.attention_offsets.json").read_text())  # the same pass: kernels beside it
+    assert "Position in attention scores" in page and (out / offsets["kernels_file"]).exists()
 
 
 def test_report_opens_with_contents_summary_and_provenance_before_any_figure(report):

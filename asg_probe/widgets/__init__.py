@@ -7,6 +7,8 @@
   field and R² curve as spatial organisation emerges.
 * :class:`TrainingExplorer`: the comparison explorer with a training-step slider
   (and play) over runs' snapshots, loaded as the slider reaches them.
+* :class:`OffsetKernelViewer`: pick a layer and a head, see its attention offset
+  kernel (from :func:`asg_probe.attention_offsets`).
 * :class:`ModelView`: the per-model cache both are built on (tokens, probes,
   attention, embeddings, computed on first use).
 
@@ -25,8 +27,9 @@ True
 """
 from .explorer import MEAN_HEAD, ComparisonExplorer
 from .layer_slider import LayerSlider
+from .offsets import OffsetKernelViewer
 from .training import RunSnapshots, TrainingExplorer
 from .view import Embedding2D, ModelView, ProbeFit, as_views
 
-__all__ = ["ComparisonExplorer", "LayerSlider", "TrainingExplorer", "RunSnapshots", "ModelView", "ProbeFit",
+__all__ = ["ComparisonExplorer", "LayerSlider", "OffsetKernelViewer", "TrainingExplorer", "RunSnapshots", "ModelView", "ProbeFit",
            "Embedding2D", "MEAN_HEAD", "as_views"]
