@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..results import AnalysisResult
 
 
@@ -27,7 +28,7 @@ def position_embeddings(model, grid=None) -> tuple[torch.Tensor, tuple]:
         return sincos_2d(gh, gw, model.embed_dim), (gh, gw)
     table = getattr(model, "pos_embed", None)
     if table is None or not isinstance(table, torch.Tensor):
-        raise ValueError(f"{type(model).__name__} (pos={pos!r}) has no absolute position embedding; "
+        raise UsageError(f"{type(model).__name__} (pos={pos!r}) has no absolute position embedding; "
                          "pos-similarity applies to learned (ape) or sin-cos embeddings")
     table = table.detach()[0]
     native = tuple(model.patch_embed.grid_size)
@@ -131,9 +132,11 @@ def pos_similarity(model, grid=None, *, label: str = "", checkpoint=None) -> Pos
     >>> res.grid, float(res.similarity[0, 0])
     ((8, 8), 1.0)
     """
+    from ..finite import require_finite
     from ..inputs import display_label
 
     label = display_label(label, checkpoint)
     emb, grid = position_embeddings(model, grid)
+    require_finite({"the position embeddings": emb}, source=label or "model")
     flat = F.normalize(emb.reshape(-1, emb.shape[-1]).float(), dim=-1)
     return PosSimilarityResult(flat @ flat.T, grid, checkpoint=label)
