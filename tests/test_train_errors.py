@@ -59,7 +59,7 @@ def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_unexpected_error_is_one_line_with_a_hint_and_a_traceback_with_debug(tmp_path, monkeypatch, capsys):
-    def broken(cfg, resume=False, command=None):
+    def broken(cfg, resume=False, command=None, overwrite=False):
         raise RuntimeError("something inside broke\nsecond line")
 
     monkeypatch.setattr(trainer, "run", broken)
