@@ -197,8 +197,32 @@ def cmd_report(args, rank):
         from .report import number
 
         summary = pd.read_csv(path.parent / "summary.csv")  # the table the page opens with
+        warned, computed = _report_provenance(path.parent)
+        for line in warned:
+            print(f"warning: {line}", file=sys.stderr)
         print(summary.to_string(index=False, float_format=lambda v: number(v, tiny=False)))
+        for line in computed:
+            print(line)
         print(f"wrote {path}, {path.parent / 'summary.csv'} and the per-model JSON")
+
+
+def _report_provenance(out):
+    """Warnings and ``computed on:`` lines of a written report, as every command prints them:
+    read from each model's layerwise JSON (one line per distinct image set)."""
+    import json
+
+    from .report import report_files
+    from .results import AnalysisResult
+
+    warned, computed = [], []
+    for name in report_files(out):
+        if name.endswith(".layerwise.json"):
+            result = AnalysisResult()
+            result.provenance = json.loads((out / name).read_text(encoding="utf-8")).get("provenance") or {}
+            warned += [w for w in result.provenance_warnings() if w not in warned]
+            if result.provenance_line() not in computed:
+                computed.append(result.provenance_line())
+    return warned, computed
 
 
 def cmd_emergence(args, rank):

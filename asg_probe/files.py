@@ -68,7 +68,7 @@ def _process_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
         return False
     except (PermissionError, OSError):  # exists, owned by someone else (or cannot tell): keep
         return True

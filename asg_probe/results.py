@@ -51,6 +51,7 @@ __all__ = ["AnalysisResult", "write_output_set", "recover_output_set", "check_ou
 _STAGING_PREFIX = ".asg-probe-staging."
 _STAGING_SUFFIX = ".tmp"
 _COMPLETE = "COMPLETE"  # inside a staging folder: the file names of a fully written set, one per line
+_REMOVE = "REMOVE"  # inside a staging folder: files of the previous set that the new set retires
 # no pid part: a folder written by an earlier version, whose writer is long gone
 _STAGING = re.compile(r"^\.asg-probe-staging\.(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+\.tmp$")
 
@@ -97,6 +98,11 @@ def _publish(stage: Path, out: Path) -> None:
     for name in names:
         if (stage / name).exists():
             os.replace(stage / name, out / name)
+    if (stage / _REMOVE).exists():
+        for name in (stage / _REMOVE).read_text(encoding="utf-8").splitlines():
+            target = out / name
+            if name and Path(name).name == name and target.is_file() and not target.is_symlink():
+                target.unlink()
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -131,20 +137,21 @@ def recover_output_set(out_dir) -> list:
     return handled
 
 
-def write_output_set(out_dir, contents: dict) -> list:
+def write_output_set(out_dir, contents: dict, remove=()) -> list:
     """Write ``{file name: str or bytes}`` into ``out_dir`` so that the files appear together.
 
     Every file is first written (fsynced) into a hidden staging folder in ``out_dir``; once
     all are there, a COMPLETE mark is written and the files are renamed into place. An
     exception (or Ctrl-C) before the mark leaves ``out_dir`` as it was; after the mark, the
-    renames are finished before the exception propagates. Returns the final paths, in the
-    order of ``contents``.
+    renames are finished before the exception propagates. ``remove``: names of files of an
+    earlier set (that the caller knows it wrote) to delete once the new set is in place, as
+    part of the set. Returns the final paths, in the order of ``contents``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recover_output_set(out)
     names = list(contents)
-    bad = [n for n in names if Path(n).name != n or n in ("", ".", "..", _COMPLETE)]
+    bad = [n for n in [*names, *remove] if Path(n).name != n or n in ("", ".", "..", _COMPLETE, _REMOVE)]
     if bad:
         raise ValueError(f"output names must be plain file names, got {bad}")
     check_output_names(out, names)
@@ -155,6 +162,9 @@ def write_output_set(out_dir, contents: dict) -> list:
                 atomic_write_text(stage / name, data)
             else:
                 atomic_write_bytes(stage / name, bytes(data))
+        retired = [n for n in remove if n not in contents]
+        if retired:
+            atomic_write_text(stage / _REMOVE, "\n".join(retired) + "\n")
         atomic_write_text(stage / _COMPLETE, "\n".join(names) + "\n")
     finally:
         # complete: publish even while an exception unwinds; incomplete: drop the partial set
