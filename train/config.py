@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 from pathlib import Path
 
 import yaml
@@ -208,19 +209,32 @@ def _check_model_kwargs(model: dict):
     architecture does not take, or a value it refuses, is a config error now, not a crash later."""
     if not model["kwargs"]:
         return
+    import json
+
+    problem = _model_kwargs_problem(model["name"], model["pos"], json.dumps(model["kwargs"], sort_keys=True))
+    if problem:
+        raise ConfigError(f"model.kwargs {model['kwargs']} do not fit {model['name']} pos={model['pos']} "
+                          f"({problem})")
+
+
+@functools.lru_cache(maxsize=64)
+def _model_kwargs_problem(name: str, pos: str, kwargs_json: str) -> str:
+    """The first line of what building the model says about its arguments ('' if nothing);
+    cached, since a config is resolved again for every seed and on every resume."""
+    import json
+
     import torch
 
     import asg_probe
 
     try:
         with torch.device("meta"):
-            asg_probe.create_model(model["name"], pos=model["pos"], **model["kwargs"])
+            asg_probe.create_model(name, pos=pos, **json.loads(kwargs_json))
     except (TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model.kwargs {model['kwargs']} do not fit {model['name']} pos={model['pos']} "
-                          f"({first})") from None
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     except Exception:  # noqa: BLE001 - only a check: a meta-device limitation is not the config's fault
         pass
+    return ""
 
 
 def validate(cfg: dict):
