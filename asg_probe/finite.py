@@ -22,7 +22,14 @@ from __future__ import annotations
 
 from .errors import InputError
 
-__all__ = ["first_non_finite", "require_finite"]
+__all__ = ["first_non_finite", "require_finite", "model_source"]
+
+
+def model_source(model) -> str:
+    """How an error names a model: its checkpoint when it was loaded from one, else its class."""
+    meta = getattr(model, "asg_meta", None)
+    checkpoint = meta.get("checkpoint") if isinstance(meta, dict) else None
+    return str(checkpoint) if checkpoint else type(model).__name__
 
 
 def _finite(value) -> bool:
@@ -42,9 +49,16 @@ def _finite(value) -> bool:
 def first_non_finite(named):
     """The name of the first entry of ``named`` (a mapping or ``(name, value)`` pairs of tensors,
     arrays or numbers) holding a NaN or an infinity, or ``None``."""
-    items = named.items() if hasattr(named, "items") else named
+    import torch
+
+    items = [(n, v) for n, v in (named.items() if hasattr(named, "items") else named) if v is not None]
+    floating = [v for _, v in items if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())]
+    if floating and len(floating) == len(items) and len({v.device for v in floating}) == 1:
+        # tensors on one device: one flag per tensor, one host sync for all of them
+        if bool(torch.stack([torch.isfinite(v).all() for v in floating]).all()):
+            return None
     for name, value in items:
-        if value is not None and not _finite(value):
+        if not _finite(value):
             return name
     return None
 

@@ -565,6 +565,12 @@ def test_a_nan_in_a_model_never_certifies_or_becomes_a_table():
         asg_probe.check_equivariance(model, images)
     with pytest.raises(InputError, match=r"in the attention distance of layer 1"):
         asg_probe.attention_distance(model, images, progress=False)
+    # every analysis on the shared forward pass: checked there, once per batch
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = 0.0
+        model.blocks[0].mlp.fc2.bias[0] = float("inf")
+    with pytest.raises(InputError, match=r"^SpatialViT: non-finite values \(NaN or inf\) in the tokens of layer 1"):
+        asg_probe.layerwise_probes(model, torch.rand(4, 3, 32, 32), n_folds=2, progress=False)
 
 
 def test_ctrl_c_after_the_work_is_done_exits_130_without_a_traceback():

@@ -45,7 +45,8 @@ def set_rng_state(state: dict):
 def atomic_torch_save(obj, path: Path):
     """``torch.save`` through a temporary file beside ``path``: the old file or the new, never half.
 
-    A process killed mid-write leaves a ``.train_state.pt.*.tmp`` file that the next run removes.
+    A process killed mid-write leaves a ``.train_state.pt.asg-PID-*.tmp`` file, which the next run
+    removes once that process is gone (:func:`asg_probe.files.remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
