@@ -10,7 +10,7 @@ on stderr (see README, "Error contract"):
 - exit 1: an input that cannot be read (:class:`~asg_probe.errors.InputError`, e.g. a
   truncated checkpoint), or an unexpected error, reported with a hint to rerun with
   ``--debug``, which prints the traceback;
-- exit 130: interrupted (Ctrl-C).
+- exit 130: interrupted (Ctrl-C), also once the results are written: one line, no traceback.
 
 Under ``torchrun`` the images are split over the processes and statistics combined; rank 0
 prints and writes.

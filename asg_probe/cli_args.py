@@ -103,7 +103,8 @@ def _run_parent():
                    help="output folder (default: asg-probe-out/<command>); earlier results of the same "
                         "command there are replaced, and the command says so")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: %(default)s)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for image crops and shuffles (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed for image crops and shuffles (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
