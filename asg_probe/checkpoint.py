@@ -384,7 +384,7 @@ def _check_meta(meta, path):
     if not isinstance(desc, dict):
         raise bad(f"'model' is a {type(desc).__name__}")
     if not isinstance(desc.get("name"), str):
-        raise bad("no model.name")
+        raise bad("no model.name" if desc.get("name") is None else f"model.name is a {type(desc['name']).__name__}")
     for key, kinds in (("pos", (str, type(None))), ("kwargs", (dict,))):
         if key in desc and not isinstance(desc[key], kinds):
             raise bad(f"model.{key} is a {type(desc[key]).__name__}")

@@ -82,8 +82,9 @@ def _step_from_metadata(path) -> int:
     except Exception as exc:  # noqa: BLE001 - any unreadable header is one line for the user
         raise UsageError(f"{path}: cannot read its header ({exc}); pass step_XXXXXXX.safetensors files") from None
     step = meta.get("step", (meta.get("train") or {}).get("step"))
-    if step is None:
-        raise UsageError(f"{path}: no step in its name (step_XXXXXXX.safetensors) or metadata; rename it")
+    if isinstance(step, bool) or not isinstance(step, (int, str)) or not str(step).isdigit():
+        what = "no step" if step is None else f"a step of {step!r}"
+        raise UsageError(f"{path}: {what} in its name (step_XXXXXXX.safetensors) or metadata; rename it")
     return int(step)
 
 
