@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .geometry import resolve_layers
 
 __all__ = ["AttentionRecorder", "attention_logits", "attention_probabilities", "capture_attention", "MODES"]
@@ -312,7 +313,7 @@ def capture_attention(model, layers=None, reduce=None, mode="auto", logits=False
         raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
     blocks = getattr(model, "blocks", None)
     if blocks is None or not isinstance(blocks, nn.Module) or len(blocks) == 0:
-        raise ValueError(f"{type(model).__name__} has no `blocks`: capture_attention needs a timm-style ViT")
+        raise UsageError(f"{type(model).__name__} has no `blocks`: capture_attention needs a timm-style ViT")
     blocks = list(blocks)
     # layer 0 (the patch embedding) has no attention: blocks are layers 1..depth
     wanted = None if layers is None else set(resolve_layers(layers, len(blocks), first=1))

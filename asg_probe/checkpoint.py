@@ -14,7 +14,14 @@ metrics, code version), so :func:`load_checkpoint` rebuilds the model by itself.
 Pickle-based files are opened with ``torch.load(weights_only=True)`` and a small
 allow-list of harmless types that such files really contain (``SimpleNamespace``,
 ``argparse.Namespace``, numpy arrays and dtypes for RNG state). Anything else is
-refused without running it; ``trust=True`` is the explicit opt-in.
+refused without running it; ``trust=True`` is the explicit opt-in. Before unpickling, the
+archive's members are measured: one that would unpack to far more than the file holds (a
+zip bomb) is refused without reading it.
+
+What is loaded is checked, not cast: metadata of the wrong shape, a tensor stored as integers
+where the model holds floating-point weights, or a NaN or infinity in any weight
+(:func:`asg_probe.finite.require_finite`) is a :class:`CheckpointError` naming the file and the
+first offending entry.
 """
 from __future__ import annotations
 
@@ -29,10 +36,15 @@ import torch
 
 from .errors import CheckpointError  # defined with the other error types; public here too
 from .files import atomic_write_path
+from .finite import require_finite
 
 FORMAT_NAME = "asg_probe"
 FORMAT_VERSION = 1
 _RUN_DIR_FILE = "model.safetensors"
+# A torch file is a zip of stored (uncompressed) members, so what it unpacks to is about its
+# own size; far more than that is a zip bomb. The slack covers deflated re-packs of real files.
+_MAX_UNPACK_RATIO = 8
+_UNPACK_SLACK = 64 << 20
 
 
 # --------------------------------------------------------------------------- saving
@@ -153,7 +165,23 @@ def _read_safetensors(path: Path):
     return state, meta
 
 
+def _check_archive_size(path: Path) -> None:
+    """Refuse a torch zip archive whose members would unpack to far more than the file's size."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load says what is wrong with it
+    size = path.stat().st_size
+    if unpacked > _MAX_UNPACK_RATIO * size + _UNPACK_SLACK:
+        raise CheckpointError(f"{path}: the archive would unpack to {unpacked / 2**20:.0f} MiB from a "
+                              f"{size / 2**20:.1f} MiB file (a zip bomb?); refused, nothing was read")
+
+
 def _read_torch(path: Path, trust: bool):
+    _check_archive_size(path)
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -309,11 +337,15 @@ def _closest_registered(kw):
 
 # --------------------------------------------------------------------------- building
 
-def _build(arch, pos, kwargs):
+def _build(arch, pos, kwargs, path=None):
     from .models import create_model, list_models
 
     if arch in list_models():
-        return create_model(arch, pos=pos or "none", **kwargs)
+        try:
+            return create_model(arch, pos=pos or "none", **kwargs)
+        except (TypeError, ValueError) as exc:  # arguments from a file: the file is wrong, not the code
+            raise CheckpointError(f"{path}: cannot build {arch} pos={pos!r} with the stored arguments {kwargs} "
+                                  f"({_first_line(exc)}); pass arch=/pos= (--arch/--pos)") from None
     import timm
 
     if pos not in (None, "none", "ape"):
@@ -326,7 +358,44 @@ def _build(arch, pos, kwargs):
                               f"timm model name ({_first_line(exc)})") from None
 
 
+def _check_dtypes(model, state, path) -> None:
+    """A tensor stored as integers (or bool) where the model holds floating-point weights would
+    be cast silently by ``load_state_dict``: refuse it instead."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, value in state.items():
+        target = own.get(name)
+        if target is not None and target.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"{path}: {name} is stored as {str(value.dtype).replace('torch.', '')}, but the "
+                                  "model holds floating-point weights there; re-save the checkpoint with float "
+                                  "weights")
+
+
+def _check_meta(meta, path):
+    """The asg_probe metadata must have the shape :func:`save_checkpoint` writes; else one line."""
+    def bad(what):
+        return CheckpointError(f"{path}: the asg_probe metadata is malformed ({what}); "
+                               "pass arch=/pos= (--arch/--pos) to load the weights alone")
+
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise bad(f"a {type(meta).__name__}, not a mapping")
+    desc = meta.get("model", {})
+    if not isinstance(desc, dict):
+        raise bad(f"'model' is a {type(desc).__name__}")
+    if not isinstance(desc.get("name"), str):
+        raise bad("no model.name" if desc.get("name") is None else f"model.name is a {type(desc['name']).__name__}")
+    for key, kinds in (("pos", (str, type(None))), ("kwargs", (dict,))):
+        if key in desc and not isinstance(desc[key], kinds):
+            raise bad(f"model.{key} is a {type(desc[key]).__name__}")
+    for key in ("config", "data_config"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise bad(f"'{key}' is a {type(meta[key]).__name__}")
+    return meta
+
+
 def _load_weights(model, state, path, arch, pos):
+    _check_dtypes(model, state, path)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even with strict=False
@@ -383,6 +452,7 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
 
     named = load_named(path, arch=arch, map_location=map_location, **model_kwargs)
     if named is not None:
+        require_finite(named.state_dict(), source=path, error=CheckpointError)
         return named
     # ---
     path = Path(path)
@@ -393,12 +463,18 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
         path = path / _RUN_DIR_FILE
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file; point to a checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    kind = _sniff(path)
+    try:
+        kind = _sniff(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
     meta, args = None, None
     if kind == "safetensors":
         state, meta = _read_safetensors(path)
+        meta = _check_meta(meta, path)
         fmt = FORMAT_NAME if meta else "safetensors"
     elif kind.startswith("torch"):
         obj = _read_torch(path, trust)
@@ -465,8 +541,9 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
         if args is not None and "num_classes" in args_d and kw and kw["num_classes"] == 0:
             kwargs.setdefault("num_classes", int(args_d["num_classes"]))
 
-    model = _build(arch, pos, kwargs)
+    model = _build(arch, pos, kwargs, path)
     _load_weights(model, state, path, arch, pos)
+    require_finite(model.state_dict(), source=path, error=CheckpointError)
     data_config = (meta or {}).get("data_config")
     if isinstance(data_config, dict):
         # the normalisation the model was trained with (e.g. a data set's own mean/std)

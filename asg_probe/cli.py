@@ -10,13 +10,14 @@ on stderr (see README, "Error contract"):
 - exit 1: an input that cannot be read (:class:`~asg_probe.errors.InputError`, e.g. a
   truncated checkpoint), or an unexpected error, reported with a hint to rerun with
   ``--debug``, which prints the traceback;
-- exit 130: interrupted (Ctrl-C).
+- exit 130: interrupted (Ctrl-C), also once the results are written: one line, no traceback.
 
 Under ``torchrun`` the images are split over the processes and statistics combined; rank 0
 prints and writes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -36,7 +37,10 @@ DEBUG_HINT = "rerun with --debug for the traceback"
 # --------------------------------------------------------------------------- helpers
 
 def _init_distributed():
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from .distributed import launcher_environment
+
+    _, world, _ = launcher_environment()  # WORLD_SIZE without a launcher: one line, not a hang
+    if world <= 1:
         return 0
     import torch.distributed as dist
 
@@ -300,6 +304,49 @@ def main(argv=None) -> int:
 
     Exit codes: 0 done, 2 usage error, 1 unreadable input or unexpected error, 130 interrupted.
     """
+    from_shell = argv is None
+    try:
+        with quiet_library_warnings():
+            return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the process group is taken down: still one line
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if from_shell:
+            exit_quietly_on_interrupt()
+
+
+@contextlib.contextmanager
+def quiet_library_warnings():
+    """Silence the plotting and imaging libraries' own warnings (fonts, layout, palette modes):
+    they say nothing about the results, and stderr is for our ``warning:`` and ``error:`` lines."""
+    with warnings.catch_warnings():
+        for module in ("matplotlib", "PIL"):
+            warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
+        yield
+
+
+def exit_quietly_on_interrupt() -> None:
+    """From here on, Ctrl-C ends the process with exit code 130 and one line, not a traceback.
+
+    Called once the command's work is done (its files are written and synced): an interrupt
+    while the interpreter shuts down (thread pools, progress bars, atexit) would otherwise
+    print a traceback. Only from the shell's entry point, never in a caller's process.
+    """
+    import signal
+
+    def stop(signum, frame):
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.write("error: interrupted\n")
+            sys.stderr.flush()
+        os._exit(130)
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave Python's handler
+        signal.signal(signal.SIGINT, stop)
+
+
+def _run(argv) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     debug = "--debug" in argv  # before parsing succeeds, the raw flag decides
     with warnings.catch_warnings():  # the library's warnings read like the CLI's own `warning:` lines

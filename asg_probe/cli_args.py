@@ -35,8 +35,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= ``minimum``, with a message that says so."""
+def _int_at_least(minimum: int, what: str, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``), with a message that says so."""
 
     def parse(text):
         try:
@@ -45,6 +45,8 @@ def _int_at_least(minimum: int, what: str):
             raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -52,6 +54,10 @@ def _int_at_least(minimum: int, what: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "0 or more")
+# Memory of an analysis grows with the token count squared (attention): a 2048-px image already
+# has 16384 tokens at patch 16. Larger sizes are refused before anything is loaded.
+MAX_IMG_SIZE = 2048
+image_size = _int_at_least(1, "a positive integer", maximum=MAX_IMG_SIZE)
 
 
 def positive_float(text):
@@ -102,7 +108,7 @@ def _run_parent(seed=True):
                         "command there are replaced, and the command says so")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: %(default)s)")
     if seed:  # only where something is random (images, shuffles)
-        p.add_argument("--seed", type=int, default=0,
+        p.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed for image crops and shuffles (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -118,7 +124,7 @@ def _images_parent(num_images=64):
                         "training runs), else embedded photographs")
     p.add_argument("--num-images", type=positive_int, default=num_images,
                    help="number of images (default: %(default)s)")
-    p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
+    p.add_argument("--img-size", type=image_size, default=None, help="input size (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per forward pass (default: %(default)s)")
     return p
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one relative tolerance for all layers (default: float64 rounding floor x depth)")
 
     p = command("resolution", "fit probes at one size, evaluate at others")
-    p.add_argument("--sizes", type=positive_int, nargs="+", default=None,
+    p.add_argument("--sizes", type=image_size, nargs="+", default=None,
                    help="evaluation sizes (default: 0.5x..2x the training size, multiples of the patch)")
     p.add_argument("--resize", action="store_true",
                    help="make every size by resizing the images loaded at the largest size (default: scenes "

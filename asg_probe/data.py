@@ -159,7 +159,7 @@ def embedded_images(num_images: int = 64, img_size: int = DEFAULT_IMG_SIZE, seed
 
     num_images, img_size = int(num_images), int(img_size)
     if num_images < 1 or img_size < 1:
-        raise ValueError(f"num_images and img_size must be positive, got {num_images} and {img_size}")
+        raise UsageError(f"num_images and img_size must be positive, got {num_images} and {img_size}")
     photos = _source_photos()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(photos))
@@ -194,22 +194,65 @@ def _image_files(root: Path) -> list:
     return [p for _, p in sorted(found)]
 
 
+class UnfaithfulImage(ValueError):
+    """A file that decodes, but whose pixels have no faithful 8-bit RGB reading (the reason says why)."""
+
+
+# 32-bit and float images carry values, not display levels: only the ranges with one obvious
+# 8-bit reading are accepted (integers 0..255 or 0..65535, floats in [0, 1]); anything else
+# would be a silent guess (a float image in [0, 1] cast to bytes is all black, an int32 one wraps).
+_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_CONVERTIBLE = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
+def _to_8bit(im):
+    """``im`` as an 8-bit image Pillow can convert to RGB faithfully, or :class:`UnfaithfulImage`."""
+    from PIL import Image
+
+    if im.mode in _CONVERTIBLE:
+        return im
+    if im.mode in _INTEGER_MODES:
+        arr = np.asarray(im, dtype=np.int64)
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high > 65535:
+            raise UnfaithfulImage(f"{im.mode} pixel values {low}..{high} are outside 0..65535: no faithful 8-bit "
+                                  "reading; convert it to 8- or 16-bit first")
+        arr = arr >> 8 if high > 255 else arr  # 16-bit greyscale: keep the top 8 bits
+        return Image.fromarray(arr.astype(np.uint8))
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise UnfaithfulImage("float pixel values outside [0, 1] (or not finite): no faithful 8-bit reading; "
+                                  "convert it to an 8-bit image first")
+        return Image.fromarray(np.round(arr * 255).astype(np.uint8))
+    raise UnfaithfulImage(f"pixel mode {im.mode!r} has no faithful RGB reading; convert it to RGB first")
+
+
 def _read_square(path: Path, size: int) -> torch.Tensor:
-    """Decode ``path`` and return the centre ``size``×``size`` crop after resizing its shorter side to ``size``."""
+    """Decode ``path`` and return the centre ``size``×``size`` crop after resizing its shorter side to ``size``.
+
+    Raises (and the caller skips and counts the file) for anything but a regular file, for
+    images over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``: a decompression bomb is
+    refused before it is decoded, also in the range where Pillow would only warn), and for
+    pixels without a faithful 8-bit reading (:func:`_to_8bit`).
+    """
+    import warnings
+
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        if im.format == "JPEG":
-            # decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed
-            # (never below ``size`` on either side): big photo folders load several times faster
-            im.draft("RGB", (size, size))
-        im.load()
-        im = ImageOps.exif_transpose(im)  # phone photos: store upright pixels as the viewer sees them
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            arr = np.asarray(im, dtype=np.int64)
-            arr = arr >> 8 if arr.max() > 255 else arr  # 16-bit greyscale: keep the top 8 bits
-            im = Image.fromarray(arr.astype(np.uint8))
-        im = im.convert("RGB")  # greyscale, palette, CMYK; alpha is dropped
+    if not path.is_file():  # a pipe would block the read forever; a socket or device is no image
+        raise UnfaithfulImage("not a regular file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # e.g. palette transparency
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                # decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed
+                # (never below ``size`` on either side): big photo folders load several times faster
+                im.draft("RGB", (size, size))
+            im.load()
+            im = ImageOps.exif_transpose(im)  # phone photos: store upright pixels as the viewer sees them
+            im = _to_8bit(im).convert("RGB")  # greyscale, palette, CMYK; alpha is dropped
         w, h = im.size
         scale = size / min(w, h)
         # Resizing the shorter side to ``size`` and taking the centre crop equals resampling

@@ -21,9 +21,54 @@ Examples
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["is_distributed", "rank_world", "shard_indices", "all_reduce_sum", "all_gather_object"]
+from .errors import UsageError
+
+__all__ = ["is_distributed", "rank_world", "shard_indices", "all_reduce_sum", "all_gather_object",
+           "launcher_environment"]
+
+# what torchrun (and torch.distributed.launch) set for every process it starts
+_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_environment(environ=None) -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from a launcher's environment; ``(0, 1, 0)`` for one process.
+
+    ``WORLD_SIZE`` > 1 without the other variables a launcher sets means no launcher started
+    this process: joining a process group would wait for peers that never come, so it is a
+    :class:`~asg_probe.errors.UsageError` (one line) instead of a hang.
+
+    >>> launcher_environment({})
+    (0, 1, 0)
+    >>> launcher_environment({"WORLD_SIZE": "2"})
+    Traceback (most recent call last):
+    ...
+    asg_probe.errors.UsageError: WORLD_SIZE=2 is set, but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: start the command with torchrun --nproc_per_node=N, or unset WORLD_SIZE to run in one process
+    """
+    env = os.environ if environ is None else environ
+    text = env.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE={text!r} is not a whole number; unset it to run in one process") from None
+    if world <= 1:
+        return 0, 1, 0
+    missing = [v for v in _LAUNCHER_VARIABLES if not env.get(v)]
+    if missing:
+        raise UsageError(f"WORLD_SIZE={world} is set, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not: start the command with torchrun "
+                         "--nproc_per_node=N, or unset WORLD_SIZE to run in one process")
+    try:
+        rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    except ValueError:
+        raise UsageError(f"RANK={env['RANK']!r} / LOCAL_RANK={env['LOCAL_RANK']!r} are not whole numbers; "
+                         "start the command with torchrun") from None
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}); start the command with torchrun")
+    return rank, world, local_rank
 
 
 def is_distributed() -> bool:

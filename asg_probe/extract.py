@@ -19,6 +19,7 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
+from .finite import model_source, require_finite
 from .geometry import model_geometry, resolve_layers
 from .layers.grid import permute_patches
 
@@ -311,6 +312,8 @@ def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_a
         _forward(model, model_input)
         tokens = dict(store)
         reduced = dict(recorder.attn) if want_attn else {}
+    # the one activation check every analysis shares: a NaN token would become NaN statistics
+    require_finite(tokens, source=model_source(model), what="the tokens of layer ")
     views = {"original": {k: v[:B] for k, v in tokens.items()}}
     if shuffled:
         views["shuffled"] = {k: v[B:] for k, v in tokens.items()}

@@ -4,8 +4,13 @@ Every file the project writes (results, reports, figures, checkpoints, training 
 summaries) goes through :func:`atomic_write`: the content is written to a hidden
 temporary file in the destination folder (same filesystem, so the rename is atomic),
 flushed to disk, given the usual file mode and renamed into place. A process killed
-mid-write leaves only a ``.NAME.*.tmp`` file, which :func:`remove_stale_temporaries`
-clears on the next run.
+mid-write leaves only a temporary file.
+
+Files we own: every temporary name carries the writer's process id,
+``.NAME.asg-PID-XXXXXXXX.tmp`` (:func:`owned_temporary_name`), so a later run can tell its
+own leftovers from anything else. :func:`remove_stale_temporaries` removes only names of that
+pattern whose writer is no longer running; a user's hidden ``*.tmp`` file, or the temporary
+file of a run still writing, is never touched.
 
 Examples
 --------
@@ -23,13 +28,56 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_path", "atomic_write_text", "atomic_write_bytes",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "owned_temporary_name", "owner_of", "is_stale"]
 
 _TMP_SUFFIX = ".tmp"
+_OWNER_TAG = ".asg-"  # then the writer's pid, "-", a random part
+# mkstemp/mkdtemp random parts are letters, digits and "_"
+_OWNED = re.compile(r"^\.(?P<name>.+)\.asg-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+
+
+def owned_temporary_name(name: str) -> str:
+    """The prefix of this process's temporary names for ``name`` (``mkstemp`` adds the random part).
+
+    >>> import os
+    >>> owned_temporary_name("a.json") == f".a.json.asg-{os.getpid()}-"
+    True
+    """
+    return f".{name}{_OWNER_TAG}{os.getpid()}-"
+
+
+def owner_of(path):
+    """``(name, pid)`` if ``path`` is a temporary name this project made, else ``None``.
+
+    >>> owner_of(".layerwise.json.asg-4242-k2j_9x.tmp")
+    ('layerwise.json', 4242)
+    >>> owner_of(".notes.tmp") is None  # a user's hidden file: not ours
+    True
+    """
+    m = _OWNED.match(Path(path).name)
+    return (m.group("name"), int(m.group("pid"))) if m else None
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
+        return False
+    except (PermissionError, OSError):  # exists, owned by someone else (or cannot tell): keep
+        return True
+    return True
+
+
+def is_stale(pid: int) -> bool:
+    """Whether the writer ``pid`` is gone (a leftover of a killed write), on this machine."""
+    return not _process_alive(pid)
 
 
 def _umask() -> int:
@@ -48,7 +96,7 @@ def atomic_write_path(path, *, fsync: bool = True):
     removed and ``path`` is left as it was.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=owned_temporary_name(path.name), suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -93,16 +141,22 @@ def atomic_write_bytes(path, data: bytes, *, fsync: bool = True) -> None:
 
 
 def remove_stale_temporaries(folder, name: str | None = None) -> list:
-    """Delete ``.NAME.*.tmp`` leftovers of killed writes in ``folder``; return what was removed.
+    """Delete leftovers of killed writes in ``folder``; return what was removed.
 
-    With ``name``, only leftovers of that file are removed.
+    Only regular files named by :func:`atomic_write_path` (``.NAME.asg-PID-XXXX.tmp``) whose
+    writer process is gone; with ``name``, only leftovers of that file. Anything else, a
+    user's hidden ``*.tmp`` included, stays.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = f".{name}.*{_TMP_SUFFIX}" if name else f".*{_TMP_SUFFIX}"
     removed = []
-    for p in folder.glob(pattern):
+    for p in folder.glob(f".*{_TMP_SUFFIX}"):
+        owner = owner_of(p)
+        if owner is None or (name is not None and owner[0] != name) or not is_stale(owner[1]):
+            continue
+        if p.is_symlink() or not p.is_file():
+            continue
         with contextlib.suppress(OSError):
             p.unlink()
             removed.append(p)

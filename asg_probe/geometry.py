@@ -265,11 +265,13 @@ def resolve_layers(layers, depth, *, first=0):
             layer = operator.index(layer)  # ints (also numpy's), not strings or floats
         except TypeError:
             raise TypeError(f"layers must be integers, got {layer!r}") from None
-        layer = depth + 1 + layer if layer < 0 else layer
+        given, layer = layer, depth + 1 + layer if layer < 0 else layer
         if not first <= layer <= depth:
+            # the message names the value the user gave, and both ways of counting
+            counted = f"{first}..{depth}, or {first - depth - 1}..-1 counted from the end"
             if first == 1:
-                raise UsageError(f"layer {layer} has no attention: this model's blocks are layers 1..{depth} "
+                raise UsageError(f"layer {given} has no attention: this model's blocks are layers {counted} "
                                  "(layer 0 is the patch embedding)")
-            raise UsageError(f"layer {layer} does not exist: this model has layers 0..{depth}")
+            raise UsageError(f"layer {given} does not exist: this model has layers {counted}")
         out.add(layer)
     return sorted(out)

@@ -418,6 +418,41 @@ def _emergence_html(runs, images, *, num_images, img_size, batch_size, seed, dev
     return section, result.to_json()
 
 
+#: lists the files a report wrote (hidden, part of the set): the next report into the folder
+#: removes those of them it does not write again, and nothing else
+REPORT_MANIFEST = ".asg-probe-report.files"
+
+
+def output_keys(names) -> dict:
+    """``{name: file-name key}`` for the per-model files; unique even when two checkpoints share
+    a file name (``a/model.pt``, ``b/model.pt``): those get a short hash of their full name.
+
+    >>> output_keys(["runs/a/model.pt", "runs/b/model.pt", "ape"])["ape"]
+    'ape'
+    >>> len(set(output_keys(["runs/a/model.pt", "runs/b/model.pt"]).values()))
+    2
+    """
+    import hashlib
+
+    def safe(text):
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+    base = {n: safe(Path(n).name) or "model" for n in names}
+    keys = {}
+    for n in names:
+        shared = sum(b == base[n] for b in base.values()) > 1
+        keys[n] = f"{base[n]}-{hashlib.sha1(str(n).encode()).hexdigest()[:8]}" if shared else base[n]
+    return keys
+
+
+def report_files(out_dir) -> list:
+    """The files the last report in ``out_dir`` wrote (from its manifest); ``[]`` if none."""
+    manifest = Path(out_dir) / REPORT_MANIFEST
+    if not manifest.is_file():
+        return []
+    return [n for n in manifest.read_text(encoding="utf-8").splitlines() if n and Path(n).name == n]
+
+
 def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
                  device="cpu", progress=True, with_resolution=True, command=None, on_results=None) -> Path:
     """Analyse ``models`` (list of ``(model, name)``) and write ``report.html``, ``summary.csv``
@@ -447,6 +482,13 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
 
     out = Path(out_dir)
     all_results, metas, contents = {}, {}, {}  # contents: every file, written as one set at the end
+    given = [name for _, name in models]
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        from .errors import UsageError
+
+        raise UsageError(f"report: {', '.join(map(str, twice))} given more than once; name each model once")
+    keys = output_keys(given)
     for model, name in models:
         res = analyse_model(model, name, images, num_images=num_images, img_size=img_size,
                             batch_size=batch_size, seed=seed, device=device, progress=progress,
@@ -454,7 +496,7 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
         all_results[name], metas[name] = res, getattr(model, "asg_meta", None) or {}
         if on_results is not None:
             on_results(name, res)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+        safe = keys[name]
         for result in res.values():
             if command:
                 result.provenance["command"] = command
@@ -538,7 +580,9 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
                                "<meta name='viewport' content='width=device-width, initial-scale=1'>"
                                "<title>asg_probe report</title><link rel='icon' href='data:,'>"
                                f"{style}</head><body>{''.join(parts)}</body></html>")
-    write_output_set(out, contents)
+    contents[REPORT_MANIFEST] = "".join(f"{n}\n" for n in sorted(contents))
+    # files the previous report wrote and this one does not (other models): retired with the set
+    write_output_set(out, contents, remove=report_files(out))
     return out / "report.html"
 
 

@@ -15,8 +15,11 @@ Files as a set: :func:`write_output_set` writes a command's files into a hidden 
 folder inside ``out_dir``, marks the set complete, then renames the files into place. A run
 killed before the mark leaves the previous results untouched (the staging folder is deleted
 by the next write into ``out_dir``); a run killed between the renames is completed by the
-next write. Either way a reader never ends up with files from two runs. One run at a time
-per output folder.
+next write. Either way a reader never ends up with files from two runs. The staging folder's
+name carries the writer's process id (``.asg-probe-staging.PID-XXXX.tmp``): a later run
+finishes or discards only the folders of writers that are gone, never those of a run still
+writing, and nothing that is not named so. A name that exists in ``out_dir`` as a folder
+(or anything but a file) is refused before the first file is written.
 
 Examples
 --------
@@ -35,17 +38,22 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from .files import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from .errors import UsageError
+from .files import atomic_write_bytes, atomic_write_text, is_stale, remove_stale_temporaries
 
-__all__ = ["AnalysisResult", "write_output_set", "recover_output_set"]
+__all__ = ["AnalysisResult", "write_output_set", "recover_output_set", "check_output_names"]
 
 _STAGING_PREFIX = ".asg-probe-staging."
 _STAGING_SUFFIX = ".tmp"
 _COMPLETE = "COMPLETE"  # inside a staging folder: the file names of a fully written set, one per line
+_REMOVE = "REMOVE"  # inside a staging folder: files of the previous set that the new set retires
+# no pid part: a folder written by an earlier version, whose writer is long gone
+_STAGING = re.compile(r"^\.asg-probe-staging\.(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+\.tmp$")
 
 
 def jsonable(obj):
@@ -70,27 +78,55 @@ def jsonable(obj):
 
 # --------------------------------------------------------------------------- files as a set
 
+def check_output_names(out_dir, names) -> None:
+    """Raise :class:`~asg_probe.errors.UsageError` if any of ``names`` exists in ``out_dir`` as
+    something other than a file (a folder, a pipe): renaming a result over it would fail halfway
+    through a set, so it is refused before anything is written."""
+    out = Path(out_dir)
+    for name in names:
+        target = out / name
+        if (target.exists() or target.is_symlink()) and not (target.is_file() and not target.is_symlink()):
+            what = "a folder" if target.is_dir() else "not a regular file"
+            raise UsageError(f"{target} is {what}, where a result file would go; move it away "
+                             "or choose another --out")
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Rename every file listed in ``stage``'s COMPLETE mark into ``out``; idempotent."""
-    for name in (stage / _COMPLETE).read_text(encoding="utf-8").splitlines():
-        if name and (stage / name).exists():
+    names = [n for n in (stage / _COMPLETE).read_text(encoding="utf-8").splitlines() if n]
+    check_output_names(out, [n for n in names if (stage / n).exists()])  # all or nothing
+    for name in names:
+        if (stage / name).exists():
             os.replace(stage / name, out / name)
+    if (stage / _REMOVE).exists():
+        for name in (stage / _REMOVE).read_text(encoding="utf-8").splitlines():
+            target = out / name
+            if name and Path(name).name == name and target.is_file() and not target.is_symlink():
+                target.unlink()
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _staging_owner_gone(stage: Path) -> bool:
+    m = _STAGING.match(stage.name)
+    if m is None or stage.is_symlink() or not stage.is_dir():
+        return False  # not ours
+    return m.group("pid") is None or is_stale(int(m.group("pid")))
 
 
 def recover_output_set(out_dir) -> list:
     """Finish or discard what a killed :func:`write_output_set` left in ``out_dir``.
 
-    A staging folder whose set was complete is published (the new results win); an
-    incomplete one is deleted (the previous results stay), as are ``.NAME.*.tmp`` files of
-    single atomic writes. Returns the staging folders handled.
+    Only staging folders of writers that are gone are handled: one whose set was complete
+    is published (the new results win); an incomplete one is deleted (the previous results
+    stay), as are the temporary files of killed single writes
+    (:func:`asg_probe.files.remove_stale_temporaries`). Returns the staging folders handled.
     """
     out = Path(out_dir)
     if not out.is_dir():
         return []
     handled = []
     for stage in sorted(out.glob(f"{_STAGING_PREFIX}*{_STAGING_SUFFIX}")):
-        if not stage.is_dir():
+        if not _staging_owner_gone(stage):
             continue
         if (stage / _COMPLETE).exists():
             _publish(stage, out)
@@ -101,29 +137,34 @@ def recover_output_set(out_dir) -> list:
     return handled
 
 
-def write_output_set(out_dir, contents: dict) -> list:
+def write_output_set(out_dir, contents: dict, remove=()) -> list:
     """Write ``{file name: str or bytes}`` into ``out_dir`` so that the files appear together.
 
     Every file is first written (fsynced) into a hidden staging folder in ``out_dir``; once
     all are there, a COMPLETE mark is written and the files are renamed into place. An
     exception (or Ctrl-C) before the mark leaves ``out_dir`` as it was; after the mark, the
-    renames are finished before the exception propagates. Returns the final paths, in the
-    order of ``contents``.
+    renames are finished before the exception propagates. ``remove``: names of files of an
+    earlier set (that the caller knows it wrote) to delete once the new set is in place, as
+    part of the set. Returns the final paths, in the order of ``contents``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recover_output_set(out)
     names = list(contents)
-    bad = [n for n in names if Path(n).name != n or n in ("", ".", "..", _COMPLETE)]
+    bad = [n for n in [*names, *remove] if Path(n).name != n or n in ("", ".", "..", _COMPLETE, _REMOVE)]
     if bad:
         raise ValueError(f"output names must be plain file names, got {bad}")
-    stage = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX, dir=out))
+    check_output_names(out, names)
+    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", suffix=_STAGING_SUFFIX, dir=out))
     try:
         for name, data in contents.items():
             if isinstance(data, str):
                 atomic_write_text(stage / name, data)
             else:
                 atomic_write_bytes(stage / name, bytes(data))
+        retired = [n for n in remove if n not in contents]
+        if retired:
+            atomic_write_text(stage / _REMOVE, "\n".join(retired) + "\n")
         atomic_write_text(stage / _COMPLETE, "\n".join(names) + "\n")
     finally:
         # complete: publish even while an exception unwinds; incomplete: drop the partial set

@@ -44,6 +44,8 @@ import math
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 TASKS = {"count": 5, "quadrant": 4, "nearest_side": 2}
 _ALIASES = {"left_right": "nearest_side"}
 _SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -232,7 +234,7 @@ def render_scene(rng: np.random.Generator, img_size: int = 32, task: str = "coun
     task = _task_name(task)
     S = int(img_size)
     if S < 8:
-        raise ValueError(f"img_size must be at least 8, got {S}")
+        raise UsageError(f"img_size must be at least 8, got {S}")
     yy, xx = _grid(S)
     # one generator call for all scene parameters: per-call overhead dominates at this size
     u = rng.random(12)

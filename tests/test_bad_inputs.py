@@ -16,9 +16,11 @@ import json
 import os
 import pickle
 import re
+import signal
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import asg_probe
 from asg_probe.cli import main
@@ -92,6 +95,28 @@ def env(tmp_path_factory):
                                  num_classes=0)
     paths["timm"] = root / "timm-vit.pt"
     torch.save(timm_vit.state_dict(), paths["timm"])
+    # issue 23: a NaN weight, floats stored as integers, a zip bomb, metadata of the wrong shape
+    broken = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    with torch.no_grad():
+        broken.blocks[0].attn.qkv.weight[3, 5] = float("nan")
+    paths["nan"] = asg_probe.save_checkpoint(root / "nan.safetensors", broken)
+    paths["int_weights"] = root / "int-weights.pt"
+    torch.save({k: v.round().to(torch.int32) if k == "pos_embed" else v for k, v in model.state_dict().items()},
+               paths["int_weights"])
+    paths["zip_bomb"] = root / "bomb.pt"
+    with zipfile.ZipFile(paths["zip_bomb"], "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb/data.pkl", b"\0" * (100 << 20))  # 100 MiB from a 0.1 MiB file
+    paths["bad_meta"] = root / "bad-meta.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths["bad_meta"]),
+              metadata={"asg_probe": json.dumps({"model": ["vit_tiny_patch4_32"]})})
+    paths["no_pos"] = asg_probe.save_checkpoint(root / "no-pos.safetensors",
+                                                asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1))
+    # a run whose snapshots are two architectures (a deeper model's snapshot dropped in)
+    mixed = root / "mixed-run"
+    asg_probe.save_checkpoint(mixed / "snapshots" / "step_0000000.safetensors", model, step=0)
+    asg_probe.save_checkpoint(mixed / "snapshots" / "step_0000004.safetensors",
+                              asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2), step=4)
+    paths["mixed_run"] = mixed
     return paths
 
 
@@ -194,6 +219,34 @@ CASES = DEVICE_CASES + [
          r"timm's VisionTransformer layout \(width 192, patch 8, 1 blocks\).*likely --arch vit_tiny_patch16_224", loads=True),
     Case("no-image-readable", ["layerwise", "{ckpt}", "--images", "{unreadable}", "--out", "{out}", *FAST], 1,
          r"none of the 1 image files could be read", loads=True),
+    # issue 23, class 5: plain bad input is a usage error with the right words, not a "bug"
+    Case("seed-negative", ["layerwise", "{ckpt}", "--seed", "-1", "--out", "{out}"], 2,
+         r"--seed: must be 0 or more, got -1"),
+    Case("img-size-beyond-the-bound", ["layerwise", "{ckpt}", "--img-size", "20000", "--out", "{out}"], 2,
+         r"--img-size: must be at most 2048, got 20000"),
+    Case("resolution-size-beyond-the-bound", ["resolution", "{ckpt}", "--sizes", "32", "9999", "--out", "{out}"],
+         2, r"--sizes: must be at most 2048, got 9999"),
+    Case("layer-far-below-range", ["layerwise", "{ckpt}", "--layers", "-99", "--out", "{out}", *FAST], 2,
+         r"layer -99 does not exist: this model has layers 0\.\.1, or -2\.\.-1 counted from the end", loads=True),
+    Case("embeddings-one-image", ["embeddings", "{ckpt}", "--num-images", "1", "--out", "{out}", "--no-progress"],
+         2, r"token embeddings need at least 2 images, got 1", loads=True),
+    Case("pos-similarity-without-embedding", ["pos-similarity", "{no_pos}", "--out", "{out}"], 2,
+         r"has no absolute position embedding", loads=True),
+    # class 1: a non-finite weight is an input error naming the file and the tensor, never a result
+    *[Case(f"nan-weight-{cmd}", [cmd, "{nan}", "--out", "{out}", *extra], 1,
+           r"nan\.safetensors: non-finite values \(NaN or inf\) in blocks\.0\.attn\.qkv\.weight", loads=True)
+      for cmd, extra in (("check-equivariance", FAST), ("attention-distance", FAST), ("pos-similarity", []))],
+    Case("float-weights-stored-as-int", ["pos-similarity", "{int_weights}", "--pos", "ape", "--out", "{out}"], 1,
+         r"int-weights\.pt: pos_embed is stored as int32, but the model holds floating-point weights", loads=True),
+    Case("malformed-metadata", ["layerwise", "{bad_meta}", "--out", "{out}"], 1,
+         r"bad-meta\.safetensors: the asg_probe metadata is malformed \('model' is a list\)", loads=True),
+    # class 4: a bound before work
+    Case("zip-bomb-pickle", ["layerwise", "{zip_bomb}", "--out", "{out}"], 1,
+         r"bomb\.pt: the archive would unpack to 100 MiB .*zip bomb.*nothing was read", loads=True),
+    # class 3: mixed inputs refused before any snapshot is loaded
+    Case("emergence-mixed-architectures", ["emergence", "{mixed_run}", "--out", "{out}", *FAST], 1,
+         r"snapshot step_0000004\.safetensors is vit_tiny_patch4_32 pos=ape \{\"depth\": 2\}, but "
+         r"step_0000000\.safetensors is .*\{\"depth\": 1\}"),
 ]
 
 
@@ -427,3 +480,125 @@ def test_the_timm_architecture_named_for_a_bare_state_dict_loads_it(env, tmp_pat
     arch = re.search(r"likely --arch (\S+)", capsys.readouterr().err).group(1)
     assert main(["attention-distance", str(env["timm"]), "--arch", arch, "--out", str(tmp_path), *FAST]) == 0
     assert json.loads((tmp_path / "attention_distance.json").read_text())["patch_size"] == 8
+
+
+# --------------------------------------------------------------------------- issue 23: files we own
+
+DEAD_PID = 2**22 + 1  # above Linux's largest pid_max: the writer of this name is certainly gone
+
+
+def test_only_our_leftovers_of_gone_writers_are_removed(env, tmp_path, capsys):
+    """A user's hidden *.tmp files stay, through a run that works and one that fails; a killed
+    run's temporaries are removed, a live writer's staging folder is left to it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    users = {".draft.tmp": b"mine", ".pos_similarity.json.tmp": b"also mine", ".x.asg-notapid-y.tmp": b"mine"}
+    for name, data in users.items():
+        (out / name).write_bytes(data)
+    killed = out / f".pos_similarity.csv.asg-{DEAD_PID}-k1ll3d.tmp"
+    killed.write_bytes(b"half")
+    live = out / f".asg-probe-staging.{os.getpid()}-l1ve.tmp"  # a concurrent run still writing
+    live.mkdir()
+    (live / "pos_similarity.json").write_text("{}")
+    assert main(["layerwise", str(env["ckpt"]), "--img-size", "30", "--out", str(out)]) == 2  # fails after checks
+    assert main(["pos-similarity", str(env["ckpt"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    left = {p.name for p in out.iterdir()}
+    assert set(users) <= left and all((out / n).read_bytes() == d for n, d in users.items())
+    assert not killed.exists() and (live / "pos_similarity.json").is_file()
+    assert {"pos_similarity.json", "pos_similarity.csv", "pos_similarity.png"} <= left
+
+
+def test_a_folder_named_like_a_result_is_refused_before_anything_is_published(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "pos_similarity.csv").mkdir(parents=True)  # where a result file would go
+    assert main(["pos-similarity", str(env["ckpt"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"pos_similarity\.csv is a folder, where a result file would go", err)
+    assert sorted(p.name for p in out.iterdir()) == ["pos_similarity.csv"]  # no partial set, no staging folder
+    (out / "pos_similarity.csv").rmdir()
+    assert main(["pos-similarity", str(env["ckpt"]), "--out", str(out)]) == 0  # and the folder still works
+    assert _no_leftovers(out) and len(list(out.iterdir())) == 3
+
+
+# --------------------------------------------------------------------------- issue 23: environment, images
+
+def test_world_size_without_a_launcher_is_one_line_before_any_work(env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(asg_probe.checkpoint, "load_checkpoint",
+                        lambda *a, **k: pytest.fail("a model was loaded before the environment was checked"))
+    assert main(["layerwise", str(env["ckpt"]), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "WORLD_SIZE=2 is set, but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not" in err
+
+
+def test_images_without_a_faithful_reading_are_skipped_and_counted(tmp_path):
+    from asg_probe.data import load_images
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40), 0.5, np.float32), mode="F").save(folder / "float-unit.tif")  # faithful
+    Image.fromarray(np.full((40, 40), 1000, np.int32), mode="I").save(folder / "int-16bit.tif")   # faithful
+    Image.fromarray(np.full((40, 40), 300.0, np.float32), mode="F").save(folder / "float-300.tif")
+    Image.fromarray(np.full((40, 40), -70000, np.int32), mode="I").save(folder / "int32-negative.tif")
+    _png_header_only(folder / "bomb-warning-range.png", 10000, 10000)  # 1x..2x Pillow's limit: it only warns
+    os.mkfifo(folder / "pipe.png")  # reading it would block forever
+    images = load_images(folder, num_images=10, img_size=32)
+    means = {os.path.basename(p): float(x.float().mean()) for p, x in zip(images.paths, images.images)}
+    assert means == {"float-unit.tif": 128.0, "int-16bit.tif": 3.0}  # 0.5 -> 128; 1000 >> 8 = 3
+    reasons = {os.path.basename(p): r for p, r in images.skipped}
+    assert set(reasons) == {"float-300.tif", "int32-negative.tif", "bomb-warning-range.png", "pipe.png"}
+    assert "outside [0, 1]" in reasons["float-300.tif"] and "outside 0..65535" in reasons["int32-negative.tif"]
+    assert "DecompressionBomb" in reasons["bomb-warning-range.png"] and "not a regular file" in reasons["pipe.png"]
+
+
+def test_a_nan_in_a_model_never_certifies_or_becomes_a_table():
+    from asg_probe.errors import InputError
+
+    model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.raises(InputError, match=r"non-finite values \(NaN or inf\) in the tokens of layer 1"):
+        asg_probe.check_equivariance(model, images)
+    with pytest.raises(InputError, match=r"in the attention distance of layer 1"):
+        asg_probe.attention_distance(model, images, progress=False)
+    # every analysis on the shared forward pass: checked there, once per batch
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = 0.0
+        model.blocks[0].mlp.fc2.bias[0] = float("inf")
+    with pytest.raises(InputError, match=r"^SpatialViT: non-finite values \(NaN or inf\) in the tokens of layer 1"):
+        asg_probe.layerwise_probes(model, torch.rand(4, 3, 32, 32), n_folds=2, progress=False)
+
+
+def test_ctrl_c_after_the_work_is_done_exits_130_without_a_traceback():
+    script = ("import os, signal, time\n"
+              "from asg_probe.cli import exit_quietly_on_interrupt\n"
+              "exit_quietly_on_interrupt()\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted\n"
+
+
+# --------------------------------------------------------------------------- issue 23: report outputs
+
+def test_report_outputs_are_keyed_per_model_and_a_later_set_retires_only_listed_files(tmp_path):
+    """The mechanisms ``build_report`` uses (a whole report is run in tests/test_report.py)."""
+    from asg_probe.report import REPORT_MANIFEST, output_keys, report_files
+    from asg_probe.results import write_output_set
+
+    keys = output_keys(["runs/a/model.pt", "runs/b/model.pt", "ape"])
+    assert keys["ape"] == "ape" and len(set(keys.values())) == 3
+    assert all(re.fullmatch(r"model\.pt-[0-9a-f]{8}", keys[n]) for n in ("runs/a/model.pt", "runs/b/model.pt"))
+    assert output_keys(["runs/a/model.pt"]) == output_keys(["runs/a/model.pt"])  # stable between runs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.layerwise.json").write_text("the user's")
+    old = {"a.layerwise.json": "{}", "b.layerwise.json": "{}", REPORT_MANIFEST: "a.layerwise.json\nb.layerwise.json\n"}
+    write_output_set(out, old, remove=report_files(out))
+    assert report_files(out) == ["a.layerwise.json", "b.layerwise.json"]
+    write_output_set(out, {"a.layerwise.json": "{}", REPORT_MANIFEST: "a.layerwise.json\n"}, remove=report_files(out))
+    assert sorted(p.name for p in out.iterdir()) == [REPORT_MANIFEST, "a.layerwise.json", "notes.layerwise.json"]

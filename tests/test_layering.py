@@ -26,6 +26,7 @@ RANKS = [
     (0, "asg_probe"),             # __init__ only (lazy names): not a prefix for the rest
     (0, "asg_probe.files"),
     (0, "asg_probe.errors"),
+    (0, "asg_probe.finite"),      # the one check that no NaN or inf becomes a result
     (0, "asg_probe.progress"),
     (0, "asg_probe.plotting"),    # colours and display names shared by every figure
     (0, "asg_probe.version"),

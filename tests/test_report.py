@@ -160,8 +160,14 @@ def test_report_command_prints_the_summary_table_and_writes_it_as_csv(tmp_path, 
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1, num_classes=2)
     checkpoint = asg_probe.save_checkpoint(tmp_path / "ape-small.safetensors", model)
     out = tmp_path / "out"
+    out.mkdir()  # as a previous report of another model left it, plus a file of the user's (issue 23)
+    (out / "old.layerwise.json").write_text("{}")
+    (out / ".asg-probe-report.files").write_text("old.layerwise.json\n")
+    (out / "mine.layerwise.json").write_text("the user's")
     assert main(["report", str(checkpoint), "--num-images", "10", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
+    assert "computed on: 10 images from embedded photographs" in printed  # like every command
+    assert not (out / "old.layerwise.json").exists() and (out / "mine.layerwise.json").read_text() == "the user's"
     summary = pd.read_csv(out / "summary.csv")
     last = json.loads((out / "ape-small.safetensors.layerwise.json").read_text())["layers"][-1]
     assert summary["r2_row"].iloc[0] == pytest.approx(last["r2_row"], abs=1e-12)

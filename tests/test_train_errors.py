@@ -35,6 +35,16 @@ CASES = [
     ("fp16-cpu", lambda t: ["precision=fp16"], 2, r"precision=fp16 needs CUDA"),
     ("patch", lambda t: ["eval.sizes=[30]"], 2, r"image size 30 .* not a multiple of the patch size 4"),
     ("snapshots", lambda t: ["snapshot_schedule=sometimes"], 2, r"snapshot_schedule must be log or null"),
+    # issue 23: one validation layer (types from the defaults, finite numbers, ranges, model arguments)
+    ("seed-negative", lambda t: ["seed=-1"], 2, r"seed must be an integer >= 0, got -1"),
+    ("threads-text", lambda t: ["threads=abc"], 2, r"threads must be an integer >= 1, got 'abc'"),
+    ("crop-ratio-zero", lambda t: ["data.eval_crop_ratio=0"], 2, r"data\.eval_crop_ratio must be a number >= 1"),
+    ("lr-inf", lambda t: ["optim.lr=inf"], 2, r"optim\.lr must be a finite number, got inf"),
+    ("lr-nan", lambda t: ["optim.lr=nan"], 2, r"optim\.lr must be a finite number, got nan"),
+    ("kwargs-unknown", lambda t: ["model.kwargs.bogus=1"], 2,
+     r"model\.kwargs \{.*'bogus': 1\} do not fit vit_tiny_patch4_32 .*unexpected keyword argument 'bogus'"),
+    ("img-size-text", lambda t: ["model.img_size=abc"], 2, r"model\.img_size must be an integer, got 'abc'"),
+    ("flag-text", lambda t: ["compile=maybe"], 2, r"compile: expected true or false"),
 ]
 
 
@@ -59,7 +69,7 @@ def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_unexpected_error_is_one_line_with_a_hint_and_a_traceback_with_debug(tmp_path, monkeypatch, capsys):
-    def broken(cfg, resume=False, command=None):
+    def broken(cfg, resume=False, command=None, overwrite=False):
         raise RuntimeError("something inside broke\nsecond line")
 
     monkeypatch.setattr(trainer, "run", broken)
@@ -100,3 +110,61 @@ def test_evaluation_shows_progress(tmp_path, capsys):
     assert cli.main(args) == 0
     err = capsys.readouterr().err
     assert "eval 16,32 px" in err and "2/2" in err           # one batch per size, both counted
+
+
+# --------------------------------------------------------------------------- issue 23: run folders
+
+def _listing(run):
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_a_run_is_refused_locked_or_replaced_only_when_told(tmp_path, capsys):
+    from asg_train.rundir import LOCK_FILE
+
+    run = tmp_path / "run"
+    args = ["--config", str(DEFAULTS), *TINY, f"out={run}", "snapshot_every=1"]
+    assert cli.main(args) == 0
+    (run / "notes.txt").write_text("the user's")
+    before = _listing(run)
+    assert "snapshots/step_0000002.safetensors" in before
+    capsys.readouterr()
+    # a new run into it: refused, nothing changed
+    assert cli.main([*args, "seed=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(r"already holds a training run \(config\.yaml, .*--resume.*"
+                                                    r"--overwrite", err), err
+    assert _listing(run) == before
+    # another asg-train holds the folder (this process's pid: alive)
+    import os
+
+    (run / LOCK_FILE).write_text(f"{os.getpid()}\n")
+    assert cli.main([*args, "seed=1", "--overwrite"]) == 2
+    assert f"being written by another asg-train (pid {os.getpid()})" in capsys.readouterr().err
+    # the lock of a writer that is gone is taken over; --overwrite replaces the run, the user's file stays
+    (run / LOCK_FILE).write_text(f"{2**22 + 1}\n")
+    assert cli.main([*args, "seed=1", "snapshot_every=0", "--overwrite"]) == 0
+    after = _listing(run)
+    assert not any(name.startswith("snapshots/") for name in after)  # the old run's snapshots: gone
+    assert after["notes.txt"] == b"the user's" and LOCK_FILE not in after
+    assert "seed: 1" in after["config.yaml"].decode()
+    assert cli.main([*args, "--overwrite", "--resume"]) == 2
+    capsys.readouterr()
+    # a truncated training state: one line naming it, exit 1
+    state = run / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    assert cli.main(["--resume", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train_state.pt: cannot resume from it: truncated or corrupt" in err
+    state.write_bytes(b"")
+    assert cli.main(["--resume", str(run)]) == 1
+    assert "cannot resume from it: the file is empty" in capsys.readouterr().err
+
+
+def test_world_size_without_a_launcher_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["--config", str(DEFAULTS), *TINY, f"out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "WORLD_SIZE=2 is set, but RANK" in err
+    assert not (tmp_path / "run").exists()

@@ -93,7 +93,7 @@ def test_resume_keeps_the_metric_window_the_clock_and_cleans_killed_writes(tmp_p
     cut = tmp_path / "cut"
     state = torch.load(cut / "train_state.pt", weights_only=True)
     assert state["step"] == 6 and sorted(rows(cut)) == [4]
-    (cut / ".train_state.pt.x1y2.tmp").write_bytes(b"half a checkpoint")   # a kill -9 during a save
+    (cut / f".train_state.pt.asg-{2**22 + 1}-x1y2.tmp").write_bytes(b"half a checkpoint")  # a kill -9 during a save
 
     summary = trainer.run(cfg("cut"), resume=True)
     full, resumed = rows(tmp_path / "full"), rows(cut)

@@ -91,13 +91,17 @@ def test_resume_continues_the_schedule_without_duplicates(tmp_path, monkeypatch)
     assert [s for s, _ in list_snapshots(run)] == [0, 3, 6]  # the checkpoint is at step 4
     before = {s: weights(p) for s, p in list_snapshots(run)}
     mtime_3 = (run / "snapshots" / snapshot_name(3)).stat().st_mtime_ns
-    (run / "snapshots" / f".{snapshot_name(7)}.abc.tmp").write_bytes(b"half")  # a killed write
+    # a killed write (its pid is beyond Linux's pid_max: a process that is gone), and a user's own file
+    (run / "snapshots" / f".{snapshot_name(7)}.asg-{2**22 + 1}-abc.tmp").write_bytes(b"half")
+    (run / "snapshots" / ".notes.tmp").write_bytes(b"the user's")
 
     monkeypatch.setattr(Snapshots, "save", save)
     trainer.run(cfg, resume=True)
     found = list_snapshots(run)
     assert [s for s, _ in found] == [0, 3, 6, 8]
-    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [snapshot_name(s) for s in (0, 3, 6, 8)]
+    # the killed write is gone, the user's file stays
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [".notes.tmp"] + [snapshot_name(s)
+                                                                                      for s in (0, 3, 6, 8)]
     assert (run / "snapshots" / snapshot_name(3)).stat().st_mtime_ns == mtime_3   # before the checkpoint: kept
     assert same(weights(found[2][1]), before[6])             # step 6 trained again to the same weights
     assert same(weights(found[-1][1]), weights(run))

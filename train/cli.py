@@ -6,6 +6,10 @@
     asg-train --config ... seeds=[0,1,2]           # one run dir per seed + summary.{csv,md,json}
     asg-train --resume runs/none                   # continue from runs/none/train_state.pt
     asg-train --config ... out=runs/none --resume  # the same, from the original command
+    asg-train --config ... out=runs/none --overwrite   # replace the run in runs/none
+
+A folder that holds a run is refused without ``--resume`` or ``--overwrite``, and a folder
+another ``asg-train`` is writing is refused (see :mod:`asg_train.rundir`).
 
 Exit codes (asg-probe's contract): 0 done; 2 a configuration error (:class:`ConfigError`, an
 ``asg_probe.errors.UsageError``: one line on stderr, before any work starts); 1 an input that
@@ -56,6 +60,8 @@ def _parser():
     p.add_argument("--list-recipes", action="store_true", help="list the packaged recipes and exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue a run: from RUN_DIR's saved config, or from out= of --config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out= (its files are removed before training starts)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -88,9 +94,12 @@ def seed_runs(cfg: dict) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
+        if args.overwrite and args.resume is not None:
+            raise config_mod.ConfigError("--overwrite and --resume contradict each other; pass one")
         return _main(args, argv)
     except AsgProbeError as exc:  # ConfigError and other usage errors: 2; unreadable inputs: 1
         print(f"asg-train: error: {exc}", file=sys.stderr)
@@ -106,10 +115,16 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        if "torch" in sys.modules:  # nothing ran (--list-recipes, a config error): no torch import to say so
-            from .dist import cleanup
+        try:
+            if "torch" in sys.modules:  # nothing ran (--list-recipes, a config error): no torch import to say so
+                from .dist import cleanup
 
-            cleanup()
+                cleanup()
+        finally:
+            if from_shell:  # the work is done: a Ctrl-C while Python shuts down is exit 130, no traceback
+                from asg_probe.cli import exit_quietly_on_interrupt
+
+                exit_quietly_on_interrupt()
 
 
 def print_recipes() -> None:
@@ -136,7 +151,7 @@ def _main(args, argv) -> int:
     summaries = []
     try:
         for one in seed_runs(cfg):
-            summaries.append(run(one, resume=args.resume is not None, command=command))
+            summaries.append(run(one, resume=args.resume is not None, command=command, overwrite=args.overwrite))
     except NonFiniteLoss as exc:
         print(f"asg-train: stopped: {exc}", file=sys.stderr)
         return EXIT_NONFINITE

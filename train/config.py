@@ -3,12 +3,19 @@
 Every key that a recipe or the command line sets must already exist in
 ``configs/default.yaml``; a typo is a one-line :class:`ConfigError` naming the key and
 its close matches, raised before any data is touched or any model is built.
-``model.kwargs`` is the one free-form mapping (it is forwarded to ``create_model``).
+``model.kwargs`` is the one free-form mapping (it is forwarded to ``create_model``, and
+checked by building the model on the ``meta`` device: no memory, no weights).
+
+Values are validated in one layer (:func:`validate`): every value has its default's type
+(an integer where the default is one, a number where it is a float), every number anywhere in
+the config is finite, and the keys with a range have it checked (``seed >= 0``, ``threads``
+null or >= 1, ``data.eval_crop_ratio >= 1``, ``optim.lr > 0``, ...).
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 from pathlib import Path
 
 import yaml
@@ -235,11 +242,98 @@ def _check_number(name: str, value, *, low: float, inclusive: bool, integer: boo
         raise ConfigError(f"{name} must be {what} {bound}, got {value!r}")
 
 
+def _type_name(value) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _check_types(cfg: dict, defaults: dict):
+    """One rule for every key: the value has its default's type, and every number is finite."""
+    import math
+
+    known = flatten(defaults)
+    for name, value in flatten(cfg).items():
+        numbers = value if isinstance(value, list) else [value]
+        for v in numbers:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        default = known.get(name)
+        if default is None or value is None and name in _NULLABLE:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(f"{name} must be {_type_name(default)}, got {value!r}")
+
+
+# keys whose default is a value but that may also be set to null
+_NULLABLE = {"data.mean", "data.std"}
+
+
+def _check_model_kwargs(model: dict):
+    """Build the model on the meta device (no memory, no weights): an argument the
+    architecture does not take, or a value it refuses, is a config error now, not a crash later."""
+    if not model["kwargs"]:
+        return
+    import json
+
+    problem = _model_kwargs_problem(model["name"], model["pos"], json.dumps(model["kwargs"], sort_keys=True))
+    if problem:
+        raise ConfigError(f"model.kwargs {model['kwargs']} do not fit {model['name']} pos={model['pos']} "
+                          f"({problem})")
+
+
+@functools.lru_cache(maxsize=64)
+def _model_kwargs_problem(name: str, pos: str, kwargs_json: str) -> str:
+    """The first line of what building the model says about its arguments ('' if nothing);
+    cached, since a config is resolved again for every seed and on every resume."""
+    import json
+
+    import torch
+
+    import asg_probe
+
+    try:
+        with torch.device("meta"):
+            asg_probe.create_model(name, pos=pos, **json.loads(kwargs_json))
+    except (TypeError, ValueError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception:  # noqa: BLE001 - only a check: a meta-device limitation is not the config's fault
+        pass
+    return ""
+
+
 def validate(cfg: dict):
     """Checks that need more than a key name; all before any work starts."""
     import asg_probe
     from asg_probe.layers.guidance import GUIDANCE_TARGETS
 
+    _check_types(cfg, load_yaml(DEFAULTS))
+    _check_number("seed", cfg["seed"], low=0, inclusive=True, integer=True)
+    if cfg["threads"] is not None:
+        _check_number("threads", cfg["threads"], low=1, inclusive=True, integer=True)
+    _check_number("num_workers", cfg["num_workers"], low=0, inclusive=True, integer=True)
+    data = cfg["data"]
+    _check_number("data.eval_crop_ratio", data["eval_crop_ratio"], low=1, inclusive=True)
+    for key in ("num_classes", "pixel_budget"):
+        if data[key] is not None:
+            _check_number(f"data.{key}", data[key], low=1, inclusive=True, integer=True)
+    for key, low in (("mean", None), ("std", 0)):
+        values = data[key]
+        if values is not None and not (isinstance(values, list) and len(values) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and (low is None or v > low) for v in values)):
+            what = "three positive numbers" if low is not None else "three numbers"
+            raise ConfigError(f"data.{key} must be {what} (one per RGB channel), got {values!r}")
+    scale = data["crop_scale"]
+    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
+            and 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1 like [0.08,1.0], got {scale!r}")
     model = cfg["model"]
     if model["name"] not in asg_probe.list_models():
         raise ConfigError(f"model.name must be one of {', '.join(asg_probe.list_models())}, got {model['name']!r}")
@@ -248,6 +342,7 @@ def validate(cfg: dict):
     if not isinstance(model["kwargs"], dict):
         raise ConfigError(f"model.kwargs must be a mapping like {{depth: 2}}, got {model['kwargs']!r}")
     _check_number("model.img_size", model["img_size"], low=0, inclusive=False, integer=True)
+    _check_model_kwargs(model)
     optim = cfg["optim"]
     _check_number("optim.lr", optim["lr"], low=0, inclusive=False)
     for key in ("min_lr", "weight_decay"):
@@ -297,8 +392,9 @@ def validate(cfg: dict):
     if cfg["max_steps"] is not None and (not isinstance(cfg["max_steps"], int) or cfg["max_steps"] < 1):
         raise ConfigError(f"max_steps must be a positive integer or null, got {cfg['max_steps']!r}")
     seeds = cfg["seeds"]
-    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds):
-        raise ConfigError(f"seeds must be a non-empty list of integers like [0,1,2], got {seeds!r}")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"seeds must be a non-empty list of integers >= 0 like [0,1,2], got {seeds!r}")
     sizes = cfg["data"]["multires_sizes"]
     if sizes is not None and (not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes)):
         raise ConfigError(f"data.multires_sizes must be a list of positive integers, got {sizes!r}")

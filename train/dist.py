@@ -15,7 +15,6 @@ Examples
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +43,9 @@ def init_distributed(device_kind: str) -> DistContext:
 
     NCCL on CUDA, gloo on CPU. Without ``WORLD_SIZE`` > 1 this is a no-op.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size, local_rank = distributed.launcher_environment()  # no launcher: one line, not a hang
     if world_size <= 1:
         return DistContext()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":

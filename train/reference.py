@@ -54,6 +54,7 @@ def variant_args(base: str, variant: str) -> list[str]:
 def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants=None) -> None:
     """Train every (seed, variant) run under ``out`` that has no exported model yet; resume partial ones."""
     from . import cli
+    from .rundir import run_files
 
     # seed-major: a complete matched set exists after the first seed, before the others start
     for seed in seeds:
@@ -61,7 +62,7 @@ def train_all(out: Path, seeds, overrides=(), base: str = "cpu_scenes", variants
             run_dir = out / variant / f"seed{seed}"
             if not (run_dir / "model.safetensors").is_file():
                 args = [*variant_args(base, variant), f"out={run_dir}", f"seed={seed}", *overrides]
-                if (run_dir / "train_state.pt").is_file():
+                if run_files(run_dir):  # a partial run (even one killed before its first checkpoint)
                     args.append("--resume")
                 rc = cli.main(args)
                 if rc != 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asg_probe.errors import InputError
 from asg_probe.files import atomic_write_path
 
 STATE_FILE = "train_state.pt"
@@ -44,7 +45,8 @@ def set_rng_state(state: dict):
 def atomic_torch_save(obj, path: Path):
     """``torch.save`` through a temporary file beside ``path``: the old file or the new, never half.
 
-    A process killed mid-write leaves a ``.train_state.pt.*.tmp`` file that the next run removes.
+    A process killed mid-write leaves a ``.train_state.pt.asg-PID-*.tmp`` file, which the next run
+    removes once that process is gone (:func:`asg_probe.files.remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +81,25 @@ def save_train_state(run_dir, *, model, head, optimizer, scaler, step: int, epoc
 
 
 def load_train_state(run_dir, map_location="cpu") -> dict | None:
-    """The saved state of a run directory, or None when it has none yet."""
+    """The saved state of a run directory, or None when it has none yet.
+
+    A file that cannot be read (empty, truncated, not a training state) is an
+    :class:`~asg_probe.errors.InputError` naming it (exit code 1), not a crash.
+    """
+    import pickle
+
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location=map_location, weights_only=True)
+    what = f"{path}: cannot resume from it"
+    fix = "restore it from a copy, or start the run again with --overwrite"
+    if path.stat().st_size == 0:
+        raise InputError(f"{what}: the file is empty; {fix}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{what}: truncated or corrupt ({first}); {fix}") from None
+    if not isinstance(state, dict) or state.get("format") != "asg_train_state":
+        raise InputError(f"{what}: not an asg-train state file; {fix}")
+    return state

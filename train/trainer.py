@@ -27,6 +27,7 @@ from .build import (build_guidance_head, build_model, gather_rng_states, param_g
 from .data import BatchPlan, iterate_batches
 from .dist import all_reduce_sum, any_process, barrier, init_distributed
 from .evaluate import num_eval_batches
+from .rundir import RunLock, claim
 from .runlog import MetricsLog, progress_bar
 from .schedule import guidance_lambda, lr_at
 from .snapshots import Snapshots, list_snapshots
@@ -383,11 +384,14 @@ class Trainer:
         return summary
 
 
-def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
+def run(cfg: dict, resume: bool = False, command: str | None = None, overwrite: bool = False) -> dict:
     """Train one seed into ``cfg["out"]``; returns the summary (also in ``summary.json``).
 
     With ``resume``, continue from ``train_state.pt`` when there is one; a run that already
-    finished is reported and left unchanged (its summary is returned).
+    finished is reported and left unchanged (its summary is returned). Without it, a folder
+    that already holds a run is refused unless ``overwrite`` (then the old run's files are
+    removed before training starts); a folder another live ``asg-train`` writes is refused
+    (:mod:`asg_train.rundir`).
 
     Raises
     ------
@@ -403,6 +407,7 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
         device = torch.device("cuda", ctx.local_rank)
     _configure_torch(cfg)
     run_dir = Path(cfg["out"])
+    claim(run_dir, resume=resume, overwrite=overwrite)  # read-only here: refuse before any work
 
     saved = load_train_state(run_dir) if resume else None
     if resume and saved is None and ctx.is_main:
@@ -421,6 +426,16 @@ def run(cfg: dict, resume: bool = False, command: str | None = None) -> dict:
             return finished
 
     trainer = Trainer(cfg, saved, command, device, ctx)
-    trainer.prepare_run_dir()
-    trainer.train()
-    return trainer.finish()
+    lock = RunLock(run_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        if ctx.is_main:  # again under the lock (a run may have started meanwhile), and now removing
+            claim(run_dir, resume=resume, overwrite=overwrite, remove=True)
+        barrier()
+        trainer.prepare_run_dir()
+        trainer.train()
+        return trainer.finish()
+    finally:
+        lock.release()

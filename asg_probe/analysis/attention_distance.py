@@ -218,7 +218,11 @@ class AttentionDistanceAccumulator(Accumulator):
         if not self.sums:
             raise ValueError("no attention was recorded: nothing to summarise (no batch, or a model "
                              "whose blocks do not compute attention the timm way)")
-        heads_px = {layer: (self.sums[layer] / self.counts[layer]).tolist() for layer in sorted(self.sums)}
+        from ..finite import require_finite
+
+        means = {layer: self.sums[layer] / self.counts[layer] for layer in sorted(self.sums)}
+        require_finite(means, source=label or "model", what="the attention distance of layer ")
+        heads_px = {layer: value.tolist() for layer, value in means.items()}
         num_images = self.counts[min(self.counts)] // (self.grid[0] * self.grid[1])
         return AttentionDistanceResult(heads_px, self.patch_size, self.grid, checkpoint=label,
                                        num_images=num_images)

@@ -363,7 +363,7 @@ def token_embeddings(model, images=None, *, layers=None, num_images=64, img_size
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
                                 batch_size=batch_size, seed=seed)
     if data.num_images < 2:
-        raise ValueError(f"token embeddings need at least 2 images, got {data.num_images}; pass num_images >= 2")
+        raise UsageError(f"token embeddings need at least 2 images, got {data.num_images}; pass num_images >= 2")
     acc = EmbeddingsAccumulator(layers=layers, max_tokens=max_tokens, seed=seed, k=k)
     run_analyses(model, data, [acc], layers=layers, device=device, progress=progress, desc="embeddings")
     return acc.result(label, num_images=data.num_images).record_inputs(data, device=device)

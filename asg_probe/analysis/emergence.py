@@ -82,9 +82,68 @@ def _step_from_metadata(path) -> int:
     except Exception as exc:  # noqa: BLE001 - any unreadable header is one line for the user
         raise UsageError(f"{path}: cannot read its header ({exc}); pass step_XXXXXXX.safetensors files") from None
     step = meta.get("step", (meta.get("train") or {}).get("step"))
-    if step is None:
-        raise UsageError(f"{path}: no step in its name (step_XXXXXXX.safetensors) or metadata; rename it")
+    if isinstance(step, bool) or not isinstance(step, (int, str)) or not str(step).isdigit():
+        what = "no step" if step is None else f"a step of {step!r}"
+        raise UsageError(f"{path}: {what} in its name (step_XXXXXXX.safetensors) or metadata; rename it")
     return int(step)
+
+
+def _stored_architecture(path):
+    """``(name, pos, kwargs)`` from an asg_probe checkpoint's header (no weights read); ``None``
+    when the file does not say (it is compared after loading instead)."""
+    import json
+
+    from safetensors import safe_open
+
+    from ..checkpoint import FORMAT_NAME
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            model = json.loads((f.metadata() or {}).get(FORMAT_NAME, "{}")).get("model")
+    except Exception:  # noqa: BLE001 - unreadable: load_checkpoint says why, with the file's name
+        return None
+    if not isinstance(model, dict):
+        return None
+    return _architecture_key(model)
+
+
+def _architecture_key(desc):
+    return (desc.get("name"), desc.get("pos"), _json_key(desc.get("kwargs") or {}))
+
+
+def _json_key(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _describe_architecture(key) -> str:
+    name, pos, kwargs = key
+    return f"{name} pos={pos}" + (f" {kwargs}" if kwargs != "{}" else "")
+
+
+def check_one_architecture(run, snaps, loaded=None) -> None:
+    """Every snapshot of one run must be the same architecture (name, mechanism, arguments):
+    a snapshot of another model would be drawn into the run's curve as if it were a later
+    step. Raises :class:`~asg_probe.errors.InputError` naming the first one that differs.
+
+    ``loaded``: ``{path: architecture key}`` of snapshots already loaded; others are read
+    from their headers.
+    """
+    from ..errors import InputError
+
+    loaded = loaded or {}
+    first = None
+    for step, path in snaps:
+        key = loaded.get(path) or _stored_architecture(path)
+        if key is None:
+            continue
+        if first is None:
+            first = (path, key)
+        elif key != first[1]:
+            raise InputError(f"{run}: snapshot {Path(path).name} is {_describe_architecture(key)}, but "
+                             f"{Path(first[0]).name} is {_describe_architecture(first[1])}; a run's snapshots "
+                             "must be one model: move the other one out of the run")
 
 
 def seed_group(run_label: str) -> str:
@@ -376,6 +435,8 @@ def emergence(runs, images=None, *, layers=None, num_images=64, img_size=None, b
         if int(max_snapshots) < 2:
             raise UsageError("max_snapshots must be at least 2 (the first and the last snapshot)")
         found = [_spread(snaps, int(max_snapshots)) for snaps in found]
+    for run, snaps in zip(runs, found):  # before any work: from the headers
+        check_one_architecture(run, snaps)
 
     imageset = None
     out_runs = []
@@ -385,9 +446,13 @@ def emergence(runs, images=None, *, layers=None, num_images=64, img_size=None, b
     try:
         for index, (run, snaps) in enumerate(zip(runs, found)):
             label = labels[index] if labels is not None else _run_label(run, index)
-            steps, per_layer = [], {}
+            steps, per_layer, loaded = [], {}, {}
             for step, path in snaps:
                 model = load_checkpoint(path)
+                config = getattr(model, "asg_config", None)
+                if isinstance(config, dict):  # files without a header are compared once loaded
+                    loaded[path] = _architecture_key(config)
+                    check_one_architecture(run, [(s, p) for s, p in snaps if p in loaded], loaded)
                 if imageset is None:
                     imageset = _load_once(model, images, run, num_images=num_images, img_size=img_size, seed=seed)
                 rows, data = _snapshot_rows(model, imageset, layers=layers, batch_size=batch_size, device=device,

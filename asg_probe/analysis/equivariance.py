@@ -46,6 +46,7 @@ import math
 import torch
 
 from ..errors import UsageError
+from ..finite import require_finite
 from ..results import AnalysisResult
 
 __all__ = ["EquivarianceResult", "check_equivariance", "rounding_tolerance", "ROUNDING_SAFETY"]
@@ -112,7 +113,7 @@ class EquivarianceResult(AnalysisResult):
     @property
     def certified(self) -> bool:
         """True when every layer is equivariant within its tolerance: no positional injection."""
-        return all(r["equivariant"] for r in self.rows)
+        return bool(self.rows) and all(r["equivariant"] is True for r in self.rows)
 
     def verdict(self) -> str:
         setting = f"{self.dtype}, {self.num_images} images x {self.num_permutations} permutations"
@@ -213,9 +214,12 @@ def check_equivariance(model, images=None, *, num_images=8, img_size=None, batch
         grid = (images_b.shape[-2] // patch, images_b.shape[-1] // patch)
         num_patches = grid[0] * grid[1]
         ref = forward_tokens(work, images_b)
+        # a NaN error compares as "not larger" than any worst-so-far: it must stop the check instead
+        require_finite(ref, source=label or "model", what="the tokens of layer ")
         for k in range(num_permutations):
             perm = image_permutations(index, num_patches, seed=seed * 7919 + k + 1).to(device)
             out = forward_tokens(work, permute_patches(images_b, patch, perm))
+            require_finite(out, source=label or "model", what="the tokens (shuffled input) of layer ")
             for layer in ref:
                 expected = torch.gather(ref[layer], 1, perm[:, :, None].expand_as(ref[layer]))
                 scale = ref[layer].abs().max().clamp_min(torch.finfo(dtype).tiny)

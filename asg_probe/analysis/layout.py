@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 __all__ = ["DEFAULT_K", "PCA_DIMS", "EMBEDDING_METHODS", "position_score", "embed_2d"]
 
 #: Neighbours used by :func:`position_score`.
@@ -102,7 +104,7 @@ def position_score(points, rows, cols, image, grid, k=DEFAULT_K):
                          f"{rows.shape}, {cols.shape}, {image.shape}")
     _, counts = np.unique(image, return_counts=True)
     if counts.size < 2:
-        raise ValueError("position_score needs tokens from at least two images (neighbours come from other images)")
+        raise UsageError("position_score needs tokens from at least two images (neighbours come from other images)")
     k = int(min(k, n - counts.max()))
     gh, gw = int(grid[0]), int(grid[1])
     targets = np.stack([rows / max(gh - 1, 1), cols / max(gw - 1, 1)], axis=1)
@@ -183,7 +185,7 @@ def embed_2d(features, seed=0, n_neighbors=15, min_dist=0.1, pca_dims=PCA_DIMS, 
     features = np.asarray(features, dtype=np.float32)
     n = features.shape[0]
     if n < 4:
-        raise ValueError(f"{n} tokens are too few for a 2-D embedding; sample more images (num_images)")
+        raise UsageError(f"{n} tokens are too few for a 2-D embedding; sample more images (num_images)")
     reduced = _pca(features, pca_dims) if features.shape[1] > pca_dims else features - features.mean(0)
     if method == "pca":
         return np.asarray(_pca(reduced, 2), dtype=np.float32), reduced, "pca"

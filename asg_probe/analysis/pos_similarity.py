@@ -134,9 +134,11 @@ def pos_similarity(model, grid=None, *, label: str = "", checkpoint=None) -> Pos
     >>> res.grid, float(res.similarity[0, 0])
     ((8, 8), 1.0)
     """
+    from ..finite import require_finite
     from ..inputs import display_label
 
     label = display_label(label, checkpoint)
     emb, grid = position_embeddings(model, grid)
+    require_finite({"the position embeddings": emb}, source=label or "model")
     flat = F.normalize(emb.reshape(-1, emb.shape[-1]).float(), dim=-1)
     return PosSimilarityResult(flat @ flat.T, grid, checkpoint=label)
