@@ -49,6 +49,22 @@ COMMAND_HELP = {
                   "asg-probe attention-distance vit.pt --arch vit_small_patch16_224 --images photos/"],
         columns=["distance_px: mean attention distance of that head in input pixels",
                  "distance_grid: the same in patches (distance_px / patch size)"]),
+    "attention-offsets": dict(
+        description=(
+            "Position in attention scores rather than in tokens. For every layer and head, the offset kernel: "
+            "the part of the attention logit that depends only on the 2-D offset (key - query) between patches, "
+            "fitted with a free constant per query, and offset_r2, the share of the within-query logit variance "
+            "it explains. Relative mechanisms (RoPE, ALiBi-2D, SDT's decay) put position here even when their "
+            "tokens carry none. --shuffle-patches is the control: offsets measured between slots of shuffled "
+            "patches keep the mechanism's own offset structure and remove what neighbouring patches share."),
+        examples=["asg-probe attention-offsets sdt-decay",
+                  "asg-probe attention-offsets sdt-decay --shuffle-patches --num-images 128",
+                  "asg-probe attention-offsets vit.pt --arch vit_small_patch16_224 --images photos/"],
+        columns=["layer: block whose attention is read (1 = first block)",
+                 "offset_r2: share of the within-query variance of the patch-to-patch logits explained by the "
+                 "offset alone, on all images (in-sample)",
+                 "offset_r2_heldout, heldout_low, heldout_high: the same with the kernel fitted on the other folds "
+                 "of images, and its 95% interval over folds"]),
     "embeddings": dict(
         description=(
             "A 2-D UMAP map of the patch tokens of a few layers, each point coloured by its grid position, "

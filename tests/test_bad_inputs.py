@@ -231,7 +231,7 @@ CASES = DEVICE_CASES + [
     Case("embeddings-one-image", ["embeddings", "{ckpt}", "--num-images", "1", "--out", "{out}", "--no-progress"],
          2, r"token embeddings need at least 2 images, got 1", loads=True),
     Case("pos-similarity-without-embedding", ["pos-similarity", "{no_pos}", "--out", "{out}"], 2,
-         r"has no absolute position embedding", loads=True),
+         r"has no position-embedding table to compare", loads=True),
     # class 1: a non-finite weight is an input error naming the file and the tensor, never a result
     *[Case(f"nan-weight-{cmd}", [cmd, "{nan}", "--out", "{out}", *extra], 1,
            r"nan\.safetensors: non-finite values \(NaN or inf\) in blocks\.0\.attn\.qkv\.weight", loads=True)
@@ -407,7 +407,7 @@ def test_interrupt_while_writing_leaves_the_previous_results(env, previous_resul
         raise KeyboardInterrupt
 
     monkeypatch.setattr(results, "atomic_write_bytes", interrupted)
-    assert main(["pos-similarity", str(env["ckpt"]), "--seed", "1", "--out", str(out)]) == 130
+    assert main(["pos-similarity", str(env["ckpt"]), "--device", "cpu", "--out", str(out)]) == 130
     assert capsys.readouterr().err.endswith("error: interrupted\n")
     assert _snapshot(out) == old and _no_leftovers(out)
 
@@ -426,10 +426,10 @@ def test_interrupt_while_renaming_completes_the_new_results(env, previous_result
         real(src, dst)
 
     monkeypatch.setattr(results.os, "replace", interrupted_once)
-    assert main(["pos-similarity", str(env["ckpt"]), "--seed", "1", "--out", str(out)]) == 130
+    assert main(["pos-similarity", str(env["ckpt"]), "--device", "cpu", "--out", str(out)]) == 130
     new = _snapshot(out)
     assert set(new) == set(old) and _no_leftovers(out)
-    assert json.loads(new["pos_similarity.json"])["provenance"]["command"].endswith("--seed 1 --out " + str(out))
+    assert json.loads(new["pos_similarity.json"])["provenance"]["command"].endswith("--device cpu --out " + str(out))
     assert new["pos_similarity.csv"] == old["pos_similarity.csv"]  # same numbers, new files: all three renamed
 
 
@@ -446,7 +446,7 @@ def test_a_run_killed_between_renames_is_completed_by_the_next_run(env, previous
         "results.os.replace = replace\n"
         "from asg_probe.cli import main\n"
         "main(sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-c", script, "pos-similarity", str(env["ckpt"]), "--seed", "1",
+    proc = subprocess.run([sys.executable, "-c", script, "pos-similarity", str(env["ckpt"]), "--device", "cpu",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 9, proc.stderr
     mixed = _snapshot(out)
@@ -456,7 +456,7 @@ def test_a_run_killed_between_renames_is_completed_by_the_next_run(env, previous
     assert main(["layerwise", str(env["ckpt"]), "--images", str(env["no_images"]), "--out", str(out)]) == 2
     done = _snapshot(out)
     assert set(done) == set(old) and _no_leftovers(out)
-    assert json.loads(done["pos_similarity.json"])["provenance"]["command"].endswith("--seed 1 --out " + str(out))
+    assert json.loads(done["pos_similarity.json"])["provenance"]["command"].endswith("--device cpu --out " + str(out))
     capsys.readouterr()
 
 
