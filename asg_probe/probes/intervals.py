@@ -44,7 +44,7 @@ def weights_at(Cs: torch.Tensor, Bs: torch.Tensor, alphas) -> np.ndarray:
     Examples
     --------
     >>> C, B = torch.eye(2, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)
-    >>> weights_at(C, B, [1.0, 3.0]).tolist()
+    >>> weights_at(C, B, [1.0, 3.0]).round(12).tolist()
     [[0.5, 0.5], [0.25, 0.25]]
     """
     from scipy.linalg import cho_factor, cho_solve
@@ -119,8 +119,8 @@ def jackknife_interval(estimate, replicates, level: float = 0.95) -> list:
     Examples
     --------
     >>> lo, hi = jackknife_interval(0.5, [0.4, 0.5, 0.6])
-    >>> round(hi - 0.5, 4)
-    0.3513
+    >>> round(hi - 0.5, 4)                   # se = sqrt(2/3 * 0.02) = 0.1155; t(0.975, 2) = 4.303
+    0.4968
     """
     from scipy.stats import t as student_t
 
