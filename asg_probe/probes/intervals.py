@@ -49,18 +49,20 @@ def weights_at(Cs: torch.Tensor, Bs: torch.Tensor, alphas) -> np.ndarray:
     """
     from scipy.linalg import cho_factor, cho_solve
 
-    from ._lapack import Tridiagonal
+    from ._lapack import Tridiagonal, _single_threaded_blas
 
     C, B = np.asarray(Cs, dtype=np.float64), np.asarray(Bs, dtype=np.float64)
     alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
     distinct = np.unique(alphas)
-    if distinct.size > 3:
-        return Tridiagonal(np.array(C, order="F")).solve(B, alphas).T
-    W = np.zeros((B.shape[1], C.shape[0]))
-    for a in distinct:
-        cols = np.flatnonzero(alphas == a)
-        factor = cho_factor(C + a * np.eye(C.shape[0]), lower=True, check_finite=False)
-        W[cols] = cho_solve(factor, B[:, cols], check_finite=False).T
+    # OpenBLAS's own threads would fight torch's for the cores (see asg_probe.probes._lapack)
+    with _single_threaded_blas():
+        if distinct.size > 3:
+            return Tridiagonal(np.array(C, order="F")).solve(B, alphas).T
+        W = np.zeros((B.shape[1], C.shape[0]))
+        for a in distinct:
+            cols = np.flatnonzero(alphas == a)
+            factor = cho_factor(C + a * np.eye(C.shape[0]), lower=True, check_finite=False)
+            W[cols] = cho_solve(factor, B[:, cols], check_finite=False).T
     return W
 
 
