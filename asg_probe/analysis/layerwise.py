@@ -461,6 +461,27 @@ def probe_images(model, images, n_folds, *, num_images=64, img_size=None, batch_
     return data
 
 
+def init_baseline_probes(model, data, seeds, *, layers, n_folds=5, alphas=None, exact=True, tokens="pre_norm",
+                         device="cpu", progress=False) -> list:
+    """The random-initialisation baseline's probes: one ``{layer: fitted probe}`` per seed.
+
+    Each seed's :func:`~asg_probe.reinit.reinitialised` copy of ``model`` is probed on ``data`` (the
+    same :class:`~asg_probe.inputs.ImageBatches`, hence the same images and folds as the model's own
+    probes), one forward pass each; hand the list to :meth:`LayerwiseResult.add_init_baseline`.
+    """
+    from ..extract import run_analyses
+    from ..reinit import reinitialised
+
+    out = []
+    for s in seeds:
+        fresh = reinitialised(model, s)
+        base = InitBaselineAccumulator(n_folds=n_folds, alphas=alphas, exact=exact, norm=final_norm(fresh, tokens))
+        (base,) = run_analyses(fresh, data, [base], layers=layers, device=device, progress=progress,
+                               desc=f"random init {s}")
+        out.append(base.fitted())
+    return out
+
+
 def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None,
                      n_folds=5, control_seed=0, alphas=None, cell_accuracy=False, seed=0, device="cpu",
                      progress=True, label="", exact=True, checkpoint=None, n_control_seeds=N_CONTROL_SEEDS,
@@ -543,18 +564,11 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
                           layers=layers, device=device, progress=progress, desc="layerwise")
     result = LayerwiseResult.from_accumulator(acc, label=label, img_size=data.img_size)
     if init_baseline:
-        from ..reinit import reinitialised
-
-        init_probes = []
-        for s in range(int(init_seed), int(init_seed) + int(n_init_seeds)):
-            fresh = reinitialised(model, s)
-            base = InitBaselineAccumulator(n_folds=n_folds, alphas=alphas, exact=exact,
-                                           norm=final_norm(fresh, tokens))
-            (base,) = run_analyses(fresh, data, [base], layers=sorted(acc.probes), device=device,
-                                   progress=progress, desc=f"random init {s}")
-            init_probes.append(base.fitted())
-        result.add_init_baseline(init_probes)
-        result.extra["init_seeds"] = list(range(int(init_seed), int(init_seed) + int(n_init_seeds)))
+        seeds = list(range(int(init_seed), int(init_seed) + int(n_init_seeds)))
+        result.add_init_baseline(init_baseline_probes(model, data, seeds, layers=sorted(acc.probes), n_folds=n_folds,
+                                                      alphas=alphas, exact=exact, tokens=tokens, device=device,
+                                                      progress=progress))
+        result.extra["init_seeds"] = seeds
     if cell_accuracy:
         (cells,) = run_analyses(model, data, [CellAccuracyAccumulator(acc.fitted(), acc.grid, norm)], layers=layers,
                                 device=device, progress=progress, desc="cell accuracy")
