@@ -31,6 +31,8 @@ import itertools
 import numpy as np
 import torch
 
+from ._lapack import _single_threaded_blas
+
 __all__ = ["jackknife_cv_r2", "jackknife_interval", "weights_at"]
 
 
@@ -49,7 +51,7 @@ def weights_at(Cs: torch.Tensor, Bs: torch.Tensor, alphas) -> np.ndarray:
     """
     from scipy.linalg import cho_factor, cho_solve
 
-    from ._lapack import Tridiagonal, _single_threaded_blas
+    from ._lapack import Tridiagonal
 
     C, B = np.asarray(Cs, dtype=np.float64), np.asarray(Bs, dtype=np.float64)
     alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
@@ -66,11 +68,53 @@ def weights_at(Cs: torch.Tensor, Bs: torch.Tensor, alphas) -> np.ndarray:
     return W
 
 
-def _fold_stats(stats, columns):
-    """Per-fold ``(n, sx, sy, G, H, sy2)`` on the CPU, target columns restricted to ``columns``."""
-    cols = torch.as_tensor(list(columns), dtype=torch.long)
-    return (stats.n.cpu(), stats.sum_x.cpu(), stats.sum_y.cpu()[:, cols], stats.xtx.cpu(),
-            stats.xty.cpu()[:, :, cols], stats.sum_y2.cpu()[:, cols])
+def block_sums(stats, columns) -> list:
+    """Per-fold raw sums ``[n, sx, sy, G, H, sy2]`` as float64 numpy (leading axis: fold), target
+    columns restricted to ``columns``."""
+    cols = list(columns)
+    return [stats.n.cpu().numpy(), stats.sum_x.cpu().numpy(), stats.sum_y.cpu().numpy()[:, cols],
+            stats.xtx.cpu().numpy(), stats.xty.cpu().numpy()[:, :, cols], stats.sum_y2.cpu().numpy()[:, cols]]
+
+
+def ridge_fit(sums, alphas):
+    """Ridge on standardised features from raw sums ``(n, sx, sy, G, H[, sy2])``, one alpha per column.
+
+    The same problem as :func:`~asg_probe.probes.solve_ridge_cv`'s (features standardised on these
+    sums, features whose variance is lost in rounding left out, intercept unpenalised), returned in
+    raw units: ``(v (T, D), b (T,))``, prediction ``x @ v.T + b``.
+    """
+    n, sx, sy, G, H = sums[:5]
+    mx, my = sx / n, sy / n
+    C = G - n * np.outer(mx, mx)
+    var = np.clip(np.diagonal(C), 0, None) / n
+    constant = var <= 1e-12 * np.maximum(np.diagonal(G) / n, np.finfo(np.float64).tiny)
+    scale = np.where(constant, 1.0, np.sqrt(var))
+    Cs = C / np.outer(scale, scale)
+    Cs = 0.5 * (Cs + Cs.T)
+    B = (H - n * np.outer(mx, my)) / scale[:, None]
+    Cs[constant] = 0
+    Cs[:, constant] = 0
+    B[constant] = 0
+    v = weights_at(Cs, B, alphas) / scale[None]
+    return v, my - v @ mx
+
+
+def squared_error(v, b, sums) -> np.ndarray:
+    """``Σ (y - x @ v.T - b)²`` per column over the tokens whose raw sums are ``(n, sx, sy, G, H, sy2)``."""
+    n, sx, sy, G, H, sy2 = sums
+    fitted2 = n * b * b + 2 * b * (v @ sx) + np.einsum("td,de,te->t", v, G, v, optimize=True)   # Σ ŷ²
+    cross = b * sy + np.einsum("td,dt->t", v, H)                                                # Σ y ŷ
+    return sy2 - 2 * cross + fitted2
+
+
+def held_out_r2(v, b, sums) -> np.ndarray:
+    """R² per column on those tokens, SST around their own mean (``r2_score``); NaN where ``y`` is constant."""
+    n, sy, sy2 = sums[0], sums[2], sums[5]
+    sst = sy2 - sy * sy / n
+    degenerate = sst <= 1e-12 * np.maximum(sy2, np.finfo(np.float64).tiny)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = 1 - squared_error(v, b, sums) / sst
+    return np.where(degenerate, np.nan, r2)
 
 
 def jackknife_cv_r2(stats, alphas, columns) -> np.ndarray:
@@ -87,27 +131,21 @@ def jackknife_cv_r2(stats, alphas, columns) -> np.ndarray:
     columns : sequence of int
         Target columns of ``stats``.
     """
-    from .solver import _HeldOut   # the solver's held-out scoring, shared (imported here: no cycle)
-
     F = stats.n_folds
     T = len(columns)
     if F < 3:
         return np.full((F, T), np.nan)
-    n, sx, sy, G, H, sy2 = _fold_stats(stats, columns)
-    tot = [t.sum(0) for t in (n, sx, sy, G, H)]
+    folds = block_sums(stats, columns)
+    tot = [t.sum(0) for t in folds]
     scores = np.full((F, F, T), np.nan)       # scores[g, j]: fold j's R² without fold g
-    for j, g in itertools.combinations(range(F), 2):
-        train = [t - s[j] - s[g] for t, s in zip(tot, (n, sx, sy, G, H))]
-        W = None
-        for held, other in ((j, g), (g, j)):   # one refit, scored on both folds it left out
-            scorer = _HeldOut(train, n[held], sx[held], sy[held], G[held], H[held], sy2[held])
-            if W is None:
-                W = weights_at(scorer.Cs, scorer.Bs, alphas)[:, None, :]        # (T, 1, D)
-            scores[other, held] = scorer.r2(W)[0]
-    with np.errstate(invalid="ignore"):
-        valid = ~np.isnan(scores)
-        counts = valid.sum(1)
-        out = np.where(valid, scores, 0).sum(1) / np.maximum(counts, 1)
+    with _single_threaded_blas():
+        for j, g in itertools.combinations(range(F), 2):
+            v, b = ridge_fit([t - f[j] - f[g] for t, f in zip(tot, folds)], alphas)
+            for held, other in ((j, g), (g, j)):   # one refit, scored on both folds it left out
+                scores[other, held] = held_out_r2(v, b, [f[held] for f in folds])
+    valid = ~np.isnan(scores)
+    counts = valid.sum(1)
+    out = np.where(valid, scores, 0).sum(1) / np.maximum(counts, 1)
     out[counts == 0] = np.nan
     return out
 

@@ -44,25 +44,23 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 __all__ = ["online_code", "online_blocks"]
 
 
-def online_blocks(stats) -> list:
-    """The online code's blocks in sending order: ``[(n, sx, sy, G, H, sy2)]`` of CPU float64 tensors.
+def online_blocks(stats, columns=None) -> list:
+    """The online code's blocks in sending order: ``[[n, sx, sy, G, H, sy2]]`` of float64 numpy sums.
 
-    Fold 0's head blocks (:attr:`RidgeStats.head`), the rest of fold 0, then folds 1.. ``n_folds - 1``.
-    Empty blocks are left out.
+    Fold 0's head blocks (:attr:`RidgeStats.head`), the rest of fold 0, then folds 1.. ``n_folds - 1``;
+    target columns restricted to ``columns`` (default: all). Empty blocks are left out.
     """
+    from .intervals import block_sums
+
     if stats.head is None:
         raise ValueError("these statistics keep no online-code blocks: build RidgeStats(online_blocks=k), "
                          "or CoordinateProbe(online_code=True)")
-
-    def parts(s):
-        return [t.cpu() for t in (s.n, s.sum_x, s.sum_y, s.xtx, s.xty, s.sum_y2)]
-
-    folds, head = parts(stats), parts(stats.head)
+    columns = range(stats.n_targets) if columns is None else columns
+    folds, head = block_sums(stats, columns), block_sums(stats.head, columns)
     blocks = [[t[b] for t in head] for b in range(stats.head.n_folds)]
     blocks.append([f[0] - h.sum(0) for f, h in zip(folds, head)])       # the rest of fold 0
     blocks += [[t[k] for t in folds] for k in range(1, stats.n_folds)]
@@ -87,32 +85,27 @@ def online_code(stats, alphas, columns, levels) -> dict:
         ``uniform_bits``, ``online_bits``, ``compression`` (C,) arrays (NaN where ``K < 2``) and
         ``n_blocks``.
     """
-    from .intervals import weights_at
-    from .solver import _HeldOut, _standardise
+    from ._lapack import _single_threaded_blas
+    from .intervals import ridge_fit, squared_error
 
-    cols = torch.as_tensor(list(columns), dtype=torch.long)
     alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
     K = np.asarray(levels, dtype=np.float64).reshape(-1)
-    blocks = [(n, sx, sy[cols], G, H[:, cols], sy2[cols]) for n, sx, sy, G, H, sy2 in online_blocks(stats)]
-    C = cols.numel()
+    blocks = online_blocks(stats, columns)
     delta = np.where(K > 1, 1.0 / np.maximum(K - 1, 1), np.nan)
     bits_uniform = np.log2(np.maximum(K, 1))                             # per token
     total_tokens = sum(float(b[0]) for b in blocks)
-    online = float(blocks[0][0]) * bits_uniform.copy() if blocks else np.zeros(C)
-    prefix = [t.clone() for t in blocks[0]] if blocks else None
+    online = float(blocks[0][0]) * bits_uniform
+    prefix = [t.copy() for t in blocks[0]]
     for block in blocks[1:]:
         m = float(block[0])
-        n_tr, sx_tr, sy_tr, G_tr, H_tr, sy2_tr = prefix
-        scorer = _HeldOut([n_tr, sx_tr, sy_tr, G_tr, H_tr], *block)
-        _, my, _, Cs, Bs = _standardise(n_tr, sx_tr, sy_tr, G_tr, H_tr)
-        W = weights_at(Cs, Bs, alphas)                                       # (C, D)
-        sst_tr = (sy2_tr - n_tr * my * my).numpy()
-        sse_tr = sst_tr - 2 * np.einsum("cd,dc->c", W, Bs.numpy()) + np.einsum("cd,cd->c", W, W @ Cs.numpy())
-        var = np.maximum(sse_tr / float(n_tr), delta ** 2 / (2 * math.pi))
-        sse = scorer.sse(W[:, None, :])[:, 0]
-        gauss = m * 0.5 * np.log2(2 * math.pi * var / delta ** 2) + sse / (2 * var * math.log(2))
+        with _single_threaded_blas():
+            v, b = ridge_fit(prefix, alphas)
+            var = np.maximum(squared_error(v, b, prefix) / float(prefix[0]), delta ** 2 / (2 * math.pi))
+            sse = squared_error(v, b, block)
+        with np.errstate(invalid="ignore"):
+            gauss = m * 0.5 * np.log2(2 * math.pi * var / delta ** 2) + sse / (2 * var * math.log(2))
         online = online + np.minimum(gauss, m * bits_uniform) + 1.0        # + one bit: which code
-        prefix = [p + b for p, b in zip(prefix, block)]
+        prefix = [p + q for p, q in zip(prefix, block)]
     uniform = total_tokens * bits_uniform
     with np.errstate(invalid="ignore", divide="ignore"):
         compression = np.where(K > 1, uniform / online, np.nan)
