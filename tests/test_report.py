@@ -74,7 +74,7 @@ def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
     # the HTML summary shows the same numbers, three decimals
     table = page.split("<h2>Summary")[1].split("</table>")[0]
     ape = summary.iloc[0]
-    assert "R² col at random init" in table and "compression col (MDL)" in table and "content" not in table
+    assert "R² col at random init" in table and "compression col (MDL)" in table and "content control" not in table
     for column in ("r2_row", "selectivity", "r2_col_gain"):  # the value, then its interval and the image count
         assert re.search(f"<td>{re.escape(number(float(ape[column]), tiny=False))} \\[[^]]+\\] \\(10 images\\)</td>",
                          table), column
