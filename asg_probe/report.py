@@ -397,7 +397,8 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
              "both, none). Equivariance: certified = no positional injection. Also in summary.csv.</p>",
              _summary_html(summary)]
     if len(names) > 1:
-        parts.append("<h2>All models</h2><p class='cap'>Mean of row and column R² per layer; dotted: control task (slot permutation)."
+        parts.append("<h2>All models</h2><p class='cap'>Mean of row and column R² per layer; "
+                     "dotted: control task (slot permutation)."
                      "</p>" + _png(compare_layerwise([all_results[n]["layerwise"] for n in names], labels=names)))
     for key, title, caption in SECTIONS:
         cells, flagged = [], False

@@ -124,7 +124,8 @@ def test_the_result_keeps_each_layers_fitted_probe(images):
 def test_checkpoint_is_a_deprecated_alias_of_label(images):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
     with pytest.warns(DeprecationWarning, match="pass label="):
-        res = layerwise_probes(model, images[:6], layers=[1], progress=False, checkpoint="old", init_baseline=False)
+        res = layerwise_probes(model, images[:6], layers=[1], progress=False, checkpoint="old",
+                               init_baseline=False)
     assert res.checkpoint == "old" and res.to_dict()["checkpoint"] == "old"
 
 

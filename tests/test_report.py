@@ -87,7 +87,8 @@ def test_report_figures_at_natural_width_and_captions_match(report):
     assert "max-width:620px" not in page  # no cell squeezes a figure
     assert "-0.000" not in page
     layerwise = page.split("Layerwise coordinate probes")[1].split("<h2>")[0]
-    assert "dashed grey: slot control" in layerwise and "images shown beside them" in layerwise  # the per-model plot draws the control dashed
+    # the per-model plot draws the control dashed; the caption says what the intervals cover
+    assert "dashed grey: slot control" in layerwise and "images shown beside them" in layerwise
     assert "dotted: control" in page.split("<h2>All models")[1].split("<h2>")[0]
     assert "<details open>" in page  # short tables are shown, not all collapsed
 
