@@ -140,9 +140,10 @@ def cmd_layerwise(args, rank):
 
     result, name = _analyse(args, layerwise_probes, layers=args.layers, n_folds=args.folds,
                             cell_accuracy=args.cell_accuracy, exact=not args.fast,
-                            n_control_seeds=args.control_seeds, tokens=args.tokens)
-    cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "r2_control_content",
-            "selectivity_content", "alpha", "cell_accuracy"]
+                            n_control_seeds=args.control_seeds, tokens=args.tokens,
+                            init_baseline=not args.no_init_baseline, n_init_seeds=args.init_seeds)
+    cols = ["layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "compression_row",
+            "compression_col", "r2_init", "r2_gain", "alpha", "cell_accuracy"]
     _finish(result, args, rank, cols, extra=f"{name}: {result.summary_line()}")
 
 

@@ -160,9 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 Gram matrices: ~5%% faster on CPU, but R² can move by ~1e-3 "
                         "(default: float64 throughout)")
     p.add_argument("--control-seeds", type=_int_at_least(1, "at least 1"), default=5,
-                   help="seeds of the slot and content controls, averaged (default: %(default)s)")
+                   help="permutations of the slot control, averaged (default: %(default)s)")
     p.add_argument("--tokens", choices=("pre_norm", "post_norm"), default="pre_norm",
                    help="probe each layer's tokens before or after the model's final norm (default: %(default)s)")
+    p.add_argument("--no-init-baseline", action="store_true",
+                   help="skip the random-initialisation baseline (r2_init, r2_gain: one more forward pass per "
+                        "init seed)")
+    p.add_argument("--init-seeds", type=_int_at_least(1, "at least 1"), default=3,
+                   help="freshly initialised copies of the model in the baseline (default: %(default)s)")
 
     command("attention-distance", "mean attention distance per head and layer")
 

@@ -148,7 +148,8 @@ def check(arch: Arch, workdir, num_images: int = NUM_IMAGES) -> dict:
     model = build(arch, workdir)
     out = {}
     try:
-        frame = layerwise_probes(model, num_images=num_images, layers=[0, -1], n_folds=3, progress=False).to_frame()
+        frame = layerwise_probes(model, num_images=num_images, layers=[0, -1], n_folds=3, progress=False,
+                                 init_baseline=False).to_frame()
         ok = len(frame) == 2 and all(math.isfinite(v) for v in frame["r2_row"])
         out["layerwise"] = "yes" if ok else "no (non-finite R²)"
     except Exception as exc:  # the table records any failure, whatever it is

@@ -155,13 +155,14 @@ def _table(frame, max_rows=40, footnote_column=None) -> str:
 
 
 def analyse_model(model, label, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
-                  device="cpu", progress=True, with_resolution=True):
+                  device="cpu", progress=True, with_resolution=True, init_baseline=True):
     """Every analysis of one model, shown as ``label``; returns ``{analysis name: result}``.
 
     Layerwise probes, attention distance, token embeddings and the shuffle test share
     one :func:`~asg_probe.extract.run_analyses` pass; the options are those of every
     entry point (``images``, ``num_images``, ``img_size``, ``batch_size``, ``seed``,
-    ``device``, ``progress``).
+    ``device``, ``progress``). ``init_baseline`` adds the layerwise random-initialisation
+    baseline (``r2_init``, ``r2_gain``: :func:`~asg_probe.layerwise_probes`), three more forward passes.
     """
     from .analysis.attention_distance import AttentionDistanceAccumulator
     from .analysis.embeddings import EmbeddingsAccumulator
@@ -190,6 +191,13 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
         accumulators += [attention, offsets]
     run_analyses(model, data, accumulators, device=device, progress=progress, desc=f"report: {label}")
     results = {"layerwise": LayerwiseResult.from_accumulator(layerwise, label=label, img_size=data.img_size)}
+    if init_baseline:
+        from .analysis.layerwise import N_INIT_SEEDS, init_baseline_probes
+
+        seeds = list(range(N_INIT_SEEDS))
+        results["layerwise"].add_init_baseline(init_baseline_probes(model, data, seeds, layers=sorted(layerwise.probes),
+                                                                    device=device, progress=progress))
+        results["layerwise"].extra["init_seeds"] = seeds
     if attention is not None:
         results["attention_distance"] = attention.result(label)
         results["attention_offsets"] = offsets.result(label)
@@ -212,9 +220,13 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
 
 SECTIONS = [
     ("layerwise", "Layerwise coordinate probes",
-     "Held-out R² (split by image) of a ridge probe from each layer's patch tokens to (row, col), and of the "
-     "same probe on each control task (the controls are described under Summary). Selectivity = true − "
-     "control."),
+     "Held-out R² (split by image) of a ridge probe from each layer's patch tokens to (row, col); "
+     "dashed grey: slot control (fixed random permutations of the slots: geometry vs identity; selectivity = "
+     "true − control); dotted: the same architecture freshly initialised (random-init baseline, r2_init; "
+     "learned gain r2_gain = r2 − r2_init). compression_row/col: online-code compression (Voita & Titov 2020), "
+     "1 = nothing learnable. Intervals: 95%, delete-one-fold jackknife over images; they cover the expected R² "
+     "at the number of images shown beside them. R² rises with the number of images (a probe fit on more "
+     "images is better), so compare intervals only at equal image counts."),
     ("attention_distance", "Mean attention distance",
      "Attention-weighted distance (px) between query and key patches, one dot per head and layer, grey line: "
      "mean over heads; prefix tokens excluded and weights renormalised. Dashed line: uniform attention."),
@@ -246,8 +258,9 @@ SECTIONS = [
 SUMMARY_COLUMNS = [
     ("model", "model"), ("layer", "last layer"), ("top1", "top-1 (checkpoint)"),
     ("r2_row", "R² row"), ("r2_col", "R² col"), ("r2_control", "slot control R²"),
-    ("selectivity", "selectivity (slot)"), ("r2_control_content", "content control R²"),
-    ("selectivity_content", "selectivity (content)"),
+    ("selectivity", "selectivity (slot)"), ("r2_col_init", "R² col at random init"),
+    ("r2_col_gain", "R² col gain (learned)"), ("compression_row", "compression row (MDL)"),
+    ("compression_col", "compression col (MDL)"), ("num_images", "images"),
     ("attention_distance_px", "mean attention distance (px)"), ("uniform_px", "uniform (px)"),
     ("shuffle_test", "shuffle test"), ("equivariance", "equivariance"),
 ]
@@ -273,11 +286,12 @@ def summary_rows(all_results, metas=None) -> list:
 
     ``all_results`` is ``{name: {analysis name: result}}`` as :func:`analyse_model` returns;
     ``metas`` optional ``{name: model.asg_meta}``. R² figures are the last layer's row of the
-    layerwise result, with both controls (slot permutation: identity vs geometry; content, after
-    Hewitt & Liang 2019: memorising patch content); where a row carries intervals over the CV folds
-    (``r2_row_ci``, ``r2_col_ci``, ``r2_control_ci``, ``selectivity_ci``, ``r2_control_content_ci``,
-    ``selectivity_content_ci``: ``[low, high]``), they are added as ``<column>_low`` /
-    ``<column>_high`` (and shown as ``value [low, high]`` in the page).
+    layerwise result, with the slot control (identity vs geometry), the random-initialisation
+    baseline of the column (``r2_col_init``, learned gain ``r2_col_gain``) where it was computed, and
+    the online-code compression; where a row carries 95% intervals (``r2_row_ci``, ``r2_col_ci``,
+    ``r2_control_ci``, ``selectivity_ci``, ``r2_col_init_ci``, ``r2_col_gain_ci``: ``[low, high]``),
+    they are added as ``<column>_low`` / ``<column>_high`` and shown in the page as
+    ``value [low, high] (n images)``: an interval covers the expected R² at that image count.
 
     Examples
     --------
@@ -295,10 +309,12 @@ def summary_rows(all_results, metas=None) -> list:
     for name, res in all_results.items():
         last = res["layerwise"].rows[-1]
         row = {"model": display_name(name), "layer": last["layer"], "top1": _top1(metas.get(name)),
+               "num_images": res["layerwise"].num_images,
                "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_control": last["r2_control"],
-               "selectivity": last["selectivity"], "r2_control_content": last.get("r2_control_content"),
-               "selectivity_content": last.get("selectivity_content")}
-        for key in ("r2_row", "r2_col", "r2_control", "selectivity", "r2_control_content", "selectivity_content"):
+               "selectivity": last["selectivity"], "r2_col_init": last.get("r2_col_init"),
+               "r2_col_gain": last.get("r2_col_gain"), "compression_row": last.get("compression_row"),
+               "compression_col": last.get("compression_col")}
+        for key in ("r2_row", "r2_col", "r2_control", "selectivity", "r2_col_init", "r2_col_gain"):
             ci = last.get(f"{key}_ci")
             if ci is not None:
                 row[f"{key}_low"], row[f"{key}_high"] = float(ci[0]), float(ci[1])
@@ -338,6 +354,8 @@ def _summary_html(frame) -> str:
             text = number(row[column], tiny=False) if row[column] == row[column] else ""  # NaN: not measured
             if f"{column}_low" in frame.columns and row[f"{column}_low"] == row[f"{column}_low"]:
                 text += f" [{number(row[f'{column}_low'], tiny=False)}, {number(row[f'{column}_high'], tiny=False)}]"
+                if "num_images" in frame.columns:   # an interval is for the expected R² at this image count
+                    text += f" ({int(row['num_images'])} images)"
             out.append(f"<td>{html.escape(text)}</td>")
         cells.append("<tr>" + "".join(out) + "</tr>")
     head = "".join(f"<th>{html.escape(headers.get(c, c))}</th>" for c in frame.columns
@@ -454,7 +472,8 @@ def report_files(out_dir) -> list:
 
 
 def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, batch_size=32, seed=0,
-                 device="cpu", progress=True, with_resolution=True, command=None, on_results=None) -> Path:
+                 device="cpu", progress=True, with_resolution=True, command=None, on_results=None,
+                 init_baseline=True) -> Path:
     """Analyse ``models`` (list of ``(model, name)``) and write ``report.html``, ``summary.csv``
     and per-model JSON.
 
@@ -492,7 +511,7 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
     for model, name in models:
         res = analyse_model(model, name, images, num_images=num_images, img_size=img_size,
                             batch_size=batch_size, seed=seed, device=device, progress=progress,
-                            with_resolution=with_resolution)
+                            with_resolution=with_resolution, init_baseline=init_baseline)
         all_results[name], metas[name] = res, getattr(model, "asg_meta", None) or {}
         if on_results is not None:
             on_results(name, res)
@@ -514,12 +533,16 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
 
     section("summary", "Summary",
             "<p class='cap'>Last layer of each model. R²: held-out (split by image) linear "
-            "probe of the patch row / column with its 95% interval over the CV folds. Slot control: the same "
-            "probe on a fixed random permutation of the positions (solved by any code of slot identity: it "
-            "separates geometry from identity). Content control (Hewitt &amp; Liang 2019): targets that are a "
-            "random function of each patch's content type, solved only by memorising content. Selectivity "
-            "= mean R² − that control, averaged over 5 control seeds. Shuffle test: where the last layer's position comes from (content, injected, "
-            "both, none). Equivariance: certified = no positional injection. Also in summary.csv.</p>"
+             "probe of the patch row / column with its 95% interval (delete-one-fold jackknife over images, "
+             "with refits), followed by the number of images it was computed on: an interval covers the expected "
+             "R² at that image count, and R² rises with the image count (a probe fit on more images is better). "
+             "Slot control: the same probe on fixed random permutations of the positions (solved by any code of "
+             "slot identity: it separates geometry from identity); selectivity = mean R² − that control, "
+             "averaged over 5 permutations. Random init: the same architecture freshly initialised (3 seeds), "
+             "same images and folds; gain = R² − that, i.e. what training added. Compression (MDL, Voita &amp; "
+             "Titov 2020): uniform / online code length of the coordinate, 1 = nothing learnable, large = read "
+             "from a few images. Shuffle test: where the last layer's position comes from (content, injected, "
+             "both, none). Equivariance: certified = no positional injection. Also in summary.csv.</p>"
             + _summary_html(summary))
     readings = reading_of_verdicts(summary)
     if readings:

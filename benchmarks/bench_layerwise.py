@@ -13,6 +13,13 @@ Usage::
     python benchmarks/bench_layerwise.py --num-images 128 --naive-max 0 --repeats 3 --fast  # float32 Gram
     python benchmarks/bench_layerwise.py --model vit_tiny_patch4_32 --img-size 32 --num-images 256 1024
     python benchmarks/bench_layerwise.py --device cuda --naive-max 0 --repeats 2   # on a GPU
+    python benchmarks/bench_layerwise.py --whole-process --num-images 128 1024 --repeats 3
+
+``--whole-process`` times what a user waits for: the command ``asg-probe layerwise CKPT --arch MODEL
+--no-init-baseline`` (start-up, model loading, the built-in photographs decoded, probes, files
+written) against a script that loads the same checkpoint through ``asg_probe.load_checkpoint``,
+prepares the same photographs (``ImageBatches``) and runs one bare forward over them, in
+alternating pairs (wall clock of the whole process; ``OMP_NUM_THREADS`` as set by the caller).
 
 On a GPU both modes keep the model and the statistics on the device and wait for it
 (``torch.cuda.synchronize``) before the clock stops; peak GPU memory is printed too.
@@ -64,7 +71,7 @@ def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False
     elif mode == "layerwise":
         # --single-control: the probe workload before the content control and the 5 control seeds
         # (4 target columns instead of 22), to separate the cost of the controls from the rest
-        controls = dict(n_control_seeds=1, content_control=False) if single_control else {}
+        controls = dict(n_control_seeds=1) if single_control else {}
         acc = LayerwiseAccumulator(n_folds=5, exact=not fast, **controls)
         (acc,) = run_analyses(model, batches(n, batch_size, img_size), [acc], progress=False, device=device)
         res = LayerwiseResult.from_accumulator(acc)
@@ -105,6 +112,49 @@ def run_mode(mode, model_name, n, batch_size, img_size, device="cpu", fast=False
                       "peak_gpu_mb": gpu_mb, "r2": r2}))
 
 
+BARE_FORWARD = """
+import sys, torch
+import asg_probe
+from asg_probe.inputs import ImageBatches
+model = asg_probe.load_checkpoint(sys.argv[1], arch=sys.argv[2]).eval()
+data = ImageBatches.prepare(model, None, num_images=int(sys.argv[3]), batch_size=32)
+with torch.no_grad():
+    for x, _ in data:
+        model.forward_features(x)
+"""
+
+
+def whole_process(model_name, sizes, repeats, tmp):
+    """Alternating pairs (bare forward script, ``asg-probe layerwise``): wall seconds of each whole process."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import asg_probe
+
+    tmp = Path(tempfile.mkdtemp() if tmp is None else tmp)
+    ckpt = tmp / f"{model_name}.safetensors"
+    torch.manual_seed(0)
+    import timm
+
+    asg_probe.save_checkpoint(ckpt, timm.create_model(model_name, num_classes=0))
+    cli = shutil.which("asg-probe") or "asg-probe"
+    print(f"# whole process, {model_name}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(f"{'N':>6} {'pair':>4} {'forward s':>10} {'layerwise s':>12} {'ratio':>6}")
+    for n in sizes:
+        for r in range(repeats):
+            times = {}
+            for mode in ("forward", "layerwise"):
+                cmd = ([sys.executable, "-c", BARE_FORWARD, str(ckpt), model_name, str(n)] if mode == "forward" else
+                       [cli, "layerwise", str(ckpt), "--arch", model_name, "--num-images", str(n), "--no-progress",
+                        "--no-init-baseline", "--out", str(tmp / "out")])
+                t0 = time.perf_counter()
+                subprocess.run(cmd, capture_output=True, text=True, check=True)
+                times[mode] = time.perf_counter() - t0
+            print(f"{n:6d} {r:4d} {times['forward']:10.2f} {times['layerwise']:12.2f} "
+                  f"{times['layerwise'] / times['forward']:6.2f}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch16_dinov3")
@@ -115,12 +165,19 @@ def main():
     p.add_argument("--fast", action="store_true", help="float32 Gram matrices (layerwise --fast); default float64")
     p.add_argument("--naive-max", type=int, default=128, help="largest N for the hand-written way")
     p.add_argument("--single-control", action="store_true",
-                   help="one slot-control seed and no content control (the workload before both existed)")
+                   help="one slot-control seed (4 target columns instead of 12)")
     p.add_argument("--repeats", type=int, default=1,
                    help="alternate forward/layerwise this many times per N and keep each one's fastest "
                         "(shared or virtual machines vary by ~±7%% from run to run)")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--whole-process", action="store_true",
+                   help="time the asg-probe layerwise command against a bare-forward script (see the module doc)")
+    p.add_argument("--tmp", default=None, help="folder for the checkpoint and outputs of --whole-process")
     args = p.parse_args()
+    if args.whole_process:
+        name = "vit_small_patch16_224" if args.model == "vit_small_patch16_dinov3" else args.model
+        whole_process(name, args.num_images, args.repeats, args.tmp)
+        return
     if args.worker:
         run_mode(args.worker[0], args.model, int(args.worker[1]), args.batch_size, args.img_size, args.device,
                  args.fast, args.single_control)

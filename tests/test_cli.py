@@ -61,15 +61,20 @@ def test_layerwise_json_for_own_checkpoint(own_checkpoint, image_dir, tmp_path, 
     assert doc["grid"] == [8, 8] and doc["num_images"] == 10 and doc["img_size"] == [32, 32]
     assert [r["layer"] for r in doc["layers"]] == [0, 1, 2]
     for row in doc["layers"]:
-        assert {"layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha"} <= set(row)
+        assert {"layer", "r2_row", "r2_col", "r2", "r2_control", "selectivity", "alpha", "compression_row",
+                "compression_col", "r2_init", "r2_init_ci", "r2_gain", "r2_col_gain_ci"} <= set(row)
+        assert not any("content" in key for key in row)
+    assert doc["init_seeds"] == [0, 1, 2] and doc["interval"].startswith("95%, delete-one-fold jackknife")
+    assert "r2_init" in out and "10 images" in out
     assert (tmp_path / "layerwise.csv").exists() and (tmp_path / "layerwise.png").stat().st_size > 1000
 
 
 def test_layerwise_and_attention_distance_for_a_timm_vit(timm_checkpoint, image_dir, tmp_path):
     args = ["--arch", "vit_tiny_patch16_224", "--images", image_dir, "--num-images", 10, "--no-progress"]
-    assert run_cli("layerwise", timm_checkpoint, *args, "--out", tmp_path) == 0
+    assert run_cli("layerwise", timm_checkpoint, *args, "--no-init-baseline", "--out", tmp_path) == 0
     doc = json.loads((tmp_path / "layerwise.json").read_text())
     assert doc["grid"] == [4, 4] and len(doc["layers"]) == 3
+    assert "r2_init" not in doc["layers"][0] and "init_seeds" not in doc   # the baseline's opt-out
     assert run_cli("attention-distance", timm_checkpoint, *args, "--out", tmp_path) == 0
     doc = json.loads((tmp_path / "attention_distance.json").read_text())
     assert doc["patch_size"] == 8 and [r["layer"] for r in doc["layers"]] == [1, 2]

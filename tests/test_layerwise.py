@@ -18,9 +18,9 @@ def images():
 
 def test_ape_layer0_decodes_position_and_none_does_not(images):
     ape = layerwise_probes(asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2), images,
-                           progress=False)
+                           progress=False, init_baseline=False)
     none = layerwise_probes(asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2), images,
-                            progress=False)
+                            progress=False, init_baseline=False)
     # APE adds a distinct vector per slot: position is linearly decodable from layer 0
     assert ape.rows[0]["r2"] > 0.99
     # Without injection, tokens of random-noise images carry no position at any layer
@@ -33,31 +33,32 @@ def test_ape_layer0_decodes_position_and_none_does_not(images):
 
 def test_result_does_not_depend_on_batch_size(images):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="rope-axial", depth=2)
-    a = layerwise_probes(model, images, batch_size=20, progress=False)
-    b = layerwise_probes(model, images, batch_size=3, progress=False)
+    a = layerwise_probes(model, images, batch_size=20, progress=False, init_baseline=False)
+    b = layerwise_probes(model, images, batch_size=3, progress=False, init_baseline=False)
     for ra, rb in zip(a.rows, b.rows):
         assert ra["r2"] == pytest.approx(rb["r2"], abs=1e-6)
 
 
 def test_cell_accuracy_and_layer_selection(images):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=3)
-    res = layerwise_probes(model, images, layers=[0, -1], cell_accuracy=True, progress=False)
+    res = layerwise_probes(model, images, layers=[0, -1], cell_accuracy=True, progress=False,
+                           init_baseline=False)
     assert [r["layer"] for r in res.rows] == [0, 3]
     assert res.rows[0]["cell_accuracy"] > 0.9  # 64 cells, chance 1/64
     with pytest.raises(ValueError, match="layers 0..3"):
-        layerwise_probes(model, images, layers=[7], progress=False)
+        layerwise_probes(model, images, layers=[7], progress=False, init_baseline=False)
 
 
 def test_too_few_images_is_a_clear_error():
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
     with pytest.raises(ValueError, match="at least 5"):
-        layerwise_probes(model, torch.randn(3, 3, 32, 32), progress=False)
+        layerwise_probes(model, torch.randn(3, 3, 32, 32), progress=False, init_baseline=False)
 
 
 def test_no_hook_stays_attached(images, hook_count):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=2)
     before = hook_count(model)
-    layerwise_probes(model, images[:6], progress=False)
+    layerwise_probes(model, images[:6], progress=False, init_baseline=False)
     forward_tokens(model, images[:2], layers=[1])
     assert hook_count(model) == before
     with pytest.raises(RuntimeError, match="boom"):
@@ -89,7 +90,7 @@ def test_result_objects_render(images, tmp_path):
 
 def test_the_result_keeps_each_layers_fitted_probe(images):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="rope-axial", depth=2)
-    res = layerwise_probes(model, images[:15], progress=False)
+    res = layerwise_probes(model, images[:15], progress=False, init_baseline=False)
     tokens = forward_tokens(model.eval(), images[:15], layers=[1])[1].double()        # what the probe saw
     new = forward_tokens(model, images[15:], layers=[1])[1].double()                  # five unseen images
     probe = res.probe(1)
@@ -99,19 +100,15 @@ def test_the_result_keeps_each_layers_fitted_probe(images):
     r2, names = probe.cv_results_.cv_r2_, probe.cv_results_.target_names
     assert 0.5 * (probe.control_cv_r2_[0] + probe.control_cv_r2_[1]) == 0.5 * (r2[2] + r2[3])
     slot = [i for i, n in enumerate(names) if n.startswith("control_")]
-    content = [i for i, n in enumerate(names) if n.startswith("content_")]
-    assert len(slot) == len(content) == 10 and row["n_control_seeds"] == 5
+    assert len(slot) == 10 and row["n_control_seeds"] == 5 and len(names) == 12   # no other control
     assert row["r2_control"] == pytest.approx(np.mean(r2[slot]), abs=1e-12)
-    assert row["r2_control_content"] == pytest.approx(np.mean(r2[content]), abs=1e-12)
-    assert row["selectivity_content"] == pytest.approx(row["r2"] - row["r2_control_content"], abs=1e-12)
-    per_seed = [0.5 * (r2[a] + r2[a + 1]) for a in content[::2]]
-    assert row["r2_control_content_std"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
-    # every R² carries its 95% interval over the CV folds, around the fold mean
-    folds = probe.cv_results_.fold_cv_r2_
-    assert row["r2_row_ci"] == asg_probe.probes.fold_interval(folds[:, 0])
-    for key in ("r2", "r2_row", "r2_col", "r2_control", "r2_control_content"):
+    # every R² carries its 95% jackknife interval, around the CV estimate
+    reps = res.replicates[1]
+    assert row["r2_row_ci"] == asg_probe.probes.jackknife_interval(row["r2_row"], reps["row"])
+    for key in ("r2", "r2_row", "r2_col", "r2_control", "selectivity"):
         lo, hi = row[f"{key}_ci"]
         assert lo < row[key] < hi
+    assert res.to_dict()["interval"].startswith("95%, delete-one-fold jackknife")
     assert res.probe(-1) is res.probe(2) and res.probe(0) is not probe
     # a direct ridge (standardised features, scikit-learn) at the chosen alpha, refit on every image
     X, Xn = tokens.reshape(-1, tokens.shape[-1]).numpy(), new.reshape(-1, new.shape[-1]).numpy()
@@ -127,7 +124,8 @@ def test_the_result_keeps_each_layers_fitted_probe(images):
 def test_checkpoint_is_a_deprecated_alias_of_label(images):
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="none", depth=1)
     with pytest.warns(DeprecationWarning, match="pass label="):
-        res = layerwise_probes(model, images[:6], layers=[1], progress=False, checkpoint="old")
+        res = layerwise_probes(model, images[:6], layers=[1], progress=False, checkpoint="old",
+                               init_baseline=False)
     assert res.checkpoint == "old" and res.to_dict()["checkpoint"] == "old"
 
 
@@ -137,7 +135,8 @@ def test_near_perfect_layer0_fit_stays_at_most_one_by_default():
     The float32 Gram path reads 1.00001 here (3e-4 off); the float64 default must not exceed 1."""
     torch.manual_seed(0)
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
-    row = layerwise_probes(model, torch.randn(20, 3, 32, 32), layers=[0], progress=False).rows[0]
+    row = layerwise_probes(model, torch.randn(20, 3, 32, 32), layers=[0], progress=False,
+                           init_baseline=False).rows[0]
     assert 0.999 < row["r2_row"] <= 1.0 and 0.999 < row["r2_col"] <= 1.0
     # at the default grid's floor (1e-3), or below it where the grid was extended; flagged if on an edge
     assert row["alpha_row"] <= 1e-3 and row["alpha_col"] <= 1e-3 and isinstance(row["alpha_at_edge"], bool)
@@ -162,7 +161,7 @@ def test_the_probe_accumulators_follow_the_accumulator_protocol(images):
     assert not hasattr(result.probe(1), "stats_")  # results keep the solved probe, not its D x D sums
 
 
-# --------------------------------------------------------------------------- the two controls
+# --------------------------------------------------------------------------- the slot control
 
 def _control_rows(tokens, images, batches, seeds=3, patch=2, grid=(4, 4)):
     """Layerwise rows of planted layer-0 ``tokens`` (n, N, D) for ``images``, streamed in ``batches``."""
@@ -182,31 +181,6 @@ def _patchwise(colours, patch=2):
     return colours.permute(0, 3, 1, 2).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 
 
-def test_content_tokens_solve_the_content_control_and_a_slot_code_solves_only_the_slot_one():
-    from asg_probe.probes import content_types
-
-    g = torch.Generator().manual_seed(0)
-    n, grid = 40, (4, 4)
-    # content: each patch one of 6 colours at random; the token is a code of its content type only
-    palette = torch.randn(6, 3, generator=g)
-    images = _patchwise(palette[torch.randint(6, (n, *grid), generator=g)])
-    types = content_types(images, grid)
-    code = torch.randn(16, 32, generator=g, dtype=torch.float64)            # 2^ceil(log2 16) types
-    tokens = code[types] + 1e-3 * torch.randn(n, 16, 32, generator=g, dtype=torch.float64)
-    row = _control_rows(tokens, images, [range(n)])
-    assert row["r2_control_content"] > 0.99 and row["r2_control_content_ci"][0] > 0.9   # memorised content
-    assert abs(row["r2"]) < 0.1 and abs(row["r2_control"]) < 0.1                       # no position at all
-    assert row["selectivity_content"] < -0.9
-    # slot: identical content in every patch of an image (a random colour per image), a planted position table
-    flat = _patchwise(torch.randn(n, 1, 1, 3, generator=g).expand(n, *grid, 3))
-    table = torch.randn(16, 32, generator=g, dtype=torch.float64)
-    tokens = table + 1e-3 * torch.randn(n, 16, 32, generator=g, dtype=torch.float64)
-    row = _control_rows(tokens, flat, [range(n)])
-    assert row["r2"] > 0.99 and row["r2_control"] > 0.99                                # slot identity
-    assert row["r2_control_content"] < 0.05 and row["selectivity_content"] > 0.95
-    assert len(set(content_types(flat, grid)[:, 0].tolist())) > 1   # the content target does vary (by image)
-
-
 def test_the_controls_do_not_depend_on_batch_order_or_size():
     g = torch.Generator().manual_seed(1)
     n = 24
@@ -217,55 +191,21 @@ def test_the_controls_do_not_depend_on_batch_order_or_size():
     order = torch.randperm(n, generator=g)
     b = _control_rows(tokens, images, [order[:5], order[5:17], order[17:]])
     assert a.keys() == b.keys()
-    for key in ("r2", "r2_control", "r2_control_std", "r2_control_content", "r2_control_content_std"):
+    for key in ("r2", "r2_control", "r2_control_std", "compression_row", "compression_col"):
+        assert a[key] == pytest.approx(b[key], abs=1e-9)
+    for key in ("r2_ci", "r2_control_ci"):
         assert a[key] == pytest.approx(b[key], abs=1e-9)
 
 
-def test_the_factored_control_targets_are_the_dense_ones_and_give_the_same_probes():
-    """The accumulator streams the controls factored (shared columns + content-type lookup); the dense
-    targets (coordinates, slot controls, content_control_targets) through the plain per-image product
-    give the same statistics and scores."""
-    from asg_probe.analysis.layerwise import LayerwiseAccumulator
-    from asg_probe.extract import ForwardBatch
-    from asg_probe.probes import (CoordinateProbe, FactoredTargets, content_control_targets, coordinate_targets,
-                                  slot_control_targets)
-
-    g = torch.Generator().manual_seed(4)
-    n, grid, seeds = 23, (4, 4), [0, 1, 2]
-    images = _patchwise(torch.randn(6, 3, generator=g)[torch.randint(6, (n, *grid), generator=g)])
-    tokens = torch.randn(n, 16, 12, generator=g, dtype=torch.float64) + torch.randn(16, 12, generator=g,
-                                                                                   dtype=torch.float64)
-    acc = LayerwiseAccumulator(n_folds=4, n_control_seeds=3)
-    dense = CoordinateProbe(n_folds=4)
-    for idx in (torch.arange(0, 9), torch.arange(9, n)):
-        batch = ForwardBatch(tokens={0: tokens[idx]}, grid=grid, image_index=idx, images=images[idx],
-                             num_prefix_tokens=0, patch_size=2)
-        acc.update(batch)
-        y, names = acc._targets(batch)
-        reference = torch.cat([torch.cat([coordinate_targets(grid), slot_control_targets(grid, seeds)], 1)
-                               .expand(len(idx), 16, -1), content_control_targets(images[idx], grid, seeds)], -1)
-        assert isinstance(y, FactoredTargets) and torch.equal(y.dense(), reference)
-        dense.partial_fit(tokens[idx], idx, y=reference, target_names=names)
-    ours, theirs = acc.probes[0].stats_, dense.stats_
-    for name in ("n", "sum_x", "sum_y", "sum_y2", "xtx", "xty"):
-        a, b = getattr(ours, name), getattr(theirs, name)
-        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max()), name
-    mine, ref = acc.fitted()[0].cv_results_, dense.finalize().cv_results_
-    assert mine.target_names == ref.target_names
-    np.testing.assert_allclose(mine.fold_r2, ref.fold_r2, rtol=0, atol=1e-10)
-    assert np.array_equal(mine.alpha_, ref.alpha_)
-    np.testing.assert_allclose(mine.coef_, ref.coef_, rtol=1e-8, atol=1e-10 * np.abs(ref.coef_).max())
-
-
-def test_one_control_seed_without_content_is_the_plain_probe():
-    """n_control_seeds=1, content_control=False: the columns of a plain CoordinateProbe on the same tokens."""
+def test_one_control_seed_is_the_plain_probe():
+    """n_control_seeds=1: the columns of a plain CoordinateProbe on the same tokens."""
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
     images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    res = layerwise_probes(model, images, layers=[1], n_control_seeds=1, content_control=False, progress=False)
+    res = layerwise_probes(model, images, layers=[1], n_control_seeds=1, progress=False, init_baseline=False)
     tokens = forward_tokens(model.eval(), images, layers=[1])[1]
     plain = asg_probe.probes.CoordinateProbe(n_folds=5).fit(tokens, grid=(8, 8))
     row = res.rows[0]
-    assert "r2_control_content" not in row and row["r2_control_std"] == 0.0
+    assert row["r2_control_std"] == 0.0
     assert row["r2"] == pytest.approx(plain.cv_r2_.mean(), abs=1e-9)
     assert row["r2_control"] == pytest.approx(plain.control_cv_r2_.mean(), abs=1e-9)
 
@@ -274,9 +214,9 @@ def test_post_norm_tokens_are_the_final_norm_of_each_layer_and_the_last_is_forwa
     from asg_probe.probes import final_norm
 
     model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1).eval()
-    post = layerwise_probes(model, images[:10], tokens="post_norm", n_control_seeds=1, content_control=False,
-                            progress=False)
-    pre = layerwise_probes(model, images[:10], n_control_seeds=1, content_control=False, progress=False)
+    post = layerwise_probes(model, images[:10], tokens="post_norm", n_control_seeds=1,
+                            progress=False, init_baseline=False)
+    pre = layerwise_probes(model, images[:10], n_control_seeds=1, progress=False, init_baseline=False)
     with torch.no_grad():
         last = model.forward_features(images[:10])[:, model.num_prefix_tokens:]
     plain = asg_probe.probes.CoordinateProbe(n_folds=5).fit(last.double(), grid=(8, 8))

@@ -56,27 +56,6 @@ def test_a_square_grid_is_inferred():
     assert resolve_grid(48, GRID) == GRID
 
 
-def test_content_types_are_a_function_of_each_patchs_pixels_only():
-    from asg_probe.probes import content_control_targets, content_types
-
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 8, 12, generator=g)             # a 4x6 grid of 2x2 patches
-    types = content_types(images, (4, 6))
-    assert types.shape == (3, 24) and int(types.max()) < 32     # ceil(log2 24) = 5 bits
-    assert len(set(types.flatten().tolist())) > 10              # random patches spread over the types
-    # move one patch's pixels elsewhere (another image, another slot): same type, same labels
-    moved = images.clone()
-    moved[2, :, 6:8, 10:12] = images[0, :, 0:2, 0:2]
-    assert content_types(moved, (4, 6))[2, 23] == types[0, 0]
-    labels = content_control_targets(moved, (4, 6), [0, 1])
-    assert labels.shape == (3, 24, 4) and torch.equal(labels[2, 23], labels[0, 0])
-    # labels are grid coordinates, redrawn per seed
-    assert set(labels[..., 0].flatten().tolist()) <= set(coordinate_targets((4, 6))[:, 0].tolist())
-    assert not torch.equal(labels[..., :2], labels[..., 2:])
-    with pytest.raises(ValueError, match="do not split into a 4x5 grid"):
-        content_types(images, (4, 5))
-
-
 def test_several_slot_control_seeds_start_with_the_single_one():
     from asg_probe.probes import control_seeds, control_target_names, slot_control_targets
 
@@ -84,4 +63,4 @@ def test_several_slot_control_seeds_start_with_the_single_one():
     assert seeds == [7, 8, 9]
     t = slot_control_targets(GRID, seeds)
     assert t.shape == (N, 6) and torch.equal(t[:, :2], probe_targets(GRID, control_seed=7)[:, 2:])
-    assert control_target_names(seeds, content=False)[:2] == TARGET_NAMES[2:]
+    assert control_target_names(seeds)[:2] == TARGET_NAMES[2:]

@@ -97,10 +97,11 @@ def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
     for name, model in (("ape", "ape"), ("none_guidance", "guidance")):  # file names: "+" becomes "_"
         last = json.loads((out / f"{name}.layerwise.json").read_text())["layers"][-1]
         row = summary[summary["model"] == model].iloc[0]
-        for column in ("r2_row", "r2_col", "r2_control", "selectivity", "r2_control_content", "selectivity_content"):
+        for column in ("r2_row", "r2_col", "r2_control", "selectivity", "r2_col_init", "r2_col_gain",
+                       "compression_row", "compression_col"):
             assert row[column] == pytest.approx(last[column], abs=1e-12), (name, column)
-        assert [row["selectivity_content_low"], row["selectivity_content_high"]] == \
-            pytest.approx(last["selectivity_content_ci"], abs=1e-12)
+        assert [row["r2_col_gain_low"], row["r2_col_gain_high"]] == pytest.approx(last["r2_col_gain_ci"], abs=1e-12)
+        assert row["num_images"] == 10
         assert row["layer"] == last["layer"] == 2
         heads = json.loads((out / f"{name}.attention_distance.json").read_text())["layers"][-1]
         assert row["attention_distance_px"] == pytest.approx(sum(heads["heads_px"]) / len(heads["heads_px"]))
@@ -111,9 +112,10 @@ def test_summary_csv_holds_the_last_layer_numbers_of_each_result(report):
     # the HTML summary shows the same numbers, three decimals
     table = page.split("<h2 id='summary'>")[1].split("</table>")[0]
     ape = summary.iloc[0]
-    assert "content control R²" in table and "selectivity (content)" in table
-    for column in ("r2_row", "selectivity", "selectivity_content"):  # the value, then its fold interval where the result has one
-        assert re.search(f"<td>{re.escape(number(float(ape[column]), tiny=False))}( \\[[^]]+\\])?</td>", table), column
+    assert "R² col at random init" in table and "compression col (MDL)" in table and "content control" not in table
+    for column in ("r2_row", "selectivity", "r2_col_gain"):  # the value, then its interval and the image count
+        assert re.search(f"<td>{re.escape(number(float(ape[column]), tiny=False))} \\[[^]]+\\] \\(10 images\\)</td>",
+                         table), column
 
 
 def test_report_figures_at_natural_width_and_captions_match(report):
@@ -131,6 +133,7 @@ def test_report_figures_at_natural_width_and_captions_match(report):
     assert page.count("<div class='scroll'>") >= page.count("<table")  # every table in its scrolling box
     embeddings = page.split("<h2 id='embeddings'>")[1].split("<h2")[0]
     assert "position score: the Pearson correlation" in embeddings
+    assert "images shown beside them" in layerwise  # the caption says what the intervals cover
 
 
 def test_number_formats_for_tables():
@@ -188,9 +191,9 @@ def test_summary_carries_the_fold_intervals_a_layerwise_result_has():
             {"layer": 1, "r2_row": 0.9, "r2_col": -0.0001, "r2": 0.45, "r2_control": 0.01, "selectivity": 0.44,
              "r2_row_ci": [0.85, 0.95], "r2_col_ci": [float("nan"), float("nan")]}]
     frame = summary_frame({"ape": {"layerwise": LayerwiseResult(rows, (8, 8), 10)}})
-    assert list(frame.columns) == ["model", "layer", "r2_row", "r2_col", "r2_control", "selectivity",
+    assert list(frame.columns) == ["model", "layer", "r2_row", "r2_col", "r2_control", "selectivity", "num_images",
                                    "r2_row_low", "r2_row_high", "r2_col_low", "r2_col_high"]
     assert frame.iloc[0][["r2_row", "r2_row_low", "r2_row_high"]].tolist() == [0.9, 0.85, 0.95]
     page = _summary_html(frame)
-    assert "<td>0.900 [0.850, 0.950]</td>" in page
+    assert "<td>0.900 [0.850, 0.950] (10 images)</td>" in page
     assert "<td>0.000</td>" in page and "nan" not in page  # -0.0001 shown as 0.000; no interval: none shown

@@ -172,6 +172,10 @@ def test_query_moves_and_image_changes_predictions():
     ex.image.value = 2
     np.testing.assert_allclose(ex.last_render["ape"]["pred"], view.probe(2).predictions[2])
     assert not np.allclose(pred0, ex.last_render["ape"]["pred"])
+    fit = view.probe(2)   # the score is shown with its interval and image count, and the MDL compression kept
+    lo, hi = fit.r2_ci
+    assert lo < fit.r2 < hi and fit.label().endswith(f"], {view.num_images} images")
+    assert fit.compression.shape == (2,) and np.all(fit.compression > 0)
 
 
 def test_model_selection_shows_columns():

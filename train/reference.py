@@ -104,7 +104,7 @@ def bundled_runs(out: Path) -> dict:
 
 
 #: Bumped whenever probe_run computes something different: cached probe files of another version are redone.
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 #: Input sizes of the resolution-transfer columns (scenes rendered at each size; probes fit at 32 px).
 RESOLUTION_SIZES = (16, 32, 64)
 
@@ -151,8 +151,8 @@ def probe_run(run_dir: Path, num_images: int, tokens: str = "pre_norm") -> dict:
     out = {"top1": eval_doc["top1"], "top1_half": sweep.get(size // 2), "top1_double": sweep.get(size * 2),
            "r2_row": last["r2_row"], "r2_col": last["r2_col"], "r2_col_ci": last.get("r2_col_ci"),
            "r2_control": last.get("r2_control"), "selectivity": last.get("selectivity"),
-           "r2_control_content": last.get("r2_control_content"),
-           "selectivity_content": last.get("selectivity_content"),
+           "r2_col_init": last.get("r2_col_init"), "r2_col_gain": last.get("r2_col_gain"),
+           "compression_col": last.get("compression_col"),
            "mlp_r2_row": float(mlp.heldout_r2_[0]), "mlp_r2_col": float(mlp.heldout_r2_[1]),
            "shuffle_r2_original": shuffle["r2_original"], "shuffle_r2_slot": shuffle["r2_slot"],
            "shuffle_source": shuffle["source"], "layers_r2": [r["r2"] for r in layer.rows],
@@ -187,8 +187,8 @@ TABLES = {
                  ("res_r2_16", "probe R² @16 (rendered)"), ("res_r2_64", "probe R² @64 (rendered)"),
                  ("res_retained_16", "retained @16"), ("res_retained_64", "retained @64")],
     "probes": [("r2_row", "R² row"), ("r2_col", "R² col"), ("r2_control", "slot control"),
-               ("selectivity", "selectivity (slot)"), ("r2_control_content", "content control"),
-               ("selectivity_content", "selectivity (content)"), ("mlp_r2_col", "MLP R² col"),
+               ("selectivity", "selectivity (slot)"), ("r2_col_init", "R² col at init"),
+               ("r2_col_gain", "R² col gain"), ("compression_col", "compression col"), ("mlp_r2_col", "MLP R² col"),
                ("shuffle_r2_original", "shuffle: original"), ("shuffle_r2_slot", "shuffle: slot")],
 }
 COLUMNS = [c for cols in TABLES.values() for c, _ in cols]
@@ -200,7 +200,7 @@ PAIRED_CLAIMS = [
     ("r2_col", "guidance", "guidance_shuffled", "…through its spatial signal, not the auxiliary loss"),
     ("mlp_r2_col", "guidance", "guidance_shuffled", "…also read by an MLP probe"),
     ("r2_col", "guidance_shuffled", "none", "the position-free control stays at none's level"),
-    ("selectivity_content", "guidance", "none", "guidance's column is not content memorisation"),
+    ("r2_col_gain", "guidance", "none", "guidance's column is learned, not given by architecture at init"),
     ("r2_col", "guidance_random", "guidance", "a fixed permutation of the targets builds the column too"),
     ("shuffle_r2_slot", "ape", "none", "ape decodes the slot (an injection)"),
     ("shuffle_r2_original", "guidance", "none", "guidance reads the original position from content"),

@@ -327,7 +327,7 @@ def probe_attribution(model, images=None, *, layer=-1, patch=None, image_index=0
         raise UsageError(f"{data.num_images} images are too few for the {n_folds}-fold probe; "
                          f"use at least {n_folds} (num_images)")
 
-    fitter = LayerwiseAccumulator(n_folds=n_folds, alphas=alphas)
+    fitter = LayerwiseAccumulator(n_folds=n_folds, alphas=alphas, online_code=False)
     run_analyses(model, data, [fitter], layers=[layer], device=device, progress=progress,
                  desc=f"attribution: fit layer {layer}")
     fit = fitter.fitted()[layer]

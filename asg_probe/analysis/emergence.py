@@ -361,7 +361,7 @@ def _snapshot_rows(model, imageset, *, layers, batch_size, device, n_folds, cont
 
     data = ImageBatches.prepare(model, imageset, batch_size=batch_size)
     geo = model_geometry(model)
-    probes = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed)
+    probes = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed, online_code=False)  # R² only
     attention = AttentionDistanceAccumulator(geo.patch_size, geo.num_prefix_tokens)
     run_analyses(model, data, [probes, attention], layers=layers, device=device, progress=False)
     layerwise = LayerwiseResult.from_accumulator(probes)

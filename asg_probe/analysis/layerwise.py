@@ -3,20 +3,28 @@
 For every layer (0 = tokens entering block 1, ``i`` = output of block ``i``) a
 ridge probe maps patch tokens to normalised (row, col), regularisation chosen by
 k-fold cross-validation split by image, scored by held-out R², with a 95% interval
-over the folds (``r2_ci``, ``r2_row_ci``, ``r2_col_ci``: :func:`~asg_probe.probes.fold_interval`).
-Two controls, each averaged over ``n_control_seeds`` seeds (spread in ``*_std``), are fitted
-and scored exactly like the true task, as extra target columns of the same probe:
+(``r2_ci``, ``r2_row_ci``, ``r2_col_ci``, ...) from the delete-one-fold jackknife with refits
+(:mod:`asg_probe.probes.intervals`): it covers the expected R² *at this number of images*
+(R² rises with the number of images; ``num_images`` is recorded beside every interval).
+What each control answers:
 
 * ``r2_control`` / ``selectivity``: the *slot* control (slot ``i`` asked for the coordinates of
-  slot ``perm[i]``), solved by any code that tells slots apart: it rules out "slots are merely
-  distinguishable", i.e. separates geometry from identity;
-* ``r2_control_content`` / ``selectivity_content``: Hewitt & Liang's control task (2019,
-  "Designing and Interpreting Probes with Control Tasks"): each patch's content type (a seeded
-  hash of its pixels, :func:`~asg_probe.probes.content_types`) gets a fixed random cell, so only
-  memorising content solves it: it rules out "the probe reads position off content".
+  slot ``perm[i]``, averaged over ``n_control_seeds`` permutations, spread in ``r2_control_std``),
+  solved by any code that tells slots apart: true minus control separates a code of *geometry*
+  from mere slot *identity*. It does not say whether position was learned, nor whether it is
+  read off content;
+* ``compression_row`` / ``compression_col``: minimum description length by Voita & Titov's online
+  code (:mod:`asg_probe.probes.mdl`): how *easily* position is extracted (1: no better than
+  sending the targets uniformly; large: a few images suffice);
+* ``r2_init``, ``r2_row_init``, ``r2_col_init`` and the learned gain ``r2_gain`` (``r2 - r2_init``,
+  also per row and column): the random-initialisation baseline, the same architecture freshly
+  initialised (:func:`asg_probe.reinit.reinitialised`, ``n_init_seeds`` seeds, spread in
+  ``r2_init_std``), probed on the same images and folds: is the decodability learned, or given by
+  the architecture and the image statistics?
+
 Each layer's probe is a streaming :class:`asg_probe.probes.CoordinateProbe`
-(statistics, not tokens), so the cost is one forward pass and memory does not grow
-with the number of images; the result keeps the fitted probes
+(statistics, not tokens), so the cost is one forward pass (one more per init seed) and memory
+does not grow with the number of images; the result keeps the fitted probes
 (:meth:`LayerwiseResult.probe`).
 """
 from __future__ import annotations
@@ -27,13 +35,17 @@ import numpy as np
 import torch
 
 from ..extract import Accumulator, batch_grid
-from ..probes import (CellAccuracy, CoordinateProbe, FactoredTargets, content_control_table, content_types,
-                      control_seeds, control_target_names, coordinate_targets, final_norm, fold_interval,
-                      slot_control_targets)
-
-#: Control seeds by default (slot and content controls alike): extra target columns, cheap.
-N_CONTROL_SEEDS = 5
+from ..probes import (CellAccuracy, CoordinateProbe, control_seeds, control_target_names, coordinate_targets,
+                      final_norm, jackknife_cv_r2, jackknife_interval, online_code, slot_control_targets)
 from ..results import AnalysisResult
+
+#: Slot-control seeds by default: extra target columns, cheap.
+N_CONTROL_SEEDS = 5
+#: Freshly initialised copies probed for the random-initialisation baseline by default.
+N_INIT_SEEDS = 3
+#: What every ``*_ci`` is, recorded in the result.
+INTERVAL = ("95%, delete-one-fold jackknife with refits (asg_probe.probes.intervals): covers the expected "
+            "held-out R² at num_images images")
 
 
 class ProbeAccumulator(Accumulator):
@@ -98,12 +110,12 @@ class ProbeAccumulator(Accumulator):
 
 
 class LayerwiseAccumulator(ProbeAccumulator):
-    """Per layer, a probe of the grid coordinates and its control tasks (:class:`ProbeAccumulator`).
+    """Per layer, a probe of the grid coordinates and its slot controls (:class:`ProbeAccumulator`).
 
-    Target columns: ``row``, ``col``, the slot control of each control seed
+    Target columns: ``row``, ``col``, then the slot control of each control seed
     (``control_row``, ``control_col`` for ``control_seed``, ``control_row_s{seed}``... for the
-    next ``n_control_seeds - 1``) and, with ``content_control``, the content control of each seed
-    (``content_row_s{seed}``...), computed from each batch's ``images``. The fitted probes
+    next ``n_control_seeds - 1``). The probes also stream the online code's first blocks
+    (``online_code``, for ``compression_row``/``compression_col``). The fitted probes
     (:meth:`fitted`) predict ``row``/``col``, with ``control_cv_r2_`` the first slot-control seed;
     every column's scores are in their ``cv_results_``.
 
@@ -119,36 +131,36 @@ class LayerwiseAccumulator(ProbeAccumulator):
     """
 
     def __init__(self, n_folds=5, control_seed=0, alphas=None, exact=True, method="fast",
-                 n_control_seeds=N_CONTROL_SEEDS, content_control=True, norm=None):
+                 n_control_seeds=N_CONTROL_SEEDS, norm=None, online_code=True):
         super().__init__(n_folds=n_folds, alphas=alphas, exact=exact, method=method, norm=norm)
         self.control_seed = control_seed
         self.seeds = control_seeds(control_seed, n_control_seeds)
-        self.content_control = bool(content_control)
+        self.online_code = bool(online_code)
         self._fixed = None
 
     def _new_probe(self) -> CoordinateProbe:
-        return super()._new_probe().set_params(control=True, control_seed=self.control_seed)
+        return super()._new_probe().set_params(control=True, control_seed=self.control_seed,
+                                               online_code=self.online_code)
 
     def _targets(self, batch):
         tokens = next(iter(batch.tokens.values()))
         if self._fixed is None or self._fixed.device != tokens.device:   # the same for every image
             self._fixed = torch.cat([coordinate_targets(self.grid), slot_control_targets(self.grid, self.seeds)],
                                     dim=1).to(tokens.device)
-            self._table = (content_control_table(self.grid, self.seeds).to(tokens.device)
-                           if self.content_control else None)
-        names = ("row", "col") + control_target_names(self.seeds, content=self.content_control)
-        if not self.content_control:
-            return self._fixed, names
-        gh, gw = self.grid
-        p = int(batch.patch_size)
-        pixels = batch.images[..., :gh * p, :gw * p]   # the pixels the patch embedding saw
-        # per image only through the content types: kept factored, the statistics form X^T Y from
-        # per-type token sums (content_control_targets(pixels, ...) is the dense equivalent)
-        types = content_types(pixels, self.grid).to(tokens.device)
-        return FactoredTargets(self._fixed, types, self._table), names
+        return self._fixed, ("row", "col") + control_target_names(self.seeds)
 
     def _solved(self, probe):
         return probe.select([0, 1], control_columns=[2, 3])
+
+
+class InitBaselineAccumulator(ProbeAccumulator):
+    """Per layer, the plain (row, col) probe of a freshly initialised model: no controls, no online code.
+
+    Fed the same images (and so the same folds) as the model's own :class:`LayerwiseAccumulator`.
+    """
+
+    def _new_probe(self) -> CoordinateProbe:
+        return super()._new_probe().set_params(control=False)
 
 
 class CellAccuracyAccumulator(Accumulator):
@@ -203,46 +215,77 @@ def _spread(values):
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _row(layer, probe):
-    """One table row; every R² with its 95% interval over the CV folds (:func:`~asg_probe.probes.fold_interval`).
+def _replicates(probe, columns):
+    """Delete-one-fold jackknife replicates ``(F, len(columns))`` of the probe's CV R² (at its alphas)."""
+    res = probe.cv_results_
+    return jackknife_cv_r2(probe.stats_, res.alpha_[list(columns)], columns)
 
-    Controls are means over their seeds' columns (row, col, and their average per seed), with
-    ``*_std`` the sample std over seeds of the per-seed (row + col) / 2.
+
+def _row(layer, probe, grid=None):
+    """One table row, and the jackknife replicates its intervals came from (``{"row", "col", "r2"}``).
+
+    Every R² has a 95% interval (:func:`~asg_probe.probes.jackknife_interval` of the
+    delete-one-fold replicates). The slot control is the mean over its seeds' columns (row, col,
+    and their average per seed), with ``r2_control_std`` the sample std over seeds of the per-seed
+    (row + col) / 2. ``compression_row``/``compression_col`` need the online code's statistics and
+    the ``grid`` (row and column levels).
     """
     res = probe.cv_results_
-    names, r2, folds = res.target_names, res.cv_r2_, res.fold_cv_r2_
+    names, r2 = res.target_names, res.cv_r2_
     main = [names.index(n) for n in probe.target_names_]
     r2_row, r2_col = (float(r2[i]) for i in main)
     mean = 0.5 * (r2_row + r2_col)
-    fold_true = 0.5 * (folds[:, main[0]] + folds[:, main[1]])
-    out = {"layer": int(layer), "r2_row": r2_row, "r2_col": r2_col, "r2": mean}
-    controls = {}
-    for prefix, key in (("control", "r2_control"), ("content", "r2_control_content")):
-        pairs = _control_columns(names, prefix)
-        if pairs:
-            per_seed = [0.5 * (r2[a] + r2[b]) for a, b in pairs]
-            controls[key] = (pairs, per_seed)
-    pairs, per_seed = controls["r2_control"]
+    pairs = _control_columns(names, "control")
+    reps = _replicates(probe, main + [c for pair in pairs for c in pair])
+    rep = {"row": reps[:, 0], "col": reps[:, 1], "r2": 0.5 * (reps[:, 0] + reps[:, 1])}
+    per_seed = [0.5 * (r2[a] + r2[b]) for a, b in pairs]
+    rep_control = np.mean([0.5 * (reps[:, 2 + 2 * i] + reps[:, 3 + 2 * i]) for i in range(len(pairs))], axis=0)
     control = float(np.mean(per_seed))
-    out.update({"r2_control": control, "selectivity": mean - control,
-                "alpha": _geomean(probe.alpha_[0], probe.alpha_[1]),
-                "alpha_row": float(probe.alpha_[0]), "alpha_col": float(probe.alpha_[1]),
-                "alpha_at_edge": bool(probe.alpha_at_edge_.any()),
-                "r2_control_row": float(np.mean([r2[a] for a, _ in pairs])),
-                "r2_control_col": float(np.mean([r2[b] for _, b in pairs])),
-                "r2_control_std": _spread(per_seed), "n_control_seeds": len(pairs),
-                "r2_ci": fold_interval(fold_true), "r2_row_ci": fold_interval(folds[:, main[0]]),
-                "r2_col_ci": fold_interval(folds[:, main[1]])})
-    for key, (pairs, per_seed) in controls.items():
-        fold_ctrl = np.mean([0.5 * (folds[:, a] + folds[:, b]) for a, b in pairs], axis=0)
-        out[f"{key}_ci"] = fold_interval(fold_ctrl)
-        sel = "selectivity" + key[len("r2_control"):]
-        out[f"{sel}_ci"] = fold_interval(fold_true - fold_ctrl)   # paired over the same folds
-        if key == "r2_control_content":
-            out[key] = float(np.mean(per_seed))
-            out[sel] = mean - out[key]
-            out[f"{key}_std"] = _spread(per_seed)
-    return out
+    out = {"layer": int(layer), "r2_row": r2_row, "r2_col": r2_col, "r2": mean,
+           "r2_control": control, "selectivity": mean - control,
+           "alpha": _geomean(probe.alpha_[0], probe.alpha_[1]),
+           "alpha_row": float(probe.alpha_[0]), "alpha_col": float(probe.alpha_[1]),
+           "alpha_at_edge": bool(probe.alpha_at_edge_.any()),
+           "r2_control_row": float(np.mean([r2[a] for a, _ in pairs])),
+           "r2_control_col": float(np.mean([r2[b] for _, b in pairs])),
+           "r2_control_std": _spread(per_seed), "n_control_seeds": len(pairs),
+           "r2_ci": jackknife_interval(mean, rep["r2"]), "r2_row_ci": jackknife_interval(r2_row, rep["row"]),
+           "r2_col_ci": jackknife_interval(r2_col, rep["col"]),
+           "r2_control_ci": jackknife_interval(control, rep_control),
+           "selectivity_ci": jackknife_interval(mean - control, rep["r2"] - rep_control)}   # paired over folds
+    if grid is not None and getattr(probe.stats_, "head", None) is not None:
+        code = online_code(probe.stats_, res.alpha_[main], main, levels=list(grid))
+        out["compression_row"], out["compression_col"] = (float(c) for c in code["compression"])
+    return out, rep
+
+
+def _init_rows(rows, replicates, init_probes):
+    """Add the random-initialisation baseline to ``rows`` (in place).
+
+    ``init_probes``: one ``{layer: fitted probe}`` per init seed (same images and folds as the
+    model's). Per layer: ``r2_init``, ``r2_row_init``, ``r2_col_init`` (means over seeds), their
+    intervals (jackknife of the seed-averaged replicates: the seeds are fixed, the images vary),
+    ``r2_init_std`` (sample std over seeds of each seed's (row + col) / 2), ``n_init_seeds``, and
+    the learned gains ``r2_gain``, ``r2_row_gain``, ``r2_col_gain`` (model minus init) with paired
+    intervals (the same folds, replicate by replicate).
+    """
+    for row in rows:
+        layer = row["layer"]
+        seeds = [probes[layer] for probes in init_probes]
+        r2s = np.array([p.cv_r2_ for p in seeds])                                  # (S, 2)
+        reps = np.mean([_replicates(p, [0, 1]) for p in seeds], axis=0)           # (F, 2)
+        init = {"row": float(r2s[:, 0].mean()), "col": float(r2s[:, 1].mean())}
+        init["r2"] = 0.5 * (init["row"] + init["col"])
+        rep_init = {"row": reps[:, 0], "col": reps[:, 1], "r2": 0.5 * (reps[:, 0] + reps[:, 1])}
+        own = replicates[layer]
+        for key, field in (("r2", "r2"), ("row", "r2_row"), ("col", "r2_col")):
+            row[f"{field}_init"] = init[key]
+            row[f"{field}_init_ci"] = jackknife_interval(init[key], rep_init[key])
+            gain = row[field] - init[key]
+            row[f"{field}_gain"] = gain
+            row[f"{field}_gain_ci"] = jackknife_interval(gain, own[key] - rep_init[key])
+        row["r2_init_std"] = _spread(list(0.5 * (r2s[:, 0] + r2s[:, 1])))
+        row["n_init_seeds"] = len(seeds)
 
 
 class LayerwiseResult(AnalysisResult):
@@ -272,14 +315,27 @@ class LayerwiseResult(AnalysisResult):
         self.img_size = img_size
         self.extra = extra or {}
         self.probes = dict(probes or {})
+        self.replicates = {}   # {layer: {"row", "col", "r2": jackknife replicates}}, for paired comparisons
 
     @classmethod
     def from_probes(cls, probes, grid, num_images, label="", img_size=None):
         """Rows from ``{layer: fitted CoordinateProbe}`` (true task + control); the probes are kept
         without their streamed statistics (:meth:`~asg_probe.probes.CoordinateProbe.without_stats`)."""
-        rows = [_row(layer, probe) for layer, probe in probes.items()]
+        rows, replicates = [], {}
+        for layer, probe in probes.items():
+            row, replicates[int(layer)] = _row(layer, probe, grid)
+            rows.append(row)
         kept = {layer: probe.without_stats() for layer, probe in probes.items()}
-        return cls(rows, grid, num_images, checkpoint=label, img_size=img_size, probes=kept)
+        result = cls(rows, grid, num_images, checkpoint=label, img_size=img_size, probes=kept,
+                     extra={"interval": INTERVAL})
+        result.replicates = replicates
+        return result
+
+    def add_init_baseline(self, init_probes) -> "LayerwiseResult":
+        """Add ``r2_init``... and the learned gains from one ``{layer: fitted probe}`` per init seed
+        (the same images and folds as this result's); see :func:`layerwise_probes`."""
+        _init_rows(self.rows, self.replicates, init_probes)
+        return self
 
     @classmethod
     def from_accumulator(cls, acc, *, label="", img_size=None):
@@ -328,13 +384,13 @@ class LayerwiseResult(AnalysisResult):
         layers, _ = self.r2()
         styles = [("r2_row", "row", "-", "o", ROW_COLOR), ("r2_col", "col", "-", "s", COL_COLOR),
                   ("r2", "mean", "-", None, "0.55"), ("r2_control", "slot control", "--", None, "0.55"),
-                  ("r2_control_content", "content control", ":", None, "0.35")]
-        styles = [s for s in styles if all(s[0] in r for r in self.rows)]   # rows of older results lack content
+                  ("r2_init", "random init", ":", None, "0.35")]
+        styles = [s for s in styles if all(r.get(s[0]) is not None for r in self.rows)]   # init: when computed
         for col, name, ls, marker, color in styles:
             ax.plot(layers, self.r2(col)[1], ls=ls, marker=marker, ms=4, lw=2 if col == "r2" else 1.2, color=color,
                     label=f"{label + ' ' if label else ''}{name}")
         ax.set_xlabel("layer (0 = patch embedding)")
-        ax.set_ylabel("held-out R² (split by image)")
+        ax.set_ylabel(f"held-out R² (split by image, {self.num_images} images)")
         low = min(float(np.nanmin(self.r2(c)[1])) for c, *_ in styles)
         ax.set_ylim(min(-0.05, low - 0.05), 1.02)
         integer_ticks(ax, layers)
@@ -351,9 +407,10 @@ class LayerwiseResult(AnalysisResult):
     def summary_line(self):
         last = self.rows[-1]
         best = max(self.rows, key=lambda r: r["r2"])
-        content = f", content control {last['r2_control_content']:.2f}" if "r2_control_content" in last else ""
+        init = f", random init {last['r2_init']:.2f}" if last.get("r2_init") is not None else ""
         return (f"last layer R² row/col {last['r2_row']:.2f}/{last['r2_col']:.2f} "
-                f"(control {last['r2_control']:.2f}{content}); best layer {best['layer']} R² {best['r2']:.2f}")
+                f"(control {last['r2_control']:.2f}{init}); best layer {best['layer']} R² {best['r2']:.2f}; "
+                f"{self.num_images} images")
 
 
 def compare_layerwise(results, labels=None, column="r2", ax=None):
@@ -404,10 +461,31 @@ def probe_images(model, images, n_folds, *, num_images=64, img_size=None, batch_
     return data
 
 
+def init_baseline_probes(model, data, seeds, *, layers, n_folds=5, alphas=None, exact=True, tokens="pre_norm",
+                         device="cpu", progress=False) -> list:
+    """The random-initialisation baseline's probes: one ``{layer: fitted probe}`` per seed.
+
+    Each seed's :func:`~asg_probe.reinit.reinitialised` copy of ``model`` is probed on ``data`` (the
+    same :class:`~asg_probe.inputs.ImageBatches`, hence the same images and folds as the model's own
+    probes), one forward pass each; hand the list to :meth:`LayerwiseResult.add_init_baseline`.
+    """
+    from ..extract import run_analyses
+    from ..reinit import reinitialised
+
+    out = []
+    for s in seeds:
+        fresh = reinitialised(model, s)
+        base = InitBaselineAccumulator(n_folds=n_folds, alphas=alphas, exact=exact, norm=final_norm(fresh, tokens))
+        (base,) = run_analyses(fresh, data, [base], layers=layers, device=device, progress=progress,
+                               desc=f"random init {s}")
+        out.append(base.fitted())
+    return out
+
+
 def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_size=32, layers=None,
                      n_folds=5, control_seed=0, alphas=None, cell_accuracy=False, seed=0, device="cpu",
                      progress=True, label="", exact=True, checkpoint=None, n_control_seeds=N_CONTROL_SEEDS,
-                     content_control=True, tokens="pre_norm"):
+                     tokens="pre_norm", init_baseline=True, n_init_seeds=N_INIT_SEEDS, init_seed=0):
     """Fit cross-validated coordinate probes on every layer of ``model``.
 
     Parameters
@@ -428,11 +506,17 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
         First control seed: seed ``control_seed`` gives today's slot permutation
         (:func:`~asg_probe.probes.control_permutation`); seeds ``control_seed + 1, ...`` follow.
     n_control_seeds : int, default=5
-        Seeds of each control; ``r2_control`` and ``r2_control_content`` are their means (so
-        ``r2_control`` equals the single-permutation value of earlier versions only with
-        ``n_control_seeds=1``), ``r2_control_std``/``r2_control_content_std`` their spread.
-    content_control : bool, default=True
-        Also fit Hewitt & Liang's content control (``r2_control_content``, ``selectivity_content``).
+        Slot-control permutations; ``r2_control`` is their mean (so it equals the
+        single-permutation value of earlier versions only with ``n_control_seeds=1``),
+        ``r2_control_std`` their spread.
+    init_baseline : bool, default=True
+        Also probe ``n_init_seeds`` freshly initialised copies of the model
+        (:func:`asg_probe.reinit.reinitialised`, seeds ``init_seed, init_seed + 1, ...``) on the
+        same images and folds: ``r2_init``, ``r2_row_init``, ``r2_col_init``, the learned gains
+        ``r2_gain``, ``r2_row_gain``, ``r2_col_gain``, with intervals. Costs one forward pass per
+        seed; ``False`` skips it (the fields are then absent).
+    n_init_seeds, init_seed : int
+        How many initialisations, and the first seed.
     tokens : {"pre_norm", "post_norm"}, default="pre_norm"
         Probe each layer's output as is, or after the model's final norm (:func:`~asg_probe.probes.final_norm`);
         pass the same to the MLP probe's tokens to compare linear and non-linear decoding.
@@ -469,14 +553,22 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
     from ..inputs import display_label
 
     label = display_label(label, checkpoint)
+    if init_baseline and int(n_init_seeds) < 1:
+        raise ValueError(f"n_init_seeds must be >= 1 with init_baseline, got {n_init_seeds}")
     norm = final_norm(model, tokens)
     data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
                         seed=seed)
     acc = LayerwiseAccumulator(n_folds=n_folds, control_seed=control_seed, alphas=alphas, exact=exact,
-                               n_control_seeds=n_control_seeds, content_control=content_control, norm=norm)
+                               n_control_seeds=n_control_seeds, norm=norm)
     (acc,) = run_analyses(model, data, [acc],
                           layers=layers, device=device, progress=progress, desc="layerwise")
     result = LayerwiseResult.from_accumulator(acc, label=label, img_size=data.img_size)
+    if init_baseline:
+        seeds = list(range(int(init_seed), int(init_seed) + int(n_init_seeds)))
+        result.add_init_baseline(init_baseline_probes(model, data, seeds, layers=sorted(acc.probes), n_folds=n_folds,
+                                                      alphas=alphas, exact=exact, tokens=tokens, device=device,
+                                                      progress=progress))
+        result.extra["init_seeds"] = seeds
     if cell_accuracy:
         (cells,) = run_analyses(model, data, [CellAccuracyAccumulator(acc.fitted(), acc.grid, norm)], layers=layers,
                                 device=device, progress=progress, desc="cell accuracy")

@@ -447,7 +447,7 @@ def resolution_transfer(model, images=None, *, sizes=None, layers=None, n_folds=
     run = dict(layers=layers, device=device, progress=progress)
     with any_input_size(model):
         fit_data = source.subset(fit_idx, size=train_size, renumber=True)
-        fitter = LayerwiseAccumulator(n_folds=n_folds, alphas=alphas)
+        fitter = LayerwiseAccumulator(n_folds=n_folds, alphas=alphas, online_code=False)
         run_analyses(model, fit_data, [fitter], desc=f"resolution: fit at {train_size}px", **run)
         fits = fitter.fitted()
         probes = {layer: (fit.coef_[:2], fit.intercept_[:2]) for layer, fit in fits.items()}

@@ -166,7 +166,7 @@ def shuffle_test(model, images=None, *, num_images=64, img_size=None, batch_size
     label = display_label(label, checkpoint)
     data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
                         seed=seed)
-    plain, shuffled = run_analyses(model, data, [LayerwiseAccumulator(n_folds=n_folds),
+    plain, shuffled = run_analyses(model, data, [LayerwiseAccumulator(n_folds=n_folds, online_code=False),
                                                  ShuffleAccumulator(n_folds=n_folds, shuffle_seed=seed)],
                                    layers=layers, device=device, progress=progress, desc="shuffle test")
     return ShuffleResult.from_accumulators(shuffled, plain, label=label).record_inputs(data, device=device)

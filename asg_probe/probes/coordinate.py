@@ -35,7 +35,11 @@ from .solver import METHODS, check_alphas, solve_ridge_cv
 from .stats import RidgeStats
 from .targets import TARGET_NAMES, check_grid, coordinate_targets, probe_targets, resolve_grid
 
-__all__ = ["CoordinateProbe"]
+__all__ = ["CoordinateProbe", "ONLINE_HEAD_BLOCKS"]
+
+#: Head blocks of the online code (fold 0's images of rank 0, 1, 2-3, ..., 16-31): the first block
+#: sent uniformly is one image, as Voita & Titov's first block is a small fraction of the data.
+ONLINE_HEAD_BLOCKS = 6
 
 
 class CoordinateProbe(RegressorMixin, BaseEstimator):
@@ -72,6 +76,10 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         Float64 products throughout (see :class:`~asg_probe.probes.RidgeStats`).
     method : {"fast", "eigh"}, default="fast"
         Solver of :func:`~asg_probe.probes.solve_ridge_cv`.
+    online_code : bool, default=False
+        Also stream the first blocks of the online code (:mod:`asg_probe.probes.mdl`,
+        :data:`ONLINE_HEAD_BLOCKS` of them; ``partial_fit`` and 3-D ``fit`` only), for
+        :func:`~asg_probe.probes.online_code` on ``stats_``.
 
     Attributes
     ----------
@@ -114,7 +122,7 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, *, alphas=None, n_folds=5, control=True, control_seed=0, batch_size=64,
-                 device=None, exact=True, method="fast", extend_alphas=True):
+                 device=None, exact=True, method="fast", extend_alphas=True, online_code=False):
         self.alphas = alphas
         self.extend_alphas = extend_alphas
         self.n_folds = n_folds
@@ -124,6 +132,7 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
         self.device = device
         self.exact = exact
         self.method = method
+        self.online_code = online_code
 
     # ------------------------------------------------------------------ streaming
 
@@ -184,7 +193,8 @@ class CoordinateProbe(RegressorMixin, BaseEstimator):
             y_1d = len(np.shape(y)) == 1  # 1-D targets predict 1-D, as in scikit-learn
         if first:
             self.stats_ = RidgeStats(n_folds=int(self.n_folds), device=self.device, target_names=names,
-                                     exact=bool(self.exact))
+                                     exact=bool(self.exact),
+                                     online_blocks=ONLINE_HEAD_BLOCKS if self.online_code else 0)
             self._stream = (fit_grid, y_1d)
         elif self._stream != (fit_grid, y_1d):
             raise ValueError(f"partial_fit got grid/targets {fit_grid}, 1-D={y_1d} after "

@@ -171,8 +171,8 @@ class _HeldOut:
         self.gap_y = hy.numpy() - self.my
         self.tridiagonal = None
 
-    def r2(self, W: np.ndarray) -> np.ndarray:
-        """Held-out R² ``(A, T)`` of the weights ``W`` (T, A, D) on standardised features.
+    def sse(self, W: np.ndarray) -> np.ndarray:
+        """Held-out sum of squared errors ``(T, A)`` of the weights ``W`` (T, A, D) on standardised features.
 
         ``SSE = SST - 2 w·Chy + w^T Ch w + m d²`` from the held-out fold's centred statistics, with
         ``d`` the gap between its mean target and the mean prediction (the cross terms vanish).
@@ -182,8 +182,11 @@ class _HeldOut:
         quad = np.einsum("jd,jd->j", rows, rows @ self.Ch_s).reshape(T, A)       # w^T Ch w
         cross = np.einsum("tad,dt->ta", W, self.Chy_s)                           # w · Chy
         d = self.gap_y[:, None] - (rows @ self.gap_x).reshape(T, A)
-        sse = self.sst[:, None] - 2 * cross + quad + self.m * d * d
-        r2 = 1 - sse / np.where(self.degenerate, 1.0, self.sst)[:, None]
+        return self.sst[:, None] - 2 * cross + quad + self.m * d * d
+
+    def r2(self, W: np.ndarray) -> np.ndarray:
+        """Held-out R² ``(A, T)`` of the weights ``W`` (T, A, D) (:meth:`sse`); NaN where the target is constant."""
+        r2 = 1 - self.sse(W) / np.where(self.degenerate, 1.0, self.sst)[:, None]
         r2[self.degenerate] = np.nan
         return r2.T
 

@@ -88,6 +88,12 @@ class RidgeStats:
         so it is not the default. On a GPU the float64 path is also the faster one
         (fewer kernels), and the fast path falls back to it where CUDA matmuls may
         use TF32.
+    online_blocks : int, default=0
+        With ``k >= 2``, also keep the statistics of the first ``k`` blocks of the online code
+        (:mod:`asg_probe.probes.mdl`) in :attr:`head`: fold 0's images of rank 0, 1, 2-3, 4-7, ...
+        (:meth:`head_block`). Memory grows to ``O((n_folds + k) D^2)``, still independent of the
+        number of images; at most ``2 ** (k - 1)`` images are accumulated twice. Filled by
+        :meth:`update` only (loose tokens carry no image order).
 
     Notes
     -----
@@ -109,11 +115,15 @@ class RidgeStats:
     _STATS = ("n", "sum_x", "sum_y", "xtx", "xty", "sum_y2", "n_images")
 
     def __init__(self, n_folds: int = 5, n_features=None, n_targets=None, device=None,
-                 target_names=None, exact: bool = True):
+                 target_names=None, exact: bool = True, online_blocks: int = 0):
         if int(n_folds) < 2:
             raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+        if int(online_blocks) != 0 and int(online_blocks) < 2:
+            raise ValueError(f"online_blocks must be 0 (off) or >= 2, got {online_blocks}")
         self.n_folds = int(n_folds)
         self.exact = bool(exact)
+        self.online_blocks = int(online_blocks)
+        self.head = None
         self.device = None if device is None else torch.device(device)
         self.target_names = None if target_names is None else tuple(target_names)
         self.n_features = None
@@ -140,6 +150,12 @@ class RidgeStats:
         self.sum_y2 = torch.zeros(F, t, **f64)
         # Counted by update() only: token-level updates cannot tell how many images they span.
         self.n_images = torch.zeros(F, dtype=torch.long, device=device)
+        if self.online_blocks:
+            # the online code's first blocks (asg_probe.probes.mdl): fold 0's images of rank 0, 1, 2-3,
+            # 4-7, ... (rank = image_index // n_folds), each block a "fold" of a second, small RidgeStats;
+            # those images are also in fold 0, so at most 2 ** (online_blocks - 1) images are counted twice
+            self.head = RidgeStats(n_folds=self.online_blocks, n_features=d, n_targets=t, device=device,
+                                   target_names=self.target_names, exact=self.exact)
 
     @property
     def initialised(self) -> bool:
@@ -257,6 +273,30 @@ class RidgeStats:
                 self.xty[f].addmm_(rows.T, Yf)
                 self.sum_y[f] += Yf.sum(0)
                 self.sum_y2[f] += (Yf * Yf).sum(0)
+        if self.head is not None:
+            self._update_head(X, Y, idx)
+
+    def head_block(self, image_index) -> torch.Tensor:
+        """Online-code head block of each image (long, like ``image_index``), -1 outside the head.
+
+        Fold 0's image of rank ``r = image_index // n_folds`` is in block 0 for ``r = 0``, else
+        ``floor(log2 r) + 1``, while that is below ``online_blocks``: blocks of 1, 1, 2, 4, ... images.
+        """
+        idx = torch.as_tensor(image_index).long()
+        rank = torch.div(idx, self.n_folds, rounding_mode="floor")
+        block = torch.where(rank > 0, torch.floor(torch.log2(rank.clamp_min(1).double())).long() + 1,
+                            torch.zeros_like(rank))
+        inside = (torch.remainder(idx, self.n_folds) == 0) & (block < self.online_blocks)
+        return torch.where(inside, block, torch.full_like(block, -1))
+
+    def _update_head(self, X, Y, idx) -> None:
+        block = self.head_block(idx)
+        sel = (block >= 0).nonzero().reshape(-1)
+        if sel.numel() == 0:
+            return
+        if isinstance(Y, FactoredTargets) or Y.ndim == 3:
+            Y = Y[sel.to(Y.labels.device if isinstance(Y, FactoredTargets) else Y.device)]
+        self.head.update(X.index_select(0, sel.to(X.device)), Y, block[sel])
 
     def update_tokens(self, X, Y, image_index) -> None:
         """Add loose tokens: ``X`` (M, D), ``Y`` (M, T) or (M,), ``image_index`` (M,) per token.
@@ -335,6 +375,8 @@ class RidgeStats:
         self._ensure(other.n_features, other.n_targets, other.device)
         for mine, theirs in zip(self._tensors(), other._tensors()):
             mine += theirs.to(mine.device)
+        if self.head is not None and other.head is not None:
+            self.head.merge(other.head)
         return self
 
     def all_reduce(self, group=None) -> "RidgeStats":
@@ -349,23 +391,30 @@ class RidgeStats:
             raise ValueError("all_reduce needs allocated statistics: pass n_features and n_targets "
                              "or call update first")
         all_reduce_sum(self._tensors(), group)
+        if self.head is not None:
+            self.head.all_reduce(group)
         return self
 
     def state_dict(self) -> dict:
         """Plain tensors and settings, e.g. for ``torch.save`` between processes."""
-        state = {"n_folds": self.n_folds, "target_names": self.target_names}
+        state = {"n_folds": self.n_folds, "target_names": self.target_names, "online_blocks": self.online_blocks}
         if self.initialised:
             state.update({k: getattr(self, k).cpu() for k in self._STATS})
+            if self.head is not None:
+                state["head"] = self.head.state_dict()
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict, device=None) -> "RidgeStats":
-        stats = cls(n_folds=state["n_folds"], target_names=state["target_names"], device=device)
+        stats = cls(n_folds=state["n_folds"], target_names=state["target_names"], device=device,
+                    online_blocks=state.get("online_blocks", 0))
         if "xty" in state:
             _, d, t = state["xty"].shape
             stats._allocate(d, t, stats.device or torch.device("cpu"))
             for k in cls._STATS:
                 getattr(stats, k).copy_(state[k])
+            if "head" in state:
+                stats.head = cls.from_state_dict(state["head"], device=device)
         return stats
 
     def __repr__(self) -> str:

@@ -10,18 +10,12 @@ serves the probe and its control.
 What the control rules out: any representation that tells slots apart solves it
 (a learned absolute table does, at R² ~1), so true minus control separates a code of
 *geometry* (neighbouring slots, neighbouring codes) from mere slot *identity*. It is
-not Hewitt & Liang's (2019) control task, whose labels follow each input's content
-type so that only memorising inputs solves it.
-
-That one is :func:`content_control_targets` (Hewitt & Liang 2019, "Designing and
-Interpreting Probes with Control Tasks"): each patch's *content type* (:func:`content_types`,
-a seeded sign hash of its raw pixels, about as many types as grid cells) gets a fixed
-random cell's coordinates, the same wherever that content appears. A representation
-solves it by carrying (and the probe memorising) the patch's content, whatever its slot;
-a pure slot code does not. True minus content control (``selectivity_content``) so rules
-out "the probe reads position off content it memorised"; true minus slot control rules out
-"slots are merely told apart". Both are computed per batch from that batch alone (no pass
-over the data first), so they stream with the true task as extra target columns.
+not Hewitt & Liang's (2019) control task, and it says nothing about whether position is
+learned or read off content: the random-initialisation baseline (``r2_init`` in
+:func:`asg_probe.layerwise_probes`) and the online code length
+(:mod:`asg_probe.probes.mdl`) answer those. (Earlier versions also reported a "content
+control" built on a 6-bit pixel hash; it was capped far below R² 1 even for a probe handed
+the hash, so it measured a shifted R², and it was removed.)
 
 Examples
 --------
@@ -37,8 +31,7 @@ import torch
 from ..layers.grid import check_grid, coordinate_targets
 
 __all__ = ["TARGET_NAMES", "coordinate_targets", "control_permutation", "probe_targets", "check_grid",
-           "resolve_grid", "control_seeds", "control_target_names", "slot_control_targets", "content_types",
-           "content_control_table", "content_control_targets", "FactoredTargets"]
+           "resolve_grid", "control_seeds", "control_target_names", "slot_control_targets", "FactoredTargets"]
 
 #: Column names of :func:`probe_targets` with the control task.
 TARGET_NAMES = ("row", "col", "control_row", "control_col")
@@ -83,14 +76,6 @@ def probe_targets(grid, control: bool = True, control_seed: int = 0, device=None
     return torch.cat([true, true[perm]], dim=1)
 
 
-#: Seed of the content hash's random hyperplanes (fixed: a content type is the same in every
-#: run); control seeds only redraw the labels given to the types, as in Hewitt & Liang.
-CONTENT_HASH_SEED = 0
-#: Offset between a control seed and the generator of its content labels, so the content
-#: labels of seed ``s`` are not drawn from the stream of the slot permutation of seed ``s``.
-CONTENT_LABEL_OFFSET = 104_729
-
-
 def control_seeds(control_seed: int = 0, n_control_seeds: int = 5) -> list:
     """The control seeds used: ``control_seed, control_seed + 1, ...`` (``n_control_seeds`` of them).
 
@@ -104,24 +89,19 @@ def control_seeds(control_seed: int = 0, n_control_seeds: int = 5) -> list:
     return [int(control_seed) + k for k in range(int(n_control_seeds))]
 
 
-def control_target_names(seeds, content: bool = True) -> tuple:
-    """Column names of the controls for ``seeds``: the first seed's slot control keeps
-    :data:`TARGET_NAMES`' ``control_row``/``control_col``, later ones ``control_row_s{seed}``;
-    content controls are ``content_row_s{seed}``/``content_col_s{seed}``.
+def control_target_names(seeds) -> tuple:
+    """Column names of the slot controls for ``seeds``: the first seed keeps
+    :data:`TARGET_NAMES`' ``control_row``/``control_col``, later ones ``control_row_s{seed}``.
 
     Examples
     --------
     >>> control_target_names([0, 1])
-    ('control_row', 'control_col', 'control_row_s1', 'control_col_s1', 'content_row_s0', 'content_col_s0', \
-'content_row_s1', 'content_col_s1')
+    ('control_row', 'control_col', 'control_row_s1', 'control_col_s1')
     """
     seeds = [int(s) for s in seeds]
     names = list(TARGET_NAMES[2:4])
     for s in seeds[1:]:
         names += [f"control_row_s{s}", f"control_col_s{s}"]
-    if content:
-        for s in seeds:
-            names += [f"content_row_s{s}", f"content_col_s{s}"]
     return tuple(names)
 
 
@@ -138,96 +118,13 @@ def slot_control_targets(grid, seeds, device=None, dtype=torch.float32) -> torch
     return torch.cat([true[control_permutation(true.shape[0], s).to(true.device)] for s in seeds], dim=1)
 
 
-def _type_bits(n_cells: int, n_bits=None) -> int:
-    """Bits of a content type id: ``n_bits``, by default ``ceil(log2(n_cells))`` (about as many types as cells)."""
-    bits = max(1, math.ceil(math.log2(n_cells))) if n_bits is None else int(n_bits)
-    if not 1 <= bits <= 62:
-        raise ValueError(f"n_bits must be in 1..62, got {n_bits}")
-    return bits
-
-
-def content_types(images: torch.Tensor, grid, n_bits=None) -> torch.Tensor:
-    """Content type of every patch, ``(B, N)`` long: a seeded sign hash of its raw pixels.
-
-    Patch ``(i, j)`` of ``images`` (B, C, H, W) is the ``H / grid_h`` x ``W / grid_w`` block at that
-    cell; its pixels (float64) are projected on ``n_bits`` fixed random directions
-    (:data:`CONTENT_HASH_SEED`) and the signs read as the bits of the type id (SimHash). Identical
-    patches get the same type wherever they are, in any batch; ``n_bits`` defaults to
-    ``ceil(log2(N))``, i.e. about as many types as grid cells.
-
-    Examples
-    --------
-    >>> img = torch.zeros(1, 3, 4, 4); img[..., :2, :2] = 1.0           # one bright patch of four
-    >>> t = content_types(img, (2, 2))
-    >>> t.shape, bool(t[0, 1] == t[0, 2] == t[0, 3]), bool(t[0, 0] != t[0, 1])
-    (torch.Size([1, 4]), True, True)
-    """
-    gh, gw = check_grid(grid)
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    B, C, H, W = images.shape
-    if H % gh or W % gw:
-        raise ValueError(f"images of {H}x{W} pixels do not split into a {gh}x{gw} grid of equal patches")
-    ph, pw = H // gh, W // gw
-    # gathered into patches first, then widened (exact, so the same float64 patches at half the copying)
-    patches = (images.detach().reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-               .reshape(B, gh * gw, C * ph * pw).to(torch.float64))
-    bits = _type_bits(gh * gw, n_bits)
-    gen = torch.Generator().manual_seed(CONTENT_HASH_SEED)
-    planes = torch.randn(C * ph * pw, bits, generator=gen, dtype=torch.float64).to(patches.device)
-    signs = (patches @ planes >= 0).long()
-    return (signs << torch.arange(bits, device=signs.device)).sum(-1)
-
-
-def content_control_table(grid, seeds, n_bits=None, dtype=torch.float32) -> torch.Tensor:
-    """The content control's label table, ``(2 ** n_bits, 2 * len(seeds))``: row ``k`` holds, per seed,
-    the coordinates of the random grid cell that content type ``k`` (:func:`content_types`) is given.
-
-    :func:`content_control_targets` is ``content_control_table(...)[content_types(...)]``.
-
-    Examples
-    --------
-    >>> content_control_table((2, 2), [0, 1]).shape                 # 4 cells: 2 bits, 4 types
-    torch.Size([4, 4])
-    """
-    gh, gw = check_grid(grid)
-    N = gh * gw
-    bits = _type_bits(N, n_bits)
-    coords = coordinate_targets((gh, gw), dtype=torch.float64)
-    out = []
-    for s in seeds:
-        gen = torch.Generator().manual_seed(int(s) + CONTENT_LABEL_OFFSET)
-        out.append(coords[torch.randint(N, (2 ** bits,), generator=gen)])   # (types, 2)
-    return torch.cat(out, dim=-1).to(dtype)
-
-
-def content_control_targets(images: torch.Tensor, grid, seeds, n_bits=None, dtype=torch.float32) -> torch.Tensor:
-    """Hewitt & Liang content-control targets, ``(B, N, 2 * len(seeds))``.
-
-    Each content type (:func:`content_types`) gets, per seed, the coordinates of one random
-    grid cell (drawn with replacement, seeded): a deterministic random function of content only
-    (:func:`content_control_table`). A probe streams them cheaper factored, as
-    ``FactoredTargets(labels=content_types(...), table=content_control_table(...))``.
-
-    Examples
-    --------
-    >>> img = torch.zeros(2, 3, 4, 4); img[1, :, 2:, 2:] = 1.0
-    >>> t = content_control_targets(img, (2, 2), [0])
-    >>> t.shape, bool((t[0] == t[0, 0]).all()), torch.equal(t[1, 0], t[0, 0])   # same content, same label
-    (torch.Size([2, 4, 2]), True, True)
-    """
-    types = content_types(images, grid, n_bits)
-    return content_control_table(grid, seeds, n_bits, dtype).to(types.device)[types]
-
-
 class FactoredTargets:
     """Per-image targets ``(B, N, Ts + Tc)`` kept factored: columns shared by every image, then a
     per-patch lookup. Row ``(b, n)`` of the dense targets (:meth:`dense`) is
     ``cat(shared[n], table[labels[b, n]])``.
 
-    The content control is of this kind (labels: :func:`content_types`, table:
-    :func:`content_control_table`), next to the coordinates and slot controls every image shares.
-    :meth:`~asg_probe.probes.RidgeStats.update` forms ``X^T Y`` from the factors (on the CPU): the
+    E.g. a label per patch (a segment, a content class) whose targets are looked up, next to the
+    coordinates every image shares. :meth:`~asg_probe.probes.RidgeStats.update` forms ``X^T Y`` from the factors (on the CPU): the
     shared columns from the fold's summed images, the lookup columns as per-label sums of token
     rows times the table, ``O(N D)`` per image instead of ``O(N D T)``; the statistics are those of
     the dense targets up to rounding.

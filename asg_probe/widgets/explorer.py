@@ -263,7 +263,7 @@ class ComparisonExplorer:
             self._busy(f"{label}: probe of layer {layer}")
         fit = view.probe(layer)
         state.update(true=fit.true, pred=fit.predictions[image], r2=fit.r2)
-        title = f"probe · layer {layer} · R² {fit.r2:.2f}"
+        title = f"probe · layer {layer} · {fit.label()}"
         self._draw(label, "field", (layer, image, query),
                    lambda: painters["field"].render(picture, fit.true, fit.predictions[image], view.grid,
                                                     view.patch_size, title, query=query))

@@ -131,7 +131,7 @@ class LayerSlider:
                 else:
                     pred, picture, what = fit.predictions[self.image_index], \
                         view.display_images[self.image_index], f"image {self.image_index}"
-                title = f"layer {layer} · R² {fit.r2:.2f} · {what}"
+                title = f"layer {layer} · {fit.label()} · {what}"
                 self._fields[label].value = self._frame(
                     (label, layer),
                     lambda: panels.field_panel(picture, fit.true, pred, view.grid, view.patch_size, title))

@@ -30,7 +30,8 @@ from ..extract import forward_tokens
 from ..analysis.layout import EMBEDDING_METHODS, embed_2d
 from ..geometry import model_geometry, resolve_layers
 from ..inputs import ImageBatches
-from ..probes import CoordinateProbe, RidgeCVResult, coordinate_targets
+from ..probes import (CoordinateProbe, RidgeCVResult, coordinate_targets, jackknife_cv_r2, jackknife_interval,
+                      online_code)
 
 __all__ = ["ModelView", "ProbeFit", "Embedding2D", "as_views"]
 
@@ -56,6 +57,12 @@ class ProbeFit:
         Per column (row, col).
     probe : CoordinateProbe
         The fitted probe (``coef_``, ``predict``, ...); ``result`` is its full solve.
+    r2_ci : (float, float)
+        95% interval of ``r2`` (delete-one-fold jackknife, :mod:`asg_probe.probes.intervals`): it
+        covers the expected R² at ``num_images`` images (R² rises with the image count).
+    compression : ndarray (2,)
+        Online-code compression of row and column (:mod:`asg_probe.probes.mdl`; 1 = nothing learnable).
+    num_images : int
     """
 
     layer: int
@@ -64,6 +71,15 @@ class ProbeFit:
     r2: float
     cv_r2: np.ndarray
     probe: CoordinateProbe
+    r2_ci: tuple = (float("nan"), float("nan"))
+    compression: np.ndarray = None
+    num_images: int = 0
+
+    def label(self) -> str:
+        """``R² 0.57 [0.46, 0.68], 16 images``: the score as the widgets print it."""
+        lo, hi = self.r2_ci
+        ci = f" [{lo:.2f}, {hi:.2f}]" if lo == lo else ""
+        return f"R² {self.r2:.2f}{ci}, {self.num_images} images"
 
     @property
     def result(self) -> RidgeCVResult:
@@ -342,16 +358,20 @@ class ModelView:
             start = time.perf_counter()
             index = torch.arange(self.num_images)
             with torch_threads(self.solver_threads):
-                probe = CoordinateProbe(n_folds=self.n_folds, control=False, alphas=self.alphas)
+                probe = CoordinateProbe(n_folds=self.n_folds, control=False, alphas=self.alphas, online_code=True)
                 probe.partial_fit(X, index, grid=self.grid).finalize()
                 # Each image is predicted by the fold model that never saw it, so short arrows
                 # mean position is decodable, not memorised.
                 pred = probe.predict_heldout(X, index)                                 # (n, N, 2)
+                reps = jackknife_cv_r2(probe.stats_, probe.alpha_, [0, 1])
+                r2 = float(np.mean(probe.cv_r2_))
+                r2_ci = tuple(jackknife_interval(r2, reps.mean(1)))
+                compression = online_code(probe.stats_, probe.alpha_, [0, 1], self.grid)["compression"]
             scale = torch.tensor([max(self.grid[0] - 1, 1), max(self.grid[1] - 1, 1)], dtype=torch.float64)
             true = coordinate_targets(self.grid, dtype=torch.float64) * scale
             self._probes[layer] = ProbeFit(layer=layer, predictions=(pred * scale).numpy(), true=true.numpy(),
-                                           r2=float(np.mean(probe.cv_r2_)), cv_r2=probe.cv_r2_,
-                                           probe=probe.without_stats())
+                                           r2=r2, cv_r2=probe.cv_r2_, probe=probe.without_stats(), r2_ci=r2_ci,
+                                           compression=compression, num_images=self.num_images)
             self.timings["probe"] = time.perf_counter() - start
         return self._probes[layer]
 
