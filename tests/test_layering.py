@@ -38,6 +38,7 @@ RANKS = [
     (4, "asg_probe.extract"),
     (4, "asg_probe.capture"),
     (4, "asg_probe.geometry"),
+    (4, "asg_probe.intermediates"),  # grid backbones read through timm's forward_intermediates
     (4, "asg_probe.inputs"),
     (4, "asg_probe.distributed"),
     (4, "asg_probe.data"),
