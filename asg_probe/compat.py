@@ -148,6 +148,14 @@ ARCHITECTURES = [
     _hf("DINOv2 + registers", "Dinov2WithRegistersModel", "4 register tokens", num_register_tokens=4),
     _hf("CLIP", "CLIPVisionModel"),
     _hf("SigLIP", "SiglipVisionModel", "no class token"),
+    _hf("MAE", "ViTMAEModel", "read unmasked, patches in order"),
+    _hf("ViT-MSN", "ViTMSNModel"),
+    _hf("I-JEPA", "IJepaModel", "no class token"),
+    _hf("BEiT", "BeitModel", "relative position bias", use_relative_position_bias=True),
+    _hf("Data2Vec-Vision", "Data2VecVisionModel", "relative position bias", use_relative_position_bias=True),
+    _hf("DINOv3", "DINOv3ViTModel", "RoPE, 1 class + 2 register tokens", num_register_tokens=2),
+    _hf("AIMv2", "Aimv2VisionModel", "no class token; learned table: native size only"),
+    _hf("MetaCLIP 2", "MetaClip2VisionModel"),
 ]
 
 
