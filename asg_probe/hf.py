@@ -375,15 +375,25 @@ def load_hf_folder(path, map_location="cpu") -> HFViT:
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would drown the CLI's output
+    # transformers' load report is a table of every key (a full CLIP folder lists its whole text
+    # tower): silenced, and what matters said here, in one line or in asg_meta
+    hf_logging.set_verbosity_error()
     try:
-        hf_model = cls.from_pretrained(str(path), local_files_only=True)
+        hf_model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(f"{path}: transformers could not load the folder ({first})") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    # a pooler or head the folder lacks is never run here; a missing encoder weight would be
+    missing = sorted(k for k in info.get("missing_keys") or [] if not any(p in k for p in ("pooler", "head")))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weights of {cls.__name__} are not in the folder (e.g. "
+                              f"{', '.join(missing[:2])}); it would run with random weights there")
     pre = None
     pre_file = path / "preprocessor_config.json"
     if pre_file.is_file():
@@ -397,7 +407,8 @@ def load_hf_folder(path, map_location="cpu") -> HFViT:
                       "model": {"name": f"{cls.__name__}", "model_type": model_type},
                       "inferred": {"arch": f"config.json: model_type {model_type!r}",
                                    "preprocessing": "preprocessor_config.json" if pre else
-                                   f"{model_type} image-processor defaults"}}
+                                   f"{model_type} image-processor defaults"},
+                      "unused_weights": len(info.get("unexpected_keys") or [])}  # e.g. a CLIP folder's text tower
     return model
 
 

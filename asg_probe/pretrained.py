@@ -35,6 +35,10 @@ def load_named(path, arch=None, map_location="cpu", **model_kwargs):
             return load_hf_hub(text[3:], map_location=map_location)
         if text.startswith("timm:"):
             return load_timm_pretrained(text[5:], map_location=map_location, **model_kwargs)
+        if text.startswith("open_clip:"):
+            from .openclip import load_open_clip
+
+            return load_open_clip(text[len("open_clip:"):], pretrained=arch, map_location=map_location)
     from .hf import is_hf_folder
 
     if is_hf_folder(text):

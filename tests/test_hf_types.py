@@ -66,3 +66,15 @@ def test_siglip2_is_refused_in_one_line_naming_what_is_read(tmp_path):
     with pytest.raises(CheckpointError, match="siglip2_vision_model.*NaFlex.*reads.*DINOv3ViTModel") as err:
         load_checkpoint(tmp_path / "s2")
     assert "\n" not in str(err.value)
+
+
+def test_a_full_clip_folder_loads_its_vision_tower_without_a_load_report(tmp_path, capfd):
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config = transformers.CLIPConfig(text_config=text, vision_config={**text, "image_size": 32, "patch_size": 8},
+                                     projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "clip")
+    capfd.readouterr()
+    model = load_checkpoint(tmp_path / "clip")
+    out, err = capfd.readouterr()
+    assert "REPORT" not in out + err and len((out + err).strip().splitlines()) <= 1, out + err
+    assert model.asg_meta["unused_weights"] > 0   # the text tower, said once, in the metadata

@@ -35,6 +35,7 @@ RANKS = [
     (3, "asg_probe.reference"),   # bundled checkpoints, read through checkpoint
     (3, "asg_probe.pretrained"),  # timm:NAME, hf:ORG/NAME: what load_checkpoint asks first
     (3, "asg_probe.hf"),          # Hugging Face models as timm-like ViTs, loaded like checkpoints
+    (3, "asg_probe.openclip"),    # open_clip image towers as timm-like ViTs (open_clip:ARCH)
     (4, "asg_probe.extract"),
     (4, "asg_probe.capture"),
     (4, "asg_probe.geometry"),
