@@ -373,8 +373,9 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
     ----------
     path : str or Path
         A file, or a training run directory holding ``model.safetensors``; also a
-        Hugging Face ``save_pretrained`` folder, ``hf:ORG/NAME`` (local cache only) or
-        ``timm:NAME`` (timm pretrained weights from the local cache).
+        Hugging Face ``save_pretrained`` folder, ``hf:ORG/NAME`` or ``timm:NAME`` (from the
+        local caches, downloaded into them when missing unless ``HF_HUB_OFFLINE`` is set), or
+        ``open_clip:ARCH[:TAG]`` (``arch`` is then an optional weights file).
     arch : str, optional
         Architecture for files that don't describe themselves: a name from
         :func:`asg_probe.list_models` or any timm model name.

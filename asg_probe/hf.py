@@ -413,24 +413,45 @@ def load_hf_folder(path, map_location="cpu") -> HFViT:
 
 
 def load_hf_hub(repo_id: str, map_location="cpu") -> HFViT:
-    """Load ``hf:ORG/NAME`` from the local Hugging Face cache only (never the network).
+    """Load ``hf:ORG/NAME``: from the local Hugging Face cache, else downloaded into it.
+
+    The download is ``huggingface_hub.snapshot_download`` (its cache, its progress bars,
+    ``HF_TOKEN``), of the config and weight files only (safetensors, else ``.bin``).
+    With ``HF_HUB_OFFLINE=1`` only the cache is read.
 
     Raises
     ------
     CheckpointError
-        One line when the model is not cached, saying how to get it.
+        One line when the model is neither cached nor downloadable, saying what to do.
     """
     _transformers()
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         folder = snapshot_download(repo_id, local_files_only=True)
     except Exception:  # LocalEntryNotFoundError, or an invalid repo id: either way nothing local
-        raise CheckpointError(f"hf:{repo_id} is not in the local Hugging Face cache; download it with "
-                              f"`huggingface-cli download {repo_id}` on a machine with internet, "
-                              "or pass a folder") from None
+        if constants.HF_HUB_OFFLINE:
+            raise CheckpointError(f"hf:{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                  f"unset it to download, or run `huggingface-cli download {repo_id}` on a "
+                                  "machine with internet, or pass a folder") from None
+        folder = _download(repo_id, snapshot_download)
     if not is_hf_folder(folder):
         raise CheckpointError(f"hf:{repo_id}: the cached snapshot {folder} has no config.json with a model_type")
     model = load_hf_folder(folder, map_location=map_location)
     model.asg_meta["checkpoint"] = f"hf:{repo_id}"
     return model
+
+
+def _download(repo_id, snapshot_download):
+    """The config and weights of ``repo_id`` into the hub cache (safetensors, else ``.bin``); one-line errors."""
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+        if not any(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"])
+    except Exception as exc:  # noqa: BLE001 - no network, unknown or gated repo: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"hf:{repo_id} is not in the local Hugging Face cache and could not be downloaded "
+                              f"({type(exc).__name__}: {first}); check the name and the network (HF_TOKEN for "
+                              f"gated models), or run `huggingface-cli download {repo_id}` on a machine with "
+                              "internet") from None
+    return folder
