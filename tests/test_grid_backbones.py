@@ -145,7 +145,7 @@ def test_a_vit_at_a_new_size_equals_timm_built_for_that_size():
     torch.testing.assert_close(forward_tokens(fixed, x, layers=[0, 1])[1], forward_tokens(dynamic, x, layers=[1])[1])
 
 
-@pytest.mark.parametrize("command", ["layerwise", "attention-distance", "check-equivariance", "shuffle-test"])
+@pytest.mark.parametrize("command", ["layerwise", "attention-distance", "check-equivariance"])
 def test_every_analysis_takes_img_size_from_the_command_line(command, tmp_path, capsys):
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=0)
     path = tmp_path / "vit.pt"
