@@ -281,6 +281,16 @@ def _infer_pos(state, args):
     return None, None
 
 
+# where timm families keep their classifier: ViT, Swin/SAM-ViT/ConvNeXt, ResNet, EfficientNet, LeViT
+_HEAD_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight", "head.l.weight", "head.linear.weight")
+
+
+def _num_classes(state) -> int:
+    """Classes of the classifier the weights carry (0: none)."""
+    head = next((state[k] for k in _HEAD_KEYS if k in state and state[k].ndim == 2), None)
+    return int(head.shape[0]) if head is not None else 0
+
+
 def _infer_kwargs(state):
     """Constructor arguments that the weights themselves reveal."""
     kw = {}
@@ -289,11 +299,13 @@ def _infer_kwargs(state):
         return None
     embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
     kw["embed_dim"], kw["patch_size"] = embed_dim, patch
-    kw["depth"] = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depths = [int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))]
+    if not depths:   # not one sequence of blocks (Swin's layers.i.blocks.j, PVT's stages, ...): not a plain ViT
+        return None
+    kw["depth"] = 1 + max(depths)
     kw["num_reg_tokens"] = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
     kw["class_token"] = "cls_token" in state
-    head = state.get("head.weight")
-    kw["num_classes"] = int(head.shape[0]) if head is not None else 0
+    kw["num_classes"] = _num_classes(state)
     kw["qkv_bias"] = "blocks.0.attn.q_bias" in state
     if "blocks.0.gamma_1" in state:
         kw["init_values"] = 1e-5  # overwritten by the loaded gammas; only switches layer scale on
@@ -337,7 +349,9 @@ def _closest_registered(kw):
 
 # --------------------------------------------------------------------------- building
 
-def _build(arch, pos, kwargs, path=None):
+def _build(arch, pos, kwargs, inferred=(), path=None):
+    """The model for ``arch``; ``inferred``: keys of ``kwargs`` read off the weights, dropped for a
+    timm family that does not take them; ``path`` names the checkpoint in errors."""
     from .models import create_model, list_models
 
     if arch in list_models():
@@ -356,6 +370,12 @@ def _build(arch, pos, kwargs, path=None):
     except RuntimeError as exc:  # timm's "Unknown model"
         raise CheckpointError(f"unknown architecture {arch!r}: pass one of asg_probe.list_models() or a "
                               f"timm model name ({_first_line(exc)})") from None
+    except TypeError as exc:
+        if not inferred:
+            raise CheckpointError(f"{arch!r} does not take {sorted(kwargs)} ({_first_line(exc)})") from None
+    # the ViT arguments read off the weights (depth, patch and image size) are not this family's
+    # (Hiera, Swin, ...): build it as named, and let the weights say whether it fits
+    return timm.create_model(arch, pretrained=False, **{k: v for k, v in kwargs.items() if k not in inferred})
 
 
 def _check_dtypes(model, state, path) -> None:
@@ -422,8 +442,9 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
     ----------
     path : str or Path
         A file, or a training run directory holding ``model.safetensors``; also a
-        Hugging Face ``save_pretrained`` folder, ``hf:ORG/NAME`` (local cache only) or
-        ``timm:NAME`` (timm pretrained weights from the local cache).
+        Hugging Face ``save_pretrained`` folder, ``hf:ORG/NAME`` or ``timm:NAME`` (from the
+        local caches, downloaded into them when missing unless ``HF_HUB_OFFLINE`` is set), or
+        ``open_clip:ARCH[:TAG]`` (``arch`` is then an optional weights file).
     arch : str, optional
         Architecture for files that don't describe themselves: a name from
         :func:`asg_probe.list_models` or any timm model name.
@@ -484,6 +505,7 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
         raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a PyTorch file)")
     state = _clean_keys(state)
     inferred = {}
+    read_off = []   # constructor arguments read off the weights for a plain timm model
 
     if meta is not None and arch is None and pos is None:
         desc = meta.get("model", {})
@@ -535,13 +557,15 @@ def load_checkpoint(path, arch: str | None = None, pos: str | None = None, trust
         else:
             # a plain timm model: pass what the weights reveal and timm's ViTs accept
             kwargs = dict(model_kwargs)
+            kwargs.setdefault("num_classes", _num_classes(state))   # also for families that are no ViT
             for key in ("num_classes", "img_size", "depth", "patch_size"):
-                if kw and kw.get(key) is not None:
-                    kwargs.setdefault(key, kw[key])
+                if kw and kw.get(key) is not None and key not in kwargs:
+                    kwargs[key] = kw[key]
+                    read_off.append(key)
         if args is not None and "num_classes" in args_d and kw and kw["num_classes"] == 0:
             kwargs.setdefault("num_classes", int(args_d["num_classes"]))
 
-    model = _build(arch, pos, kwargs, path)
+    model = _build(arch, pos, kwargs, read_off, path)
     _load_weights(model, state, path, arch, pos)
     require_finite(model.state_dict(), source=path, error=CheckpointError)
     data_config = (meta or {}).get("data_config")

@@ -329,7 +329,7 @@ def check_model_options(arch, pos) -> None:
                          f"{arch} is a timm model, whose position handling timm fixes: drop --pos")
 
 
-NAMED_PREFIXES = ("hf:", "timm:")  # models named, not stored: the loader looks in the local caches
+NAMED_PREFIXES = ("hf:", "timm:", "open_clip:")  # models named, not stored: the loader looks in the local caches
 
 
 def check_checkpoint_spec(spec) -> None:
@@ -342,7 +342,7 @@ def check_checkpoint_spec(spec) -> None:
 
     refs = ", ".join(list_reference_models()) or "none installed"
     raise UsageError(f"{spec}: no such file or reference model (reference models: {refs}; "
-                     "or hf:ORG/NAME, timm:NAME)")
+                     "or hf:ORG/NAME, timm:NAME, open_clip:ARCH[:TAG])")
 
 
 def check_images(images) -> None:

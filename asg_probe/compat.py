@@ -44,6 +44,12 @@ class Arch:
     no_attention : str
         Non-empty where attention distance is undefined and must refuse (its message
         must contain this text).
+    factory : str
+        For families whose timm entry points fix the sizes (NesT, VOLO, MViTv2): the timm
+        class, ``"module:Class"`` under ``timm.models``, built with ``kwargs``; ``name``
+        is then the registered model the class stands for.
+    input_size : int
+        Image side the analyses run at (0: the model's own).
     """
 
     family: str
@@ -53,11 +59,28 @@ class Arch:
     note: str = ""
     pending: str = ""
     no_attention: str = ""
+    factory: str = ""
+    input_size: int = 0
 
 
 def _timm(family, name, note="", pending="", no_attention="", img_size=64, narrow=True, **kw):
     kwargs = {"img_size": img_size, "depth": 2, **(_NARROW if narrow else {}), **kw}
     return Arch(family, "timm", name, kwargs, note, pending, no_attention)
+
+
+#: The refusal of attention analyses on grid backbones (see :mod:`asg_probe.intermediates`).
+_GRID_REFUSAL = "grid backbone"
+
+
+def _grid(family, name, note, factory="", **kw):
+    """A hierarchical or windowed backbone, read through ``forward_intermediates`` at 64 px."""
+    return Arch(family, "timm", name, kw, note, no_attention=_GRID_REFUSAL, factory=factory, input_size=64)
+
+
+def _mvitv2_cfg():
+    from timm.models.mvitv2 import MultiScaleVitCfg
+
+    return MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1)
 
 
 def _hf(family, cls, note="", **kw):
@@ -94,12 +117,45 @@ ARCHITECTURES = [
           depth_token_only=1),
     _timm("XCiT", "xcit_tiny_12_p16_224", "attention over channels: no attention distance",
           no_attention="channels"),
+    _timm("SAM-ViT", "samvit_base_patch16", "NHWC tokens; windowed blocks: no whole-grid attention distance",
+          window_size=2, global_attn_indexes=(1,), neck_chans=16, no_attention="within windows"),
+    _timm("ConViT", "convit_tiny", "class token joins after the GPSA blocks", local_up_to_layer=1,
+          embed_dim=16, num_heads=4),  # ConViT's width is embed_dim x num_heads
+    _grid("Swin", "swin_tiny_patch4_window7_224", "windowed; grid backbone, 2 stages (strides 4, 8)",
+          img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+    _grid("Swin V2", "swinv2_tiny_window8_256", "windowed; grid backbone, 2 stages (strides 4, 8)",
+          img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+    _grid("Hiera", "hiera_tiny_224", "mask-unit attention; grid backbone, 4 stages (strides 4-32)",
+          img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
+    _grid("MViTv2", "mvitv2_tiny", "pooling attention; grid backbone, 4 stages (strides 4-32)",
+          factory="mvitv2:MultiScaleVit", img_size=64, cfg="mvitv2"),
+    _grid("PVTv2", "pvt_v2_b0", "spatial-reduction attention; grid backbone, 4 stages (strides 4-32)",
+          embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2)),
+    _grid("Twins-SVT", "twins_svt_small", "local + global sub-sampled attention; grid backbone, 4 stages",
+          img_size=64, embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+          wss=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1)),
+    _grid("NesT", "nest_tiny", "nested blocks; grid backbone, 3 levels (strides 4-16)", factory="nest:Nest",
+          img_size=64, embed_dims=(16, 32, 32), depths=(1, 1, 1), num_heads=(1, 2, 2)),
+    _grid("VOLO", "volo_d1_224", "outlooker + transformer; grid backbone (strides 8, 16)", factory="volo:VOLO",
+          img_size=64, layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2)),
+    _grid("CoaT-Lite", "coat_lite_tiny", "conv-attentional; grid backbone, 4 stages (strides 4-32)",
+          img_size=64, embed_dims=(16, 32, 32, 32), serial_depths=(1, 1, 1, 1)),
+    _grid("MCi (FastViT)", "fastvit_mci0", "MobileCLIP image tower; grid backbone, 4 stages (strides 4-32)",
+          layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64)),
     _hf("ViT", "ViTModel"),
     _hf("DeiT", "DeiTModel", "class + distillation token"),
     _hf("DINOv2", "Dinov2Model", patch_size=8),
     _hf("DINOv2 + registers", "Dinov2WithRegistersModel", "4 register tokens", num_register_tokens=4),
     _hf("CLIP", "CLIPVisionModel"),
     _hf("SigLIP", "SiglipVisionModel", "no class token"),
+    _hf("MAE", "ViTMAEModel", "read unmasked, patches in order"),
+    _hf("ViT-MSN", "ViTMSNModel"),
+    _hf("I-JEPA", "IJepaModel", "no class token"),
+    _hf("BEiT", "BeitModel", "relative position bias", use_relative_position_bias=True),
+    _hf("Data2Vec-Vision", "Data2VecVisionModel", "relative position bias", use_relative_position_bias=True),
+    _hf("DINOv3", "DINOv3ViTModel", "RoPE, 1 class + 2 register tokens", num_register_tokens=2),
+    _hf("AIMv2", "Aimv2VisionModel", "no class token; learned table: native size only"),
+    _hf("MetaCLIP 2", "MetaClip2VisionModel"),
 ]
 
 
@@ -110,9 +166,17 @@ def build(arch: Arch, workdir):
 
     torch.manual_seed(0)
     if arch.source == "timm":
+        import importlib
+
         import timm
 
-        return timm.create_model(arch.name, pretrained=False, num_classes=0, **arch.kwargs).eval()
+        if not arch.factory:
+            return timm.create_model(arch.name, pretrained=False, num_classes=0, **arch.kwargs).eval()
+        module, cls = arch.factory.split(":")
+        kwargs = dict(arch.kwargs)
+        if kwargs.get("cfg") == "mvitv2":
+            kwargs["cfg"] = _mvitv2_cfg()
+        return getattr(importlib.import_module(f"timm.models.{module}"), cls)(num_classes=0, **kwargs).eval()
     import transformers
 
     from .checkpoint import load_checkpoint
@@ -145,17 +209,22 @@ def check(arch: Arch, workdir, num_images: int = NUM_IMAGES) -> dict:
     from .analysis.attention_distance import attention_distance
     from .analysis.layerwise import layerwise_probes
 
+    from .geometry import model_geometry
+
     model = build(arch, workdir)
     out = {}
     try:
-        frame = layerwise_probes(model, num_images=num_images, layers=[0, -1], n_folds=3, progress=False,
+        # the first and last layer: 0 for a ViT, the first feature map of a grid backbone
+        first = model_geometry(model).first_layer
+        frame = layerwise_probes(model, num_images=num_images, layers=[first, -1], n_folds=3, progress=False,
+                                 img_size=arch.input_size or None,
                                  init_baseline=False).to_frame()
         ok = len(frame) == 2 and all(math.isfinite(v) for v in frame["r2_row"])
         out["layerwise"] = "yes" if ok else "no (non-finite R²)"
     except Exception as exc:  # the table records any failure, whatever it is
         out["layerwise"] = f"no ({_one_line(exc)})"
     try:
-        result = attention_distance(model, num_images=num_images, progress=False)
+        result = attention_distance(model, num_images=num_images, progress=False, img_size=arch.input_size or None)
         ok = all(math.isfinite(v) for v in result.to_frame()["distance_px"])
         out["attention_distance"] = "yes" if ok else "no (non-finite distance)"
     except Exception as exc:  # noqa: BLE001 - recorded as above

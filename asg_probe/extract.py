@@ -19,8 +19,9 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
+from .errors import InputError
 from .finite import model_source, require_finite
-from .geometry import model_geometry, resolve_layers
+from .geometry import NO_GRID_HELP, any_input_size, model_geometry, resolve_layers
 from .layers.grid import permute_patches
 
 #: The views of a batch an accumulator can ask for.
@@ -42,6 +43,7 @@ class ForwardBatch:
     patch_size: int
     attn: dict = field(default_factory=dict)  # layer -> this accumulator's attention(map, grid); original view only
     perm: torch.Tensor | None = None  # (B, N) for the shuffled view: slot s holds original patch perm[b, s]
+    grids: dict = field(default_factory=dict)  # layer -> (h, w) where a layer has its own grid (grid backbones)
 
 
 @runtime_checkable
@@ -66,6 +68,9 @@ class Accumulator(Protocol):
     * ``perm``: ``(B, N)`` when :attr:`view` is ``"shuffled"``: ``tokens`` are then those
       of the same images with their patches shuffled (slot ``s`` holds original patch
       ``perm[b, s]``, fixed per image by ``shuffle_seed``); ``None`` otherwise.
+    * ``grids``: ``{layer: (h, w)}`` for a grid backbone (hierarchical or windowed,
+      :mod:`asg_probe.intermediates`), whose layers each have their own grid; only
+      accumulators with ``per_layer_grids = True`` are fed such models. Empty for ViTs.
 
     **Merges** in :meth:`all_reduce`, which :func:`run_analyses` calls once after the
     last batch: every process's statistics are combined (by
@@ -157,20 +162,29 @@ class _StopForward(Exception):
 
 
 @contextlib.contextmanager
-def capture_tokens(model, layers, stop_early=True):
+def capture_tokens(model, layers, stop_early=True, num_patches=None):
     """Record patch tokens of ``layers`` during forward passes; hooks are always removed.
 
-    Yields a dict that is refilled on every forward: ``{layer: (B, N, D)}``.
+    Yields a dict that is refilled on every forward: ``{layer: (B, N, D)}``. Blocks
+    that carry an NHWC grid (SAM-ViT) are flattened row-major. With ``num_patches``,
+    each layer's leading tokens beyond the patches are its prefix, so a class token
+    that joins in a later block (ConViT) is dropped there too.
     """
     geo = model_geometry(model)
     prefix, depth = geo.num_prefix_tokens, geo.depth
+    if geo.kind != "vit":
+        raise InputError(f"{type(model).__name__} is a grid backbone without one token sequence through its "
+                         "blocks: read it with asg_probe.intermediates.intermediate_tokens")
     layers = resolve_layers(layers, depth)
     store = {}
     last = max(layers) if layers else 0
     handles = []
 
     def keep(layer, tensor):
-        store[layer] = tensor[:, prefix:].detach()
+        if tensor.ndim == 4:   # (B, H, W, D) grid
+            tensor = tensor.flatten(1, 2)
+        skip = prefix if num_patches is None else max(tensor.shape[1] - int(num_patches), 0)
+        store[layer] = tensor[:, skip:].detach()
         if stop_early and layer == last and last < depth:
             raise _StopForward
 
@@ -198,7 +212,8 @@ def forward_tokens(model, x, layers=None, stop_early=True):
     >>> sorted(toks), toks[4].shape
     ([0, 4], torch.Size([2, 64, 128]))
     """
-    with capture_tokens(model, layers, stop_early=stop_early) as store:
+    gh, gw = model_geometry(model).grid(x.shape)
+    with capture_tokens(model, layers, stop_early=stop_early, num_patches=gh * gw) as store:
         _forward(model, x)
         return dict(store)
 
@@ -213,9 +228,11 @@ def _forward(model, x):
 
 
 def _features(model, x):
-    if hasattr(model, "forward_features"):
-        return model.forward_features(x)
-    return model(x)
+    # any size the model can take: timm's dynamic path, position tables resampled
+    with any_input_size(model):
+        if hasattr(model, "forward_features"):
+            return model.forward_features(x)
+        return model(x)
 
 
 def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", progress=True, total=None,
@@ -254,10 +271,18 @@ def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", pro
 
     geo = model_geometry(model)
     patch, prefix = geo.patch_size, geo.num_prefix_tokens
-    layers = resolve_layers(layers, geo.depth)
     for acc in accumulators:
         if acc.view not in VIEWS:
             raise ValueError(f"{type(acc).__name__}.view must be one of {VIEWS}, got {acc.view!r}")
+    if geo.kind != "vit":
+        _check_grid_backbone(model, geo, accumulators)
+        asked = [layers] if isinstance(layers, int) else list(layers or [])
+        if 0 in asked:
+            from .errors import UsageError
+
+            raise UsageError(f"layer 0 does not exist for {type(model).__name__}: a grid backbone's layers are its "
+                             f"feature maps 1..{geo.depth}")
+    layers = resolve_layers(layers, geo.depth, first=geo.first_layer)
     want_attn = [acc for acc in accumulators if acc.attention is not None]
     shuffled = [acc for acc in accumulators if acc.view == "shuffled"]
     seeds = {int(acc.shuffle_seed) for acc in shuffled}
@@ -269,8 +294,13 @@ def run_analyses(model, batches, accumulators, *, layers=None, device="cpu", pro
     model.eval().to(device)
     try:
         bar = progress_bar(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+        resized = {}  # grid backbones: input size -> the model at that size (timm's set_input_size on a copy)
         for images, index in bar:
-            _one_batch(model, images.to(device, non_blocking=True), index.to(device), accumulators, layers,
+            images, index = images.to(device, non_blocking=True), index.to(device)
+            if geo.kind != "vit":
+                _grid_backbone_batch(model, images, index, accumulators, layers, geo, resized)
+                continue
+            _one_batch(model, images, index, accumulators, layers,
                        patch, prefix, want_attn, shuffled, seeds, attention_mode)
     finally:
         model.train(was_training)
@@ -285,6 +315,37 @@ def _wants_logits(acc) -> bool:
     return bool(getattr(acc, "attention_logits", False))
 
 
+def _check_grid_backbone(model, geo, accumulators):
+    """Refuse, before any forward pass, analyses that a grid backbone cannot feed (one line)."""
+    for acc in accumulators:
+        what = type(acc).__name__
+        if acc.attention is not None:
+            raise InputError(f"{type(model).__name__} is a grid backbone read through forward_intermediates "
+                             "(windowed, pooled or convolutional stages): its attention maps are not read, so "
+                             "attention analyses refuse it; layerwise probes work")
+        if acc.view != "original":
+            raise InputError(f"{what} shuffles non-overlapping patches, which {type(model).__name__}'s stages "
+                             f"(strides {list(geo.strides)}) do not keep apart; layerwise probes work")
+        if not getattr(acc, "per_layer_grids", False):
+            raise InputError(f"{what} needs one token grid for every layer, but {type(model).__name__} is a grid "
+                             f"backbone (feature maps at strides {list(geo.strides)}); layerwise probes work. "
+                             + NO_GRID_HELP)
+
+
+def _grid_backbone_batch(model, images, index, accumulators, layers, geo, resized):
+    from .intermediates import at_input_size, intermediate_tokens
+
+    size = tuple(images.shape[-2:])
+    if size not in resized:
+        resized[size] = at_input_size(model, size).eval()
+    tokens, grids = intermediate_tokens(resized[size], images, layers)
+    require_finite(tokens, source=model_source(model), what="the feature map of layer ")
+    first = grids[min(grids)]
+    for acc in accumulators:
+        acc.update(ForwardBatch(tokens=tokens, grid=first, image_index=index, images=images, num_prefix_tokens=0,
+                                patch_size=images.shape[-2] // first[0], grids=grids))
+
+
 def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_attn, shuffled, seeds, mode):
     B = images.shape[0]
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
@@ -296,7 +357,18 @@ def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_a
     reducers = [(acc.attention, _wants_logits(acc)) for acc in want_attn]
     with_logits = any(wants for _, wants in reducers)
 
+    total = model_input.shape[0]
+
+    def batch_major(maps):
+        if maps.ndim == 3:   # heads folded into the batch dimension (SAM-ViT): (B * H, N, N)
+            maps = maps.unsqueeze(1)
+        if maps.shape[0] != total:   # batch-major (B * X, H, N, N): X windows or heads per image
+            maps = maps.reshape(total, -1, *maps.shape[-2:])
+        return maps
+
     def reduce(attn, logits=None):
+        attn = batch_major(attn)
+        logits = None if logits is None else batch_major(logits)
         # attention analyses look at the original view only (the first B images)
         attn = attn[:B]
         logits = None if logits is None else logits[:B]
@@ -304,7 +376,8 @@ def _one_batch(model, images, index, accumulators, layers, patch, prefix, want_a
 
     with contextlib.ExitStack() as stack:
         # attention analyses need every block, so no early stop then
-        store = stack.enter_context(capture_tokens(model, layers, stop_early=not want_attn))
+        store = stack.enter_context(capture_tokens(model, layers, stop_early=not want_attn,
+                                                   num_patches=grid[0] * grid[1]))
         if want_attn:
             from .capture import capture_attention
 

@@ -18,10 +18,16 @@ import operator
 import weakref
 from dataclasses import dataclass
 
-from .errors import UsageError
+import contextlib
 
-__all__ = ["ModelGeometry", "model_geometry", "input_config", "resolve_layers", "IMAGENET_MEAN", "IMAGENET_STD",
-           "DEFAULT_IMG_SIZE"]
+from .errors import InputError, UsageError
+
+__all__ = ["ModelGeometry", "model_geometry", "input_config", "resolve_layers", "any_input_size", "IMAGENET_MEAN",
+           "IMAGENET_STD", "DEFAULT_IMG_SIZE", "NO_GRID_HELP"]
+
+#: What a model needs for asg_probe to read it, said at the end of every refusal.
+NO_GRID_HELP = ("asg_probe reads models with a 2D grid of tokens: timm ViTs (patch_embed + blocks) and timm "
+                "backbones with forward_intermediates; see README's compatibility table")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,7 +52,17 @@ class ModelGeometry:
         Input normalisation.
     token_attention : bool
         Whether the blocks' attention is over tokens (False for XCiT, whose
-        cross-covariance attention is over channels).
+        cross-covariance attention is over channels, and for every ``"intermediates"`` model).
+    kind : {"vit", "intermediates"}
+        ``"vit"``: one token sequence through ``model.blocks``, read by hooks (layers
+        ``0..depth``, one grid). ``"intermediates"``: a grid backbone (hierarchical or
+        windowed: Swin, Hiera, MViTv2, PVTv2, ...) read through timm's
+        ``forward_intermediates``; layer ``i`` is its ``i``-th feature map (layers
+        ``1..depth``), each with its own grid and stride.
+    strides : tuple of int
+        ``"intermediates"`` only: the declared stride (pixels per token) of layers
+        ``1..depth`` (timm's ``feature_info`` reductions). The grids actually used are
+        read off each batch's feature maps.
 
     Examples
     --------
@@ -62,6 +78,18 @@ class ModelGeometry:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     token_attention: bool = True
+    kind: str = "vit"
+    strides: tuple = ()
+
+    @property
+    def first_layer(self) -> int:
+        """Lowest layer: 0 (tokens entering block 0) for ``"vit"``, 1 (first feature map) otherwise."""
+        return 0 if self.kind == "vit" else 1
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this: the patch, or a grid backbone's largest stride."""
+        return max((self.patch_size, *self.strides))
 
     def grid(self, size) -> tuple:
         """``(grid_h, grid_w)`` of an input of ``size`` (int, ``(H, W)`` or an image tensor's shape)."""
@@ -71,10 +99,13 @@ class ModelGeometry:
         return h // self.patch_size, w // self.patch_size
 
     def check_size(self, size) -> None:
-        """Raise a one-line ``ValueError`` unless ``size`` is a multiple of the patch size."""
+        """Raise a one-line ``ValueError`` unless ``size`` is a multiple of the patch size
+        (of the largest stride, for a grid backbone)."""
         h, w = (size, size) if isinstance(size, int) else (int(v) for v in tuple(size)[-2:])
-        if h % self.patch_size or w % self.patch_size:
-            raise UsageError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        step = self.size_multiple
+        if h % step or w % step:
+            what = "patch size" if step == self.patch_size else "largest stride"
+            raise UsageError(f"image size {h}x{w} is not a multiple of the {what} {step}")
 
 
 def _square(value, what):
@@ -107,10 +138,16 @@ def model_geometry(model) -> ModelGeometry:
     ``pretrained_cfg['input_size']``, else 224; ``mean``/``std`` come from
     ``pretrained_cfg`` (ImageNet's when absent).
 
+    A model without that ViT layout (no ``blocks``, or a patch embedding without
+    ``patch_size``: Swin, Hiera, MViTv2, PVTv2, NesT, VOLO, CoaT, ...) that implements
+    timm's ``forward_intermediates`` and ``feature_info`` is a grid backbone
+    (``kind="intermediates"``): ``depth`` is its number of feature maps, ``patch_size``
+    the stride of the first, ``strides`` those of all.
+
     Raises
     ------
-    ValueError
-        The model has no ``patch_embed.patch_size`` or no ``blocks``.
+    InputError
+        The model has neither layout: it has no 2D token grid that asg_probe can read.
 
     Examples
     --------
@@ -122,8 +159,9 @@ def model_geometry(model) -> ModelGeometry:
     2
     """
     blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise ValueError(f"{type(model).__name__} has no `blocks`: the analyses need a timm-style ViT")
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if blocks is None or not hasattr(blocks, "__len__") or len(blocks) == 0 or patch is None:
+        return _grid_backbone_geometry(model)
     config = input_config(model)
     # what the model declares: if it changes (timm's set_input_size, a new patch
     # embedding), the cached measurement no longer holds
@@ -151,6 +189,26 @@ def model_geometry(model) -> ModelGeometry:
 
 
 _CACHE = weakref.WeakKeyDictionary()
+
+
+def _grid_backbone_geometry(model) -> ModelGeometry:
+    """Geometry of a timm backbone read through ``forward_intermediates`` (see :func:`model_geometry`)."""
+    info = getattr(model, "feature_info", None)
+    if not callable(getattr(model, "forward_intermediates", None)) or not isinstance(info, (list, tuple)) or not info:
+        raise InputError(f"{type(model).__name__} has no 2D token grid that asg_probe can read: it is neither a "
+                         f"ViT (patch_embed.patch_size + blocks) nor a timm backbone with forward_intermediates; "
+                         f"{NO_GRID_HELP}")
+    strides = tuple(int(f.get("reduction", 1)) for f in info)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "img_size", None)
+    if size is None:
+        size = (cfg.get("input_size") or (3, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE))[1:]
+    size = tuple(int(v) for v in size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_MEAN))
+    std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_STD))
+    return ModelGeometry(patch_size=strides[0], num_prefix_tokens=0, depth=len(strides),
+                         img_size=size[0] if size[0] == size[1] else size, mean=mean, std=std,
+                         token_attention=False, kind="intermediates", strides=strides)
 
 
 class _Stop(Exception):
@@ -201,6 +259,9 @@ def _measure(model, size):
             h.remove()
         model.train(was_training)
     tokens, out = seen.get("tokens"), seen.get("embed")
+    if tokens is not None and len(tokens) == 4:
+        # blocks that take an NHWC grid (SAM-ViT): no prefix tokens, the grid is the tensor's
+        tokens = (tokens[0], tokens[1] * tokens[2], tokens[3])
     if tokens is None or out is None or len(tokens) != 3:
         return None
     dim = tokens[-1]
@@ -275,3 +336,38 @@ def resolve_layers(layers, depth, *, first=0):
             raise UsageError(f"layer {given} does not exist: this model has layers {counted}")
         out.add(layer)
     return sorted(out)
+
+
+@contextlib.contextmanager
+def any_input_size(model):
+    """Let a timm ViT built for one input size take any size (multiple of the patch) while in the block.
+
+    Models with ``dynamic_img_size=True`` (every asg_probe model) are left alone.
+    For the others timm's own dynamic path is switched on (the patch embedding
+    returns NHWC and the absolute position table is resampled to the grid, as
+    ``timm.layers.resample_abs_pos_embed`` does for ``dynamic_img_size=True``) and
+    switched off again on exit, also after an exception. At the model's own size the
+    outputs are unchanged. Every forward pass of the analyses runs inside it.
+
+    Examples
+    --------
+    >>> import timm, torch
+    >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
+    >>> with any_input_size(m):
+    ...     tuple(m.forward_features(torch.zeros(1, 3, 64, 48)).shape)
+    (1, 13, 192)
+    """
+    pe = getattr(model, "patch_embed", None)
+    if getattr(model, "dynamic_img_size", True) or pe is None or not hasattr(pe, "strict_img_size"):
+        yield model
+        return
+    from timm.layers import Format
+
+    saved = (model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt)
+    try:
+        model.dynamic_img_size = True
+        pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
+        yield model
+    finally:
+        model.dynamic_img_size = saved[0]
+        pe.strict_img_size, pe.flatten, pe.output_fmt = saved[1:]

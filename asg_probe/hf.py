@@ -1,7 +1,9 @@
 """Hugging Face ``transformers`` vision models, seen by asg_probe as timm ViTs.
 
 :class:`HFViT` wraps ``ViTModel``, ``DeiTModel``, ``Dinov2Model``,
-``Dinov2WithRegistersModel``, ``CLIPVisionModel`` and ``SiglipVisionModel`` so
+``Dinov2WithRegistersModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ``ViTMAEModel``,
+``ViTMSNModel``, ``IJepaModel``, ``BeitModel``, ``Data2VecVisionModel``, ``DINOv3ViTModel``,
+``Aimv2VisionModel`` and ``MetaClip2VisionModel`` (:data:`SUPPORTED_MODEL_TYPES`) so
 that every analysis reads them the way it reads a timm ``VisionTransformer``:
 
 * ``model.blocks[i]`` is encoder layer ``i``, wrapped so that its forward takes
@@ -48,6 +50,15 @@ SUPPORTED_MODEL_TYPES = {
     "clip": ("CLIPVisionModel", 1),                # a full CLIP folder: its vision tower
     "siglip_vision_model": ("SiglipVisionModel", 0),
     "siglip": ("SiglipVisionModel", 0),
+    "vit_mae": ("ViTMAEModel", 1),                 # read unmasked, patches in order (see HFViT.embed)
+    "vit_msn": ("ViTMSNModel", 1),
+    "ijepa": ("IJepaModel", 0),                    # no class token
+    "beit": ("BeitModel", 1),                      # relative position bias in the layers
+    "data2vec-vision": ("Data2VecVisionModel", 1),
+    "dinov3_vit": ("DINOv3ViTModel", 1),           # + config.num_register_tokens; RoPE in the layers
+    "aimv2_vision_model": ("Aimv2VisionModel", 0),
+    "metaclip_2_vision_model": ("MetaClip2VisionModel", 1),
+    "metaclip_2": ("MetaClip2VisionModel", 1),     # a full MetaCLIP 2 folder: its vision tower
 }
 
 # The image processors' defaults, for a folder without preprocessor_config.json.
@@ -56,7 +67,20 @@ _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 _OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _DEFAULT_NORM = {"vit": _HALF, "deit": _IMAGENET, "dinov2": _IMAGENET, "dinov2_with_registers": _IMAGENET,
                  "clip_vision_model": _OPENAI_CLIP, "clip": _OPENAI_CLIP,
-                 "siglip_vision_model": _HALF, "siglip": _HALF}
+                 "siglip_vision_model": _HALF, "siglip": _HALF, "vit_mae": _IMAGENET, "vit_msn": _IMAGENET,
+                 "ijepa": _IMAGENET, "beit": _HALF, "data2vec-vision": _HALF, "dinov3_vit": _IMAGENET,
+                 "aimv2_vision_model": _OPENAI_CLIP, "metaclip_2_vision_model": _OPENAI_CLIP,
+                 "metaclip_2": _OPENAI_CLIP}
+
+#: Types transformers has that asg_probe does not read, and why (said in the refusal).
+_UNSUPPORTED_WHY = {"siglip2_vision_model": "NaFlex patches (a flat patch sequence with spatial_shapes)",
+                    "siglip2": "NaFlex patches (a flat patch sequence with spatial_shapes)"}
+
+
+def _unsupported(what, model_type) -> str:
+    names = ", ".join(sorted(set(c for c, _ in SUPPORTED_MODEL_TYPES.values())))
+    why = f" ({_UNSUPPORTED_WHY[model_type]})" if model_type in _UNSUPPORTED_WHY else ""
+    return f"{what}: Hugging Face model_type {model_type!r} is not supported{why}; asg_probe reads {names}"
 
 
 def _transformers():
@@ -94,9 +118,12 @@ class HFBlock(nn.Module):
     once, so the adapter's ``state_dict`` is the Hugging Face model's.
     """
 
-    def __init__(self, layer: nn.Module, num_heads: int):
+    def __init__(self, layer: nn.Module, num_heads: int, per_forward: dict | None = None):
         super().__init__()
         object.__setattr__(self, "layer", layer)
+        # extra layer arguments that depend on the input (BEiT's resolution, DINOv3's RoPE),
+        # refilled by HFViT.embed on every forward
+        object.__setattr__(self, "per_forward", per_forward if per_forward is not None else {})
         self.attn = _Heads(num_heads)
         params = list(inspect.signature(layer.forward).parameters.values())[1:]
         # transformers 4.x CLIP layers take attention_mask and causal_attention_mask without defaults
@@ -105,7 +132,7 @@ class HFBlock(nn.Module):
                            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
     def forward(self, x):
-        out = self.layer(x, **self._none_args)
+        out = self.layer(x, **self._none_args, **self.per_forward)
         # transformers 4.x layers return a tuple (hidden_states, attentions?); 5.x the tensor
         return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -166,9 +193,8 @@ class HFViT(nn.Module):
         config = getattr(core, "config", None) or hf_model.config
         model_type = str(getattr(config, "model_type", ""))
         if model_type not in SUPPORTED_MODEL_TYPES or getattr(core, "embeddings", None) is None:
-            raise CheckpointError(f"{type(hf_model).__name__} (model_type {model_type!r}) is not supported; "
-                                  f"asg_probe reads {', '.join(sorted(set(c for c, _ in SUPPORTED_MODEL_TYPES.values())))}")
-        layers = _first_attr(core, ("layers", "encoder.layer", "encoder.layers"))
+            raise CheckpointError(_unsupported(type(hf_model).__name__, model_type))
+        layers = _first_attr(core, ("layers", "encoder.layer", "encoder.layers", "model.layer"))
         if layers is None:
             raise CheckpointError(f"{type(hf_model).__name__}: no encoder layers found")
         self.hf = hf_model
@@ -176,7 +202,8 @@ class HFViT(nn.Module):
         self.model_type = model_type
         self._use_sdpa()
         num_heads = int(config.num_attention_heads)
-        self.blocks = nn.ModuleList(HFBlock(layer, num_heads) for layer in layers)
+        self._per_forward = {}
+        self.blocks = nn.ModuleList(HFBlock(layer, num_heads, self._per_forward) for layer in layers)
         self.embed_dim = self.num_features = int(config.hidden_size)
         self.num_heads = num_heads
         self.num_prefix_tokens = SUPPORTED_MODEL_TYPES[model_type][1] + int(getattr(config, "num_register_tokens", 0) or 0)
@@ -190,7 +217,8 @@ class HFViT(nn.Module):
                                "architecture": type(hf_model).__name__, "source": "transformers"}
         # referenced, not registered: the weights live under self.hf once
         object.__setattr__(self, "_pre_norm", getattr(core, "pre_layrnorm", None) or nn.Identity())
-        object.__setattr__(self, "_norm", _first_attr(core, ("layernorm", "post_layernorm")) or nn.Identity())
+        object.__setattr__(self, "_norm", _first_attr(core, ("layernorm", "post_layernorm", "norm", "rms_norm"))
+                           or nn.Identity())
         params = inspect.signature(core.embeddings.forward).parameters
         self._interpolate_kw = "interpolate_pos_encoding" in params
 
@@ -218,12 +246,38 @@ class HFViT(nn.Module):
         return emb.position_embedding.weight[None]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Token sequence entering block 0: prefix tokens, then patch tokens row-major."""
+        """Token sequence entering block 0: prefix tokens, then patch tokens row-major.
+
+        Also sets the layers' input-dependent arguments for this forward: BEiT and
+        Data2Vec-Vision's ``resolution`` (their relative position bias is resampled to
+        it), DINOv3's RoPE ``position_embeddings``. ViTMAE's embeddings shuffle and mask
+        patches at random; they are given the identity order and ``mask_ratio`` 0, so
+        every patch is kept, row-major.
+        """
         kwargs = {}
+        grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
         if self._interpolate_kw:
-            grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
             kwargs["interpolate_pos_encoding"] = grid != self.patch_embed.grid_size
-        return self._pre_norm(self._core.embeddings(x, **kwargs))
+        self._per_forward.clear()
+        if self.model_type == "vit_mae":
+            self._core.embeddings.config.mask_ratio = 0.0
+            kwargs["noise"] = torch.arange(grid[0] * grid[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
+        elif self.model_type in ("beit", "data2vec-vision"):
+            self._per_forward.update(resolution=tuple(x.shape[-2:]),
+                                     interpolate_pos_encoding=grid != self.patch_embed.grid_size)
+        elif self.model_type == "dinov3_vit":
+            self._per_forward["position_embeddings"] = self._core.rope_embeddings(x)
+        elif (self.model_type == "aimv2_vision_model" and grid != self.patch_embed.grid_size
+              and not getattr(self._core.config, "is_native", False)):
+            from .errors import InputError
+
+            side = self.patch_embed.grid_size[0] * self.patch_embed.patch_size[0]
+            raise InputError(f"AIMv2's learned position table fits {side}x{side} inputs only (transformers does not "
+                             f"resample it); pass --img-size {side} (img_size={side})")
+        out = self._core.embeddings(x, **kwargs)
+        if isinstance(out, (tuple, list)):   # ViTMAE: (tokens, mask, ids_restore); BEiT 4.x: (tokens, grid)
+            out = out[0]
+        return self._pre_norm(out)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings → blocks → final norm, every token: ``(B, prefix + N, D)``."""
@@ -316,21 +370,30 @@ def load_hf_folder(path, map_location="cpu") -> HFViT:
         raise CheckpointError(f"{path}/config.json: not readable JSON ({exc})") from None
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        names = ", ".join(sorted(set(c for c, _ in SUPPORTED_MODEL_TYPES.values())))
-        raise CheckpointError(f"{path}: Hugging Face model_type {model_type!r} is not supported (asg_probe reads {names})")
+        raise CheckpointError(_unsupported(str(path), model_type))
     cls = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type][0])
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would drown the CLI's output
+    # transformers' load report is a table of every key (a full CLIP folder lists its whole text
+    # tower): silenced, and what matters said here, in one line or in asg_meta
+    hf_logging.set_verbosity_error()
     try:
-        hf_model = cls.from_pretrained(str(path), local_files_only=True)
+        hf_model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(f"{path}: transformers could not load the folder ({first})") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    # a pooler or head the folder lacks is never run here; a missing encoder weight would be
+    missing = sorted(k for k in info.get("missing_keys") or [] if not any(p in k for p in ("pooler", "head")))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weights of {cls.__name__} are not in the folder (e.g. "
+                              f"{', '.join(missing[:2])}); it would run with random weights there")
     pre = None
     pre_file = path / "preprocessor_config.json"
     if pre_file.is_file():
@@ -346,7 +409,8 @@ def load_hf_folder(path, map_location="cpu") -> HFViT:
                       "model": {"name": f"{cls.__name__}", "model_type": model_type},
                       "inferred": {"arch": f"config.json: model_type {model_type!r}",
                                    "preprocessing": "preprocessor_config.json" if pre else
-                                   f"{model_type} image-processor defaults"}}
+                                   f"{model_type} image-processor defaults"},
+                      "unused_weights": len(info.get("unexpected_keys") or [])}  # e.g. a CLIP folder's text tower
     return model
 
 
@@ -373,24 +437,45 @@ def _warn_default_preprocessing(path, model_type) -> None:
 
 
 def load_hf_hub(repo_id: str, map_location="cpu") -> HFViT:
-    """Load ``hf:ORG/NAME`` from the local Hugging Face cache only (never the network).
+    """Load ``hf:ORG/NAME``: from the local Hugging Face cache, else downloaded into it.
+
+    The download is ``huggingface_hub.snapshot_download`` (its cache, its progress bars,
+    ``HF_TOKEN``), of the config and weight files only (safetensors, else ``.bin``).
+    With ``HF_HUB_OFFLINE=1`` only the cache is read.
 
     Raises
     ------
     CheckpointError
-        One line when the model is not cached, saying how to get it.
+        One line when the model is neither cached nor downloadable, saying what to do.
     """
     _transformers()
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         folder = snapshot_download(repo_id, local_files_only=True)
     except Exception:  # LocalEntryNotFoundError, or an invalid repo id: either way nothing local
-        raise CheckpointError(f"hf:{repo_id} is not in the local Hugging Face cache; download it with "
-                              f"`huggingface-cli download {repo_id}` on a machine with internet, "
-                              "or pass a folder") from None
+        if constants.HF_HUB_OFFLINE:
+            raise CheckpointError(f"hf:{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                  f"unset it to download, or run `huggingface-cli download {repo_id}` on a "
+                                  "machine with internet, or pass a folder") from None
+        folder = _download(repo_id, snapshot_download)
     if not is_hf_folder(folder):
         raise CheckpointError(f"hf:{repo_id}: the cached snapshot {folder} has no config.json with a model_type")
     model = load_hf_folder(folder, map_location=map_location)
     model.asg_meta["checkpoint"] = f"hf:{repo_id}"
     return model
+
+
+def _download(repo_id, snapshot_download):
+    """The config and weights of ``repo_id`` into the hub cache (safetensors, else ``.bin``); one-line errors."""
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+        if not any(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"])
+    except Exception as exc:  # noqa: BLE001 - no network, unknown or gated repo: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"hf:{repo_id} is not in the local Hugging Face cache and could not be downloaded "
+                              f"({type(exc).__name__}: {first}); check the name and the network (HF_TOKEN for "
+                              f"gated models), or run `huggingface-cli download {repo_id}` on a machine with "
+                              "internet") from None
+    return folder

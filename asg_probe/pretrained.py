@@ -4,10 +4,11 @@
 ``None`` for anything else (an asg_probe, timm or ASG-script checkpoint file or a
 training run folder), which ``load_checkpoint`` then reads as before.
 
-Nothing here touches the network: ``timm:NAME`` loads timm's pretrained weights
-from the local Hugging Face cache (or torch hub cache for URL-only weights), and
-``hf:ORG/NAME`` a cached snapshot. When the weights are not there, a one-line
-:class:`~asg_probe.checkpoint.CheckpointError` says how to get them.
+``timm:NAME`` loads timm's pretrained weights from the local Hugging Face cache (or
+torch hub cache for URL-only weights), ``hf:ORG/NAME`` a cached snapshot; what is not
+cached is downloaded into those caches the way timm and huggingface_hub do (their
+progress bars). With ``HF_HUB_OFFLINE=1``, or without network, a one-line
+:class:`~asg_probe.checkpoint.CheckpointError` says what to do instead.
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def load_named(path, arch=None, map_location="cpu", **model_kwargs):
             return load_hf_hub(text[3:], map_location=map_location)
         if text.startswith("timm:"):
             return load_timm_pretrained(text[5:], map_location=map_location, **model_kwargs)
+        if text.startswith("open_clip:"):
+            from .openclip import load_open_clip
+
+            return load_open_clip(text[len("open_clip:"):], pretrained=arch, map_location=map_location)
     from .hf import is_hf_folder
 
     if is_hf_folder(text):
@@ -129,10 +134,15 @@ def load_timm_pretrained(name: str, *, file=None, map_location="cpu", **model_kw
     if file is None:
         file, looked = cached_timm_weights(cfg)
         if file is None:
-            raise CheckpointError(
-                f"timm:{full}: pretrained weights are not in the local cache (looked in {'; '.join(looked) or 'nothing'}); "
-                f"fetch them once on a machine with internet (timm.create_model('{full}', pretrained=True)) and "
-                f"use them offline with HF_HUB_OFFLINE=1, or pass a local weights file with --arch {arch}")
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:
+                raise CheckpointError(
+                    f"timm:{full}: pretrained weights are not in the local cache (looked in "
+                    f"{'; '.join(looked) or 'nothing'}) and HF_HUB_OFFLINE is set; unset it to download them, fetch "
+                    f"them once on a machine with internet (timm.create_model('{full}', pretrained=True)), or pass "
+                    f"a local weights file with --arch {arch}")
+            return _download_timm(full, arch, map_location, model_kwargs)
     file = str(file)
     # npz files (Google's original ViT weights) need timm's custom loader; everything else is a state dict
     overlay = {"file": file, "custom_load": file.endswith(".npz")}
@@ -144,4 +154,21 @@ def load_timm_pretrained(name: str, *, file=None, map_location="cpu", **model_kw
     model.to(map_location).eval()
     model.asg_meta = {"checkpoint": f"timm:{full}", "checkpoint_format": "timm-pretrained",
                       "weights_file": file, "inferred": {"arch": "timm pretrained name"}}
+    return model
+
+
+def _download_timm(full, arch, map_location, model_kwargs):
+    """``timm.create_model(full, pretrained=True)``: timm downloads into its caches; one-line errors."""
+    import timm
+
+    try:
+        model = timm.create_model(full, pretrained=True, **model_kwargs)
+    except Exception as exc:  # noqa: BLE001 - no network, missing file: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"timm:{full}: pretrained weights are not in the local cache and could not be "
+                              f"downloaded ({type(exc).__name__}: {first}); check the network, fetch them once on "
+                              f"a machine with internet, or pass a local weights file with --arch {arch}") from None
+    model.to(map_location).eval()
+    model.asg_meta = {"checkpoint": f"timm:{full}", "checkpoint_format": "timm-pretrained",
+                      "weights_file": "downloaded by timm", "inferred": {"arch": "timm pretrained name"}}
     return model

@@ -37,9 +37,11 @@ RANKS = [
     (3, "asg_probe.pretrained"),  # timm:NAME, hf:ORG/NAME: what load_checkpoint asks first
     (3, "asg_probe.hf"),          # Hugging Face models as timm-like ViTs, loaded like checkpoints
     (3, "asg_probe.reinit"),      # the same architecture freshly initialised (the init baseline)
+    (3, "asg_probe.openclip"),    # open_clip image towers as timm-like ViTs (open_clip:ARCH)
     (4, "asg_probe.extract"),
     (4, "asg_probe.capture"),
     (4, "asg_probe.geometry"),
+    (4, "asg_probe.intermediates"),  # grid backbones read through timm's forward_intermediates
     (4, "asg_probe.inputs"),
     (4, "asg_probe.distributed"),
     (4, "asg_probe.data"),

@@ -174,8 +174,21 @@ class AttentionDistanceAccumulator(Accumulator):
         self.grid = None
 
     def attention(self, attn, grid):
-        """Reduce one block's ``(B, H, N, N)`` map to ``(sum (H,), count)`` at once."""
-        return mean_attention_distance(attn, grid, self.patch_size, self.num_prefix_tokens)
+        """Reduce one block's ``(B, H, N, N)`` map to ``(sum (H,), count)`` at once.
+
+        The prefix of each block is what its map holds beyond the grid's patches, so a class
+        token that joins in a later block (ConViT) is left out there too. A map over fewer
+        tokens than the grid (attention within windows) is refused in one line.
+        """
+        gh, gw = _pair(grid)
+        extra = attn.shape[-1] - gh * gw
+        if extra < 0:
+            from ..errors import InputError
+
+            raise InputError(f"a block attends over {attn.shape[-1]} tokens, fewer than the {gh}x{gw} patch grid "
+                             "(attention within windows): mean attention distance over the whole grid is not "
+                             "defined for it (its coordinate probes work)")
+        return mean_attention_distance(attn, grid, self.patch_size, extra)
 
     def update(self, batch):
         """Add one :class:`~asg_probe.extract.ForwardBatch` (its ``attn`` holds reduced maps)."""
@@ -353,6 +366,12 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
 
     label = display_label(label, checkpoint)
     geo = model_geometry(model)
+    if geo.kind != "vit":
+        from ..errors import InputError
+
+        raise InputError(f"{type(model).__name__} is a grid backbone read through forward_intermediates (windowed, "
+                         "pooled or convolutional stages): its attention maps are not read, so mean attention "
+                         "distance is not measured for it (its coordinate probes work)")
     if not geo.token_attention:
         raise UsageError(f"{type(model).__name__}'s attention is over channels (cross-covariance), not tokens: "
                          "mean attention distance is undefined for it (its coordinate probes work)")

@@ -70,20 +70,36 @@ class ProbeAccumulator(Accumulator):
     def _new_probe(self) -> CoordinateProbe:
         return CoordinateProbe(n_folds=self.n_folds, alphas=self.alphas, exact=self.exact, method=self.method)
 
+    #: Whether layers of different grids (a grid backbone's stages) can be fed: only where
+    #: :meth:`_grid_targets` is defined, since the targets depend on the grid.
+    per_layer_grids = False
+
     def _targets(self, batch):
         """``(y, target_names)`` for ``partial_fit``, or ``None`` for the grid's coordinates."""
         return None
 
+    def _grid_targets(self, batch, grid):
+        """:meth:`_targets` for the layers whose grid is ``grid``; ``batch.grid`` unless :attr:`per_layer_grids`."""
+        return self._targets(batch)
+
     def update(self, batch):
         self.grid = batch_grid(self.grid, batch)
-        y, names = self._targets(batch) or (None, None)
+        self.grids = getattr(self, "grids", {})
+        targets = {}   # grid -> (y, names): computed once per grid and batch
         for layer, tokens in batch.tokens.items():
+            grid = tuple(batch.grids.get(layer, self.grid))
+            if self.grids.setdefault(layer, grid) != grid:
+                raise ValueError(f"all images must have one size; layer {layer} had grid {self.grids[layer]}, "
+                                 f"now {grid}")
+            if grid not in targets:
+                targets[grid] = self._grid_targets(batch, grid) or (None, None)
+            y, names = targets[grid]
             if self.norm is not None:
                 with torch.no_grad():
                     tokens = self.norm(tokens)
             if layer not in self.probes:
                 self.probes[layer] = self._new_probe()
-            self.probes[layer].partial_fit(tokens, batch.image_index, grid=self.grid, y=y, target_names=names)
+            self.probes[layer].partial_fit(tokens, batch.image_index, grid=grid, y=y, target_names=names)
         self._fitted = None
 
     def all_reduce(self, group=None):
@@ -136,18 +152,28 @@ class LayerwiseAccumulator(ProbeAccumulator):
         self.control_seed = control_seed
         self.seeds = control_seeds(control_seed, n_control_seeds)
         self.online_code = bool(online_code)
-        self._fixed = None
+        self._cached = None
 
     def _new_probe(self) -> CoordinateProbe:
         return super()._new_probe().set_params(control=True, control_seed=self.control_seed,
                                                online_code=self.online_code)
 
+    # the targets are normalised grid coordinates, so layers of different grids (a grid
+    # backbone's stages) are probed for the same thing and compare
+    per_layer_grids = True
+
     def _targets(self, batch):
-        tokens = next(iter(batch.tokens.values()))
-        if self._fixed is None or self._fixed.device != tokens.device:   # the same for every image
-            self._fixed = torch.cat([coordinate_targets(self.grid), slot_control_targets(self.grid, self.seeds)],
-                                    dim=1).to(tokens.device)
-        return self._fixed, ("row", "col") + control_target_names(self.seeds)
+        return self._grid_targets(batch, tuple(batch.grid))
+
+    def _grid_targets(self, batch, grid):
+        device = next(iter(batch.tokens.values())).device
+        if getattr(self, "_cached", None) is None:
+            self._cached = {}
+        key = (grid, str(device))
+        if key not in self._cached:   # the same for every image of a grid
+            self._cached[key] = torch.cat([coordinate_targets(grid), slot_control_targets(grid, self.seeds)],
+                                          dim=1).to(device)
+        return self._cached[key], ("row", "col") + control_target_names(self.seeds)
 
     def _solved(self, probe):
         return probe.select([0, 1], control_columns=[2, 3])
@@ -339,8 +365,19 @@ class LayerwiseResult(AnalysisResult):
 
     @classmethod
     def from_accumulator(cls, acc, *, label="", img_size=None):
-        """The result of a :class:`LayerwiseAccumulator` that :func:`~asg_probe.extract.run_analyses` filled."""
-        return cls.from_probes(acc.fitted(), acc.grid, acc.num_images, label=label, img_size=img_size)
+        """The result of a :class:`LayerwiseAccumulator` that :func:`~asg_probe.extract.run_analyses` filled.
+
+        Where layers have grids of their own (a grid backbone's stages), each row says its
+        ``grid`` and ``stride`` (pixels per token); ``grid`` of the result is the first layer's."""
+        grids = getattr(acc, "grids", {})
+        first = grids[min(grids)] if grids else acc.grid
+        result = cls.from_probes(acc.fitted(), first, acc.num_images, label=label, img_size=img_size)
+        if len(set(grids.values())) > 1:
+            side = img_size[0] if isinstance(img_size, (list, tuple)) else img_size
+            result.add_column("grid", {layer: list(g) for layer, g in grids.items()})
+            if side:
+                result.add_column("stride", {layer: int(side) // g[0] for layer, g in grids.items()})
+        return result
 
     def probe(self, layer) -> CoordinateProbe:
         """The fitted probe of ``layer`` (negative counts from the end), e.g. to predict on new tokens.

@@ -26,7 +26,6 @@ sum of squares), so memory does not grow with the number of images.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch
 
 from ..errors import UsageError
 from ..extract import Accumulator
+from ..geometry import any_input_size  # noqa: F401 - public here too, as before
 from ..probes import coordinate_targets
 from ..results import AnalysisResult
 
@@ -111,31 +111,6 @@ def _check_size(size, patch, what="size"):
         raise UsageError(f"{what} {size} is not a positive multiple of the patch size {patch}; "
                          f"pass e.g. {lower} or {lower + patch}")
     return size
-
-
-@contextlib.contextmanager
-def any_input_size(model):
-    """Let a timm ViT built for one input size take any size (multiple of the patch) while in the block.
-
-    Models with ``dynamic_img_size=True`` (every asg_probe model) are left alone.
-    For the others timm's own dynamic path is switched on (the patch embedding
-    returns NHWC and the absolute position table is resampled to the grid) and
-    switched off again on exit, also after an exception.
-    """
-    pe = getattr(model, "patch_embed", None)
-    if getattr(model, "dynamic_img_size", True) or pe is None or not hasattr(pe, "strict_img_size"):
-        yield model
-        return
-    from timm.layers import Format
-
-    saved = (model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt)
-    try:
-        model.dynamic_img_size = True
-        pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
-        yield model
-    finally:
-        model.dynamic_img_size = saved[0]
-        pe.strict_img_size, pe.flatten, pe.output_fmt = saved[1:]
 
 
 class TransferAccumulator(Accumulator):
