@@ -38,6 +38,7 @@ RANKS = [
     (4, "asg_probe.extract"),
     (4, "asg_probe.capture"),
     (4, "asg_probe.geometry"),
+    (4, "asg_probe.hooks"),       # named hook points: run_with_cache / run_with_hooks, interventions
     (4, "asg_probe.inputs"),
     (4, "asg_probe.distributed"),
     (4, "asg_probe.data"),
