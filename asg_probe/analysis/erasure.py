@@ -49,7 +49,8 @@ from ..probes import CoordinateProbe, coordinate_targets, fold_interval
 from ..results import AnalysisResult
 from .layerwise import ProbeAccumulator
 
-__all__ = ["erase_position", "ErasureResult", "LeaceAccumulator", "random_eraser", "eraser_rank"]
+__all__ = ["erase_position", "ErasureResult", "LeaceAccumulator", "random_eraser", "eraser_rank",
+           "erase_patch_tokens"]
 
 #: Image split: even global indices fit the eraser, odd ones are held out.
 FIT, HELD_OUT = 0, 1
@@ -160,10 +161,19 @@ def random_eraser(like, rank: int, seed: int):
     return LeaceEraser(proj_left=basis, proj_right=basis.T.contiguous(), bias=like.bias)
 
 
-def _apply(eraser, tokens):
-    """``eraser`` on ``(..., D)`` tokens, in the eraser's precision, back in the tokens' dtype."""
-    dtype = eraser.proj_left.dtype
-    return eraser(tokens.to(dtype)).to(tokens.dtype)
+def erase_patch_tokens(tokens, eraser, num_prefix_tokens):
+    """``eraser`` applied to the patch tokens of a ``(B, prefix + N, D)`` residual stream; prefix tokens
+    (class, registers) pass unchanged. Computed in the eraser's precision, returned in the tokens' dtype.
+
+    >>> import torch
+    >>> from concept_erasure import LeaceEraser
+    >>> e = LeaceEraser(torch.eye(3)[:, :1], torch.eye(3)[:1], None)          # removes channel 0
+    >>> erase_patch_tokens(torch.ones(1, 2, 3), e, num_prefix_tokens=1).tolist()
+    [[[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]]
+    """
+    p = int(num_prefix_tokens)
+    patches = eraser(tokens[:, p:].to(eraser.proj_left.dtype)).to(tokens.dtype)
+    return torch.cat([tokens[:, :p], patches], dim=1)
 
 
 class _Recovery(ProbeAccumulator):
@@ -316,13 +326,15 @@ class ErasureResult(AnalysisResult):
         fig, axes = new_figure(5.2, 3.6, ncols=2) if ax is None else (ax.figure, None)
         ax_heat, ax_eff = (axes[0][0], axes[0][1]) if axes is not None else (ax, None)
         erase, read, mat = self.r2_matrix()
+        # one row per erase layer asked for (they need not be contiguous): rows by position, labelled
         im = ax_heat.imshow(mat, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis",
-                            extent=(read[0] - 0.5, read[-1] + 0.5, erase[0] - 0.5, erase[-1] + 0.5))
+                            extent=(read[0] - 0.5, read[-1] + 0.5, -0.5, len(erase) - 0.5))
         fig.colorbar(im, ax=ax_heat, label="held-out R² after erasure")
         ax_heat.set_xlabel("read layer")
         ax_heat.set_ylabel("erase layer")
         integer_ticks(ax_heat, read)
-        integer_ticks(ax_heat, erase, axis="y")
+        ax_heat.set_yticks(range(len(erase)))
+        ax_heat.set_yticklabels([str(v) for v in erase])
         name = display_name(self.checkpoint) if self.checkpoint else ""
         ax_heat.set_title(f"Position recovery after LEACE{' — ' + name if name else ''}", fontsize=9)
         if ax_eff is not None:
@@ -484,14 +496,8 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
                     store = {}
 
                     def branch(act, name, views=views):
-                        out = []
-                        for eraser in views:
-                            if eraser is None:
-                                out.append(act)
-                                continue
-                            patches = _apply(eraser, act[:, prefix:])
-                            out.append(torch.cat([act[:, :prefix], patches], dim=1))
-                        return torch.cat(out)
+                        # one copy per view, stacked along the batch: the blocks from L on run once
+                        return torch.cat([act if e is None else erase_patch_tokens(act, e, prefix) for e in views])
 
                     def keep(act, name):
                         store[name] = act[:, prefix:].detach()
