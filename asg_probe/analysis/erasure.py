@@ -23,8 +23,9 @@ block 0, ``i`` = output of block ``i``):
    mean KL(clean ‖ erased) of the output distributions, and with labels the accuracy; for every
    model the relative change of the final tokens, ``‖F' − F‖ / ‖F‖``;
 5. **control**: all of the above after erasing a random subspace of the same rank with the same
-   centring (``x − ((x − μ) U) Uᵀ``, ``U`` orthonormal, ``μ`` the eraser's mean), for several
-   seeds (means over seeds). An effect means something only beside it.
+   centring and the same whitening (:func:`random_eraser`: LEACE's form ``x − W⁺ u uᵀ W (x − μ)`` with
+   ``u`` drawn at random, which is what LEACE fits for a concept the tokens do not carry), for
+   several seeds (means over seeds). An effect means something only beside it.
 
 What it rules out, and what not: a LEACE-erased layer holds no linearly decodable position, so an
 output that does not change shows that the model does not need *linearly* decodable position at
@@ -141,24 +142,36 @@ def eraser_rank(eraser, rtol=1e-6) -> int:
     return int((s > rtol * max(float(s.max()), 1e-300)).sum()) if s.numel() else 0
 
 
-def random_eraser(like, rank: int, seed: int):
-    """The control: orthogonal projection off a random ``rank``-dimensional subspace, with ``like``'s centring.
+def random_eraser(fitter, rank: int, seed: int):
+    """The control: a LEACE-form eraser for a random subspace of ``rank`` dimensions, same whitening and centring.
 
-    ``x ↦ x − ((x − μ) U) Uᵀ``, ``U`` a seeded random orthonormal ``(D, rank)`` basis, ``μ`` the
-    bias of the LEACE eraser ``like``: the same form, rank and centring, a direction chosen blind.
+    LEACE removes ``x ↦ x − W⁺ u uᵀ W (x − μ)``, with ``W`` the whitening of the fit tokens'
+    covariance and ``u`` the whitened directions of the concept. The control keeps ``W``, ``μ``
+    and the form, and draws ``u`` (orthonormal, ``rank`` columns) uniformly at random in the
+    whitened space: what LEACE would fit for a concept the tokens do not carry. (A plain orthogonal
+    projection off random raw directions would be a weaker control: ViT tokens are anisotropic and
+    often low-rank, so random raw directions mostly miss the variance that LEACE's edit removes.)
 
     >>> import torch
-    >>> from concept_erasure import LeaceEraser
-    >>> e = random_eraser(LeaceEraser(torch.zeros(5, 2), torch.zeros(2, 5), torch.zeros(5)), 2, seed=0)
-    >>> e.proj_left.shape, bool(torch.allclose(e.proj_left.T @ e.proj_left, torch.eye(2, dtype=e.proj_left.dtype)))
-    (torch.Size([5, 2]), True)
+    >>> from concept_erasure import LeaceFitter
+    >>> f = LeaceFitter(5, 2, dtype=torch.float64).update(torch.randn(100, 5, dtype=torch.float64),
+    ...                                                   torch.randn(100, 2, dtype=torch.float64))
+    >>> e = random_eraser(f, 2, seed=0)
+    >>> e.proj_left.shape, eraser_rank(e), bool(torch.equal(e.bias, f.mean_x))
+    (torch.Size([5, 2]), 2, True)
     """
     LeaceEraser = _concept_erasure().LeaceEraser
-    d = like.proj_left.shape[0]
+    sigma = fitter.sigma_xx          # the (shrunk) covariance the LEACE eraser whitens with
+    L, V = torch.linalg.eigh(sigma)
+    support = L > (L[-1] * sigma.shape[-1] * torch.finfo(L.dtype).eps)   # concept_erasure's threshold
+    L = L.clamp_min(0.0)
+    W = (V * torch.where(support, L.rsqrt(), 0.0)) @ V.mH
+    W_inv = (V * torch.where(support, L.sqrt(), 0.0)) @ V.mH
     gen = torch.Generator().manual_seed(1_000_003 * int(seed) + 7)
-    basis, _ = torch.linalg.qr(torch.randn(d, max(int(rank), 0), generator=gen, dtype=torch.float64))
-    basis = basis.to(like.proj_left.device, like.proj_left.dtype)
-    return LeaceEraser(proj_left=basis, proj_right=basis.T.contiguous(), bias=like.bias)
+    g = torch.randn(sigma.shape[0], max(int(rank), 0), generator=gen, dtype=torch.float64).to(sigma)
+    g = V[:, support] @ (V[:, support].mH @ g)      # within the whitened support, as LEACE's u is
+    u, _ = torch.linalg.qr(g)
+    return LeaceEraser(proj_left=W_inv @ u, proj_right=u.mH @ W, bias=fitter.mean_x)
 
 
 def erase_patch_tokens(tokens, eraser, num_prefix_tokens):
@@ -475,8 +488,8 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
                               total=len(data))
         erasers = {L: fit.eraser(L) for L in erase_layers}
         ranks = {L: eraser_rank(e) for L, e in erasers.items()}
-        controls = {L: [random_eraser(e, ranks[L], seed * 1000 + s) for s in range(S)]
-                    for L, e in erasers.items()}
+        controls = {L: [random_eraser(fit.fitters[L], ranks[L], seed * 1000 + s) for s in range(S)]
+                    for L in erase_layers}
         model.eval().to(device)
         clean_rec = _Recovery(n_folds=n_folds, alphas=alphas)
         recovery, effect = [], []
