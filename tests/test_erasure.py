@@ -78,8 +78,9 @@ def test_head_that_reads_position_changes_under_erasure_not_under_the_control():
     res = erase_position(planted_vit(head=True, width=192, content=1.0), torch.randn(24, 3, 32, 32), layers=[0], n_folds=3,
                          n_control_seeds=2, labels=labels, progress=False)
     for eff in res.effect:
-        assert eff["agreement_control"] >= 0.9
-        assert eff["agreement"] <= 0.6
+        assert eff["agreement_control"] >= 0.8
+        assert eff["agreement"] <= 0.4                     # 4 classes: chance is 0.25
+        assert eff["kl"] > 10 * eff["kl_control"]
         assert eff["kl_diff_ci"][0] > 0                    # erased KL above the control's, paired over images
         assert eff["accuracy_control"] is not None and eff["accuracy"] is not None
 

@@ -12,8 +12,9 @@ For each erase layer ``L`` (layer numbering of :mod:`asg_probe.geometry`: 0 = to
 block 0, ``i`` = output of block ``i``):
 
 1. **fit**: a LEACE eraser for the normalised (row, col) of each patch, on the patch tokens the
-   layer-``L`` coordinate probe reads, streamed over the *fit* images (even image indices);
-2. **apply**: the *held-out* images (odd indices) run with the eraser applied to the patch tokens
+   layer-``L`` coordinate probe reads, streamed over the *fit* images (about half, chosen by a hash
+   of the image index: :func:`held_out`);
+2. **apply**: the *held-out* images run with the eraser applied to the patch tokens
    of the residual stream at ``L`` (prefix tokens untouched), through a hook
    (:mod:`asg_probe.hooks`) that is removed afterwards;
 3. **recovery**: a coordinate probe (:class:`~asg_probe.probes.CoordinateProbe`, the layerwise
@@ -51,10 +52,10 @@ from ..results import AnalysisResult
 from .layerwise import ProbeAccumulator
 
 __all__ = ["erase_position", "ErasureResult", "LeaceAccumulator", "random_eraser", "eraser_rank",
-           "erase_patch_tokens"]
+           "erase_patch_tokens", "held_out"]
 
-#: Image split: even global indices fit the eraser, odd ones are held out.
-FIT, HELD_OUT = 0, 1
+#: The two sides of the image split (:func:`held_out`).
+FIT, HELD_OUT = False, True
 
 
 def _concept_erasure():
@@ -253,18 +254,34 @@ def _outputs(model, x):
     return features, logits
 
 
+def held_out(index) -> torch.Tensor:
+    """Whether each image (by global index) is held out (True) or fits the eraser (False).
+
+    A hash of the index, not its parity: the split must not depend on how torchrun strides the
+    images over processes (rank ``r`` of ``W`` gets indices ``r, r + W, ...``), so every process
+    holds both kinds and the result is the same for any process count. About half are held out.
+
+    >>> held_out(torch.arange(8)).tolist()
+    [False, True, False, False, False, False, True, False]
+    """
+    import hashlib
+
+    index = torch.as_tensor(index)
+    bits = [hashlib.blake2b(b"asg-probe-erasure:%d" % int(i), digest_size=1).digest()[0] & 1 for i in index.tolist()]
+    return torch.tensor(bits, dtype=torch.bool, device=index.device).reshape(index.shape)
+
+
 class _Split:
-    """Batches of one side of the fit / held-out split, with held-out images renumbered ``index // 2``
-    (so that CV folds, ``index % n_folds``, stay balanced for any ``n_folds``)."""
+    """Batches of one side (fit: ``False``, held out: ``True``) of the split, as ``(images, index)``."""
 
     def __init__(self, data, side):
-        self.data, self.side = data, side
+        self.data, self.side = data, bool(side)
 
     def __iter__(self):
         for x, index in self.data:
-            keep = (index % 2) == self.side
+            keep = held_out(index) == self.side
             if bool(keep.any()):
-                yield x[keep], index[keep], (index[keep] // 2)
+                yield x[keep], index[keep]
 
 
 class ErasureResult(AnalysisResult):
@@ -418,8 +435,8 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
     model : nn.Module
         Any model the analyses accept (asg_probe, timm, Hugging Face through :func:`asg_probe.load_checkpoint`).
     images : None, str, Path, ImageSet or tensor
-        As for :func:`asg_probe.layerwise_probes`. Images with even index fit the eraser, odd ones
-        are held out (recovery and effect are measured on them only).
+        As for :func:`asg_probe.layerwise_probes`. About half the images fit the eraser, the others
+        are held out (:func:`held_out`; recovery and effect are measured on them only).
     layers : int or list of int, optional
         Erase layers (default: all, ``0..depth``; negative counts from the end). Each is read at
         itself and every later layer.
@@ -467,10 +484,18 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
     erase_layers = resolve_layers(layers, depth)
     data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size, batch_size=batch_size,
                                 seed=seed)
-    n_held = data.num_images // 2
-    if n_held < n_folds:
-        raise UsageError(f"{data.num_images} images leave {n_held} held out, too few for {n_folds}-fold "
-                         f"cross-validation; use at least {2 * n_folds} (--num-images)")
+    side = held_out(data.selected)
+    n_held = int(side.sum())
+    if n_held < n_folds or data.num_images - n_held < 2:
+        raise UsageError(f"{data.num_images} images leave {n_held} held out and {data.num_images - n_held} to fit, "
+                         f"too few for {n_folds}-fold cross-validation; use at least {3 * n_folds} (--num-images)")
+    from ..distributed import shard_indices
+
+    for rank in range(data.world):   # every process must hold both kinds: the statistics are merged collectively
+        mine = side[shard_indices(len(side), rank, data.world)]
+        if bool(mine.all()) or not bool(mine.any()):
+            raise UsageError(f"{data.num_images} images are too few for {data.world} processes (process {rank} "
+                             "would have no fit or no held-out image); use more images or fewer processes")
     if labels is None:
         labels = _scene_labels(model, images, data.num_images, img_size, seed)
     if labels is not None:
@@ -483,7 +508,7 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
     was_training = model.training
     with any_input_size(model):
         # 1. fit: LEACE statistics of every erase layer, one pass over the fit images
-        (fit,) = run_analyses(model, ((x, i) for x, i, _ in _Split(data, FIT)), [LeaceAccumulator()],
+        (fit,) = run_analyses(model, _Split(data, FIT), [LeaceAccumulator()],
                               layers=erase_layers, device=device, progress=progress, desc="erasure: fit",
                               total=len(data))
         erasers = {L: fit.eraser(L) for L in erase_layers}
@@ -503,7 +528,7 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
                 accs = [_Recovery(n_folds=n_folds, alphas=alphas) for _ in range(1 + S)]
                 moments = {k: _Moments() for k in ("agree", "agree_c", "kl", "kl_c", "kl_diff", "rel", "rel_c",
                                                    "edit", "edit_c", "acc0", "acc", "acc_c")}
-                for x, index, held in _Split(data, HELD_OUT):
+                for x, index in _Split(data, HELD_OUT):
                     x = x.to(device)
                     B = x.shape[0]
                     store = {}
@@ -521,9 +546,9 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
                     chunks = lambda t: t.reshape(len(views), B, *t.shape[1:])  # noqa: E731
                     toks = {j: chunks(store[n]) for j, n in zip(read, names)}
                     for v, acc in enumerate(accs):
-                        acc.update(_batch({j: t[v + 1] for j, t in toks.items()}, held, x, prefix, geo))
+                        acc.update(_batch({j: t[v + 1] for j, t in toks.items()}, index, x, prefix, geo))
                     if L == erase_layers[0]:
-                        clean_rec.update(_batch({j: t[0] for j, t in toks.items()}, held, x, prefix, geo))
+                        clean_rec.update(_batch({j: t[0] for j, t in toks.items()}, index, x, prefix, geo))
                     # 4. effect, per image
                     f = chunks(features)
                     rel = [_relative(f[0], f[v]) for v in range(1, len(views))]
@@ -570,7 +595,7 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
             model.train(was_training)
     extra = {"n_control_seeds": S, "num_fit_images": data.num_images - n_held, "num_heldout_images": n_held,
              "n_folds": int(n_folds), "has_head": head, "has_labels": labels is not None,
-             "split": "even image indices fit the eraser, odd ones are held out",
+             "split": "a hash of each image's index decides: fit the eraser, or held out (asg_probe.analysis.erasure.held_out)",
              "erased_tokens": "patch tokens of the residual stream (prefix tokens untouched)"}
     result = ErasureResult(recovery, effect, grid=fit.grid, num_images=data.num_images, checkpoint=label, extra=extra)
     return result.record_inputs(data, device=device)
