@@ -236,7 +236,8 @@ COMMANDS = {
     "layerwise": cmd_layerwise, "attention-distance": cmd_attention_distance, "embeddings": cmd_embeddings,
     "pos-similarity": cmd_pos_similarity, "shuffle-test": cmd_shuffle_test,
     "check-equivariance": cmd_check_equivariance, "resolution": cmd_resolution,
-    "attribution": cmd_attribution, "report": cmd_report, "emergence": cmd_emergence, "erase": cmd_erase, "list": cmd_list,
+    "attribution": cmd_attribution, "report": cmd_report, "emergence": cmd_emergence, "list": cmd_list,
+    "erase": cmd_erase,
 }
 
 

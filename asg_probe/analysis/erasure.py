@@ -114,7 +114,8 @@ class LeaceAccumulator(Accumulator):
             f = self.fitters[layer]
             n = f.n.to(f.mean_x.dtype)
             sums = [n.reshape(1), f.mean_x * n, f.mean_z * n,
-                    f.sigma_xx_ + n * torch.outer(f.mean_x, f.mean_x), f.sigma_xz_ + n * torch.outer(f.mean_x, f.mean_z)]
+                    f.sigma_xx_ + n * torch.outer(f.mean_x, f.mean_x),
+                    f.sigma_xz_ + n * torch.outer(f.mean_x, f.mean_z)]
             all_reduce_sum(sums, group)
             total, sx, sz, sxx, sxz = sums
             f.n = total[0].round().long()
@@ -595,7 +596,8 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
             model.train(was_training)
     extra = {"n_control_seeds": S, "num_fit_images": data.num_images - n_held, "num_heldout_images": n_held,
              "n_folds": int(n_folds), "has_head": head, "has_labels": labels is not None,
-             "split": "a hash of each image's index decides: fit the eraser, or held out (asg_probe.analysis.erasure.held_out)",
+             "split": "a hash of each image's index decides: fit the eraser, or held out "
+                      "(asg_probe.analysis.erasure.held_out)",
              "erased_tokens": "patch tokens of the residual stream (prefix tokens untouched)"}
     result = ErasureResult(recovery, effect, grid=fit.grid, num_images=data.num_images, checkpoint=label, extra=extra)
     return result.record_inputs(data, device=device)
