@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-snapshots", type=_int_at_least(2, "at least 2"), default=None,
                    help="analyse at most this many snapshots per run, spread over the run (default: all)")
 
+    # 128 images: about 64 fit the eraser, whose held-out error shrinks with fit tokens per channel
     p = command("erase", "does the model use its position? LEACE erasure: recovery and output effect vs. a "
-                         "random-subspace control")
+                         "random-subspace control", images=128)
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layers to erase position at (default: all; 0 = patch embedding, negative from the end)")
     p.add_argument("--folds", type=_int_at_least(2, "at least 2"), default=5,

@@ -426,7 +426,7 @@ def _scene_labels(model, images, num_images, img_size, seed):
     return SceneDataset(int(num_images), img_size=int(size), task=task, split="val", seed=int(seed)).arrays()[1]
 
 
-def erase_position(model, images=None, *, layers=None, num_images=64, img_size=None, batch_size=32, n_folds=5,
+def erase_position(model, images=None, *, layers=None, num_images=128, img_size=None, batch_size=32, n_folds=5,
                    n_control_seeds=3, labels=None, alphas=None, seed=0, device="cpu", progress=True, label="",
                    checkpoint=None):
     """Erase linearly decodable position (LEACE) at each layer and measure recovery and output effect.
@@ -442,7 +442,10 @@ def erase_position(model, images=None, *, layers=None, num_images=64, img_size=N
         Erase layers (default: all, ``0..depth``; negative counts from the end). Each is read at
         itself and every later layer.
     num_images, img_size, batch_size, seed, device, progress
-        As for :func:`asg_probe.layerwise_probes`; ``num_images`` covers both halves.
+        As for :func:`asg_probe.layerwise_probes`; ``num_images`` covers both halves. LEACE is exact
+        on its fit tokens; on held-out images the R² it leaves shrinks with the fit tokens per channel
+        (``r2`` at ``read_layer == erase_layer`` shows it: about 0.1 with 30 fit images of 64 patches
+        for 128 channels, 0.00-0.03 with 130).
     n_folds : int
         CV folds of the recovery probes (split by held-out image); at least ``n_folds`` held-out images.
     n_control_seeds : int
