@@ -263,7 +263,7 @@ def held_out(index) -> torch.Tensor:
     holds both kinds and the result is the same for any process count. About half are held out.
 
     >>> held_out(torch.arange(8)).tolist()
-    [False, True, False, False, False, False, True, False]
+    [True, False, False, True, True, False, True, False]
     """
     import hashlib
 
@@ -308,8 +308,8 @@ class ErasureResult(AnalysisResult):
     >>> import asg_probe, torch
     >>> m = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1, num_classes=3)
     >>> res = asg_probe.erase_position(m, torch.randn(20, 3, 32, 32), layers=[0], n_folds=2, progress=False)
-    >>> sorted(res.to_dict())[:3], [r["read_layer"] for r in res.recovery]
-    (['checkpoint', 'effect', 'grid'], [0, 1])
+    >>> {"recovery", "effect", "provenance"} <= set(res.to_dict()), [r["read_layer"] for r in res.recovery]
+    (True, [0, 1])
     """
 
     name = "erasure"
