@@ -275,6 +275,20 @@ def _step(value) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
+def cmd_erase(args, rank):
+    from .analysis.erasure import erase_position
+
+    result, name = _analyse(args, erase_position, layers=args.layers, n_folds=args.folds,
+                            n_control_seeds=args.control_seeds)
+    cols = ["erase_layer", "rank", "agreement", "agreement_control", "kl", "kl_control", "accuracy_clean",
+            "accuracy", "accuracy_control", "relative_change", "relative_change_control", "edit", "edit_control"]
+    recovery = result.to_frame()[["erase_layer", "read_layer", "r2", "r2_ci", "r2_control", "r2_clean"]].copy()
+    recovery["r2_ci"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in recovery["r2_ci"]]
+    extra = "recovery (held-out R² after erasure):\n" + recovery.to_string(
+        index=False, float_format=lambda v: f"{v:.3f}") + f"\n{name}: {result.summary_line()}"
+    _finish(result, args, rank, cols, extra=extra, frame=result.to_frame("effect"))
+
+
 def cmd_list(args, rank):
     from .models import list_models, list_positions
     from .reference import list_reference_models
@@ -290,6 +304,7 @@ COMMANDS = {
     "pos-similarity": cmd_pos_similarity, "shuffle-test": cmd_shuffle_test,
     "check-equivariance": cmd_check_equivariance, "resolution": cmd_resolution,
     "attribution": cmd_attribution, "report": cmd_report, "emergence": cmd_emergence, "list": cmd_list,
+    "erase": cmd_erase,
 }
 
 

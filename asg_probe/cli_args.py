@@ -221,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-snapshots", type=_int_at_least(2, "at least 2"), default=None,
                    help="analyse at most this many snapshots per run, spread over the run (default: all)")
 
+    # 128 images: about 64 fit the eraser, whose held-out error shrinks with fit tokens per channel
+    p = command("erase", "does the model use its position? LEACE erasure: recovery and output effect vs. a "
+                         "random-subspace control", images=128)
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers to erase position at (default: all; 0 = patch embedding, negative from the end)")
+    p.add_argument("--folds", type=_int_at_least(2, "at least 2"), default=5,
+                   help="cross-validation folds of the recovery probes, split by image (default: %(default)s)")
+    p.add_argument("--control-seeds", type=_int_at_least(1, "at least 1"), default=3,
+                   help="random subspaces of the control, averaged (default: %(default)s)")
+
     sub.add_parser("list", help="list bundled reference models, architectures and mechanisms", parents=[debug],
                    description=cli_help.description("list"), epilog=cli_help.epilog("list"),
                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -65,6 +65,24 @@ COMMAND_HELP = {
                  "offset alone, on all images (in-sample)",
                  "offset_r2_heldout, heldout_low, heldout_high: the same with the kernel fitted on the other folds "
                  "of images, and its 95% interval over folds"]),
+    "erase": dict(
+        description=(
+            "Does the model use the position its tokens carry? At each erase layer, LEACE (Belrose et al. 2023) "
+            "removes every linearly decodable trace of (row, col) from the patch tokens, fitted on half of the "
+            "images; the other half runs with the eraser applied in the residual stream. Recovery: the "
+            "coordinate probe at that layer and every later one (does position come back?). Effect: how much "
+            "the output changes. Control: erasing a random subspace of the same rank, same centring; an effect "
+            "means something only beside it. Non-linear position survives a linear eraser."),
+        examples=["asg-probe erase ape --layers 0",
+                  "asg-probe erase guidance",
+                  "asg-probe erase vit.pt --arch vit_small_patch16_224 --images photos/ --layers 0 6 -1"],
+        columns=["erase_layer: where position is erased (0 = tokens entering block 1); rank: the eraser's rank",
+                 "agreement: top-1 agreement of the erased model with the unerased one (1 = unchanged)",
+                 "kl: mean KL divergence of the output distribution from the unerased one",
+                 "accuracy*: accuracy with labels (clean, erased); relative_change: for a headless model, the "
+                 "relative norm change of the final tokens; edit: how far the eraser moved the tokens",
+                 "*_control: the same with a random subspace of equal rank erased instead",
+                 "recovery table: " + _R2 + "; r2_clean: the same without erasure"]),
     "embeddings": dict(
         description=(
             "A 2-D UMAP map of the patch tokens of a few layers, each point coloured by its grid position, "

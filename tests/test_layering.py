@@ -42,6 +42,7 @@ RANKS = [
     (4, "asg_probe.capture"),
     (4, "asg_probe.geometry"),
     (4, "asg_probe.intermediates"),  # grid backbones read through timm's forward_intermediates
+    (4, "asg_probe.hooks"),       # named hook points: run_with_cache / run_with_hooks, interventions
     (4, "asg_probe.inputs"),
     (4, "asg_probe.distributed"),
     (4, "asg_probe.data"),
