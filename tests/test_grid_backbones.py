@@ -52,13 +52,13 @@ class PlantedBackbone(torch.nn.Module):
 def test_a_planted_code_is_read_on_each_layers_own_grid_and_noise_is_not():
     images = torch.randn(10, 3, 32, 32)
     res = asg_probe.layerwise_probes(PlantedBackbone(), images, n_folds=2, progress=False, alphas=[1e-3],
-                                     n_control_seeds=1, content_control=False)
+                                     n_control_seeds=1, init_baseline=False)
     frame = res.to_frame()
     assert frame["layer"].tolist() == [1, 2]
     assert [list(g) for g in frame["grid"]] == [[8, 8], [4, 4]] and frame["stride"].tolist() == [4, 8]
     assert (frame["r2"] > 0.99).all(), frame
     noise = asg_probe.layerwise_probes(PlantedBackbone(planted=False), images, n_folds=2, progress=False,
-                                       alphas=[1e-3], n_control_seeds=1, content_control=False).to_frame()
+                                       alphas=[1e-3], n_control_seeds=1, init_baseline=False).to_frame()
     assert (noise["r2"] < 0.5).all(), noise
 
 
