@@ -21,7 +21,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 def test_every_tutorial_is_collected():
     numbers = [int(path.name[:2]) for path in NOTEBOOKS]
-    assert numbers == list(range(1, 11)), [path.name for path in NOTEBOOKS]
+    assert numbers == list(range(1, 12)), [path.name for path in NOTEBOOKS]
 
 
 def test_no_cell_is_skipped():
