@@ -233,7 +233,9 @@ return {
   errors: [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
           .map(e => e.innerText).filter(t => /Traceback|Error/.test(t)).join('\\n').slice(0, 2000),
   explorer_error: ex ? /Traceback/.test(ex.innerText) : false,
-  kernel: (() => { try { const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  kernel: (() => { try { const shell = window.jupyterapp.shell;
+                         const w = shell.currentWidget || [...shell.widgets('main')].find(x => x.sessionContext);
+                         const k = w.sessionContext.session.kernel;
                          return k ? k.status : 'no kernel'; } catch (e) { return 'unknown'; } })(),
   dialog: [...document.querySelectorAll('.jp-Dialog-header')].map(e => e.innerText).join(' | '),
   prompts: [...document.querySelectorAll('.jp-NotebookPanel .jp-Cell .jp-InputPrompt')]
@@ -265,11 +267,21 @@ def _stalled(state, after=0):
     return state.get("kernel") == "idle" and not any("*" in p for p in prompts) and not _cells_done(state, after)
 
 
+# Make the notebook the current widget (the one notebook commands act on), if one is open.
+_ACTIVATE_NOTEBOOK_JS = """
+{ const shell = window.jupyterapp.shell;
+  const nb = [...shell.widgets('main')].find(x => x.sessionContext);
+  if (nb && shell.currentWidget !== nb) { shell.activateById(nb.id); } }
+"""
+
+
 def _run_all_cells(driver, wait_s):
     """Run All Cells: by command id when the app is exposed, else through Run > Run All Cells."""
     if driver.execute_script("return !!(window.jupyterapp && window.jupyterapp.commands"
                              " && window.jupyterapp.commands.hasCommand('notebook:run-all-cells'))"):
-        driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        # JupyterLab 4.6 under headless Chromium may leave no widget focused (shell.currentWidget is
+        # null), and notebook commands act on the current widget: activate the notebook first.
+        driver.execute_script(_ACTIVATE_NOTEBOOK_JS + "window.jupyterapp.commands.execute('notebook:run-all-cells')")
         return
     _run_all_cells_from_menu(driver, wait_s)
 
