@@ -321,9 +321,11 @@ def main(argv=None) -> int:
     Exit codes: 0 done, 2 usage error, 1 unreadable input or unexpected error, 130 interrupted.
     """
     from_shell = argv is None
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    debug = "--debug" in argv  # before parsing succeeds, the raw flag decides
     try:
-        with quiet_library_warnings():
-            return _run(argv)
+        with cli_warnings():
+            return _main(argv, debug)
     except KeyboardInterrupt:  # Ctrl-C while the process group is taken down: still one line
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -333,12 +335,14 @@ def main(argv=None) -> int:
 
 
 @contextlib.contextmanager
-def quiet_library_warnings():
-    """Silence the plotting and imaging libraries' own warnings (fonts, layout, palette modes):
-    they say nothing about the results, and stderr is for our ``warning:`` and ``error:`` lines."""
+def cli_warnings():
+    """Warnings as the CLI prints them: the plotting and imaging libraries' own (fonts, layout,
+    palette modes) silenced, since they say nothing about the results; every other warning one
+    ``warning:`` line, like the CLI's own."""
     with warnings.catch_warnings():
         for module in ("matplotlib", "PIL"):
             warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
+        warnings.showwarning = _show_warning
         yield
 
 
@@ -360,14 +364,6 @@ def exit_quietly_on_interrupt() -> None:
 
     with contextlib.suppress(ValueError):  # not the main thread: leave Python's handler
         signal.signal(signal.SIGINT, stop)
-
-
-def _run(argv) -> int:
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    debug = "--debug" in argv  # before parsing succeeds, the raw flag decides
-    with warnings.catch_warnings():  # the library's warnings read like the CLI's own `warning:` lines
-        warnings.showwarning = _show_warning
-        return _main(argv, debug)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
