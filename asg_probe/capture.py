@@ -247,7 +247,7 @@ def _attention_modules(block):
 
 
 @contextlib.contextmanager
-def capture_attention(model, layers=None, reduce=None, mode="auto", logits=False):
+def capture_attention(model, layers=None, reduce=None, mode="auto", logits=False, blocks=None):
     """Record attention probabilities of ``model``'s blocks during forward passes.
 
     Nothing about the model changes for the caller: fused modules stay fused, the
@@ -278,6 +278,10 @@ def capture_attention(model, layers=None, reduce=None, mode="auto", logits=False
         received (``q kᵀ · scale`` plus any bias or mask it passed); where attention
         is only seen as probabilities (``attn_drop`` route) or is a composition of
         passes, ``log(probs)``, which differs by one constant per query.
+    blocks : list of nn.Module, optional
+        The modules that stand for layers ``1..len(blocks)``, in forward order, instead of
+        ``model.blocks``: for backbones whose attention is nested in stages (Swin, NesT),
+        where asg_probe passes each block's attention module.
 
     Yields
     ------
@@ -311,10 +315,15 @@ def capture_attention(model, layers=None, reduce=None, mode="auto", logits=False
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if reduce is not None and not callable(reduce):
         raise TypeError(f"reduce must be callable, got {type(reduce).__name__}")
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not isinstance(blocks, nn.Module) or len(blocks) == 0:
-        raise UsageError(f"{type(model).__name__} has no `blocks`: capture_attention needs a timm-style ViT")
-    blocks = list(blocks)
+    if blocks is not None:
+        blocks = list(blocks)
+        if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+            raise UsageError("blocks must be a non-empty list of modules, one per layer in forward order")
+    else:
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not isinstance(blocks, nn.Module) or len(blocks) == 0:
+            raise UsageError(f"{type(model).__name__} has no `blocks`: capture_attention needs a timm-style ViT")
+        blocks = list(blocks)
     # layer 0 (the patch embedding) has no attention: blocks are layers 1..depth
     wanted = None if layers is None else set(resolve_layers(layers, len(blocks), first=1))
     recorder = AttentionRecorder(wanted, reduce, logits=logits)

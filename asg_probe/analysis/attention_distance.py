@@ -15,13 +15,16 @@ distance × patch size, 116.5 px for 14 × 14 patches of 16 px.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..extract import Accumulator
 from ..results import AnalysisResult
 
 __all__ = ["patch_centres", "pairwise_distances", "mean_attention_distance", "uniform_distance",
-           "AttentionDistanceAccumulator", "AttentionDistanceResult", "attention_distance"]
+           "AttentionDistanceAccumulator", "AttentionDistanceResult", "attention_distance", "window_distance_sums",
+           "windowed_sites", "WINDOWED_FAMILIES"]
 
 
 def _pair(value):
@@ -256,38 +259,74 @@ class AttentionDistanceResult(AnalysisResult):
         everywhere" reaches): the dashed baseline of the plot.
     checkpoint : str
     num_images : int or None
+    layers_info : dict or None
+        Windowed and hierarchical backbones only (``None`` for a ViT, whose every layer is
+        global attention over ``grid``): ``{layer: {"block", "grid", "stride", "window",
+        "shift"}}``, the block's module path, its token grid, its stride ``[sy, sx]`` in
+        pixels, its window ``[wh, ww]`` in tokens or ``"global"``, and its cyclic shift
+        (Swin). ``patch_size`` and ``grid`` are then the first layer's, so ``heads_grid``
+        is in units of the first layer's tokens (input patches) at every layer.
+    uniform_by_layer : dict
+        ``{layer: px}``: uniform attention over one whole window of that layer (over its
+        grid where global); ``uniform_px`` is the last layer's. A shifted Swin window split
+        by its mask, or a window cut by padding, reaches less.
 
     Examples
     --------
     >>> r = AttentionDistanceResult({1: [10.0, 30.0]}, patch_size=16, grid=(4, 4))
     >>> r.to_dict()["layers"][0]["mean_px"], r.to_dict()["layers"][0]["heads_grid"]
     (20.0, [0.625, 1.875])
+    >>> info = {1: {"block": "layers.0.blocks.0", "grid": [8, 8], "stride": [4, 4], "window": [2, 2], "shift": [0, 0]}}
+    >>> w = AttentionDistanceResult({1: [2.0]}, 4, (8, 8), layers_info=info)
+    >>> row = w.to_dict()["layers"][0]; row["window"], row["stride"], round(row["uniform_px"], 3)
+    ([2, 2], [4, 4], 3.414)
     """
 
     name = "attention_distance"
 
-    def __init__(self, heads_px, patch_size, grid, checkpoint="", num_images=None):
+    def __init__(self, heads_px, patch_size, grid, checkpoint="", num_images=None, layers_info=None):
         self.heads_px = {int(k): [float(v) for v in px] for k, px in sorted(heads_px.items())}
         self.patch_size = int(patch_size)
         self.grid = _pair(grid)
         self.checkpoint = checkpoint
         self.num_images = num_images
-        self.uniform_px = uniform_distance(self.grid, self.patch_size)
+        self.layers_info = None if layers_info is None else {int(k): dict(v) for k, v in sorted(layers_info.items())}
+        if self.layers_info is None:
+            self.uniform_px = uniform_distance(self.grid, self.patch_size)
+            self.uniform_by_layer = {layer: self.uniform_px for layer in self.heads_px}
+        else:
+            self.uniform_by_layer = {layer: _uniform_in_window(info) for layer, info in self.layers_info.items()}
+            self.uniform_px = self.uniform_by_layer[max(self.uniform_by_layer)]
 
     def to_dict(self):
         layers = [{"layer": layer, "heads_px": px, "mean_px": sum(px) / len(px),
                    "heads_grid": [v / self.patch_size for v in px]} for layer, px in self.heads_px.items()]
+        if self.layers_info is not None:  # a ViT's output stays as it was
+            for row in layers:
+                uniform = self.uniform_by_layer[row["layer"]]
+                row.update(self.layers_info[row["layer"]], uniform_px=uniform, uniform_grid=uniform / self.patch_size)
         return {"checkpoint": self.checkpoint, "patch_size": self.patch_size, "grid": list(self.grid),
                 "num_images": self.num_images, "uniform_px": self.uniform_px,
                 "uniform_grid": self.uniform_px / self.patch_size, "layers": layers}
 
     def to_frame(self):
-        """One row per (layer, head): ``layer, head, distance_px, distance_grid``."""
+        """One row per (layer, head): ``layer, head, distance_px, distance_grid``; for windowed
+        backbones also ``window`` (``"7x7"`` or ``"global"``), ``stride`` (px) and ``uniform_px``."""
         import pandas as pd
 
         rows = [{"layer": layer, "head": head, "distance_px": v, "distance_grid": v / self.patch_size}
                 for layer, px in self.heads_px.items() for head, v in enumerate(px)]
-        return pd.DataFrame(rows, columns=["layer", "head", "distance_px", "distance_grid"])
+        columns = ["layer", "head", "distance_px", "distance_grid"]
+        if self.layers_info is not None:
+            for row in rows:
+                info = self.layers_info[row["layer"]]
+                window = info["window"]
+                row["window"] = window if isinstance(window, str) else "x".join(str(v) for v in window)
+                row["stride"] = info["stride"][0] if info["stride"][0] == info["stride"][1] else \
+                    "x".join(str(v) for v in info["stride"])
+                row["uniform_px"] = self.uniform_by_layer[row["layer"]]
+            columns += ["window", "stride", "uniform_px"]
+        return pd.DataFrame(rows, columns=columns)
 
     def plot(self, ax=None):
         """The ViT-paper scatter: one point per head at each layer, uniform baseline dashed.
@@ -310,13 +349,17 @@ class AttentionDistanceResult(AnalysisResult):
             ax.scatter(xs, [self.heads_px[layer][head] for layer in xs], s=16, color=cmap(head), alpha=0.85,
                        label=f"head {head}" if num_heads <= 8 else None)
         ax.plot(layers, [sum(px) / len(px) for px in self.heads_px.values()], color="0.4", lw=1, label="mean")
-        ax.axhline(self.uniform_px, ls="--", color="k", lw=0.8,
-                   label=f"uniform {self.grid[0]}×{self.grid[1]} ({self.uniform_px:.1f} px)")
+        if self.layers_info is None:
+            ax.axhline(self.uniform_px, ls="--", color="k", lw=0.8,
+                       label=f"uniform {self.grid[0]}×{self.grid[1]} ({self.uniform_px:.1f} px)")
+        else:  # each layer's own window (or grid) and stride
+            ax.plot(layers, [self.uniform_by_layer[layer] for layer in layers], ls="--", color="k", lw=0.8,
+                    drawstyle="steps-mid", label="uniform within the window")
         ax.set_xlabel("layer (block)")
         ax.set_ylabel("mean attention distance (px)")
         integer_ticks(ax, layers)
         top = max(max(px) for px in self.heads_px.values())
-        upper = max(self.uniform_px * 1.15, top * 1.05)
+        upper = max(max(self.uniform_by_layer.values()) * 1.15, top * 1.05)
         if len(ax.get_shared_y_axes().get_siblings(ax)) > 1:  # keep the other panels' data inside
             upper = max(upper, ax.get_ylim()[1] if getattr(ax, "_asg_ylim_set", False) else 0.0)
             for sibling in ax.get_shared_y_axes().get_siblings(ax):
@@ -366,12 +409,14 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
 
     label = display_label(label, checkpoint)
     geo = model_geometry(model)
-    if geo.kind != "vit":
-        from ..errors import InputError
-
-        raise InputError(f"{type(model).__name__} is a grid backbone read through forward_intermediates (windowed, "
-                         "pooled or convolutional stages): its attention maps are not read, so mean attention "
-                         "distance is not measured for it (its coordinate probes work)")
+    sites = windowed_sites(model)
+    if sites is None and geo.kind != "vit":
+        _refuse_unmapped(model)
+    if sites is not None:
+        data = ImageBatches.prepare(model, images, num_images=num_images, img_size=img_size,
+                                    batch_size=batch_size, seed=seed)
+        result = _windowed_attention_distance(model, data, device=device, progress=progress, label=label, mode=mode)
+        return result.record_inputs(data, device=device)
     if not geo.token_attention:
         raise UsageError(f"{type(model).__name__}'s attention is over channels (cross-covariance), not tokens: "
                          "mean attention distance is undefined for it (its coordinate probes work)")
@@ -382,3 +427,256 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
     run_analyses(model, data, [acc], layers=[0], device=device, progress=progress, desc="attention distance",
                  attention_mode=mode)
     return acc.result(label).record_inputs(data, device=device)
+
+
+# --------------------------------------------------------------------------- windowed and hierarchical backbones
+#
+# Swin, Swin V2, SAM-ViT and NesT attend within windows (and Swin/NesT over grids that
+# shrink from stage to stage). Each of their attention layers is read where it runs: the
+# probabilities come from capture_attention (SDPA interception or attn_drop, as for a ViT),
+# and the image position of every query and key comes from running the block's own window
+# partition (timm's functions) on a map of pixel centres. Distances are therefore true
+# image distances in pixels, comparable across stages of different stride and with a ViT.
+
+#: timm blocks whose window layout asg_probe reads: (module, class) -> layout
+_WINDOWED_BLOCKS = {
+    ("timm.models.swin_transformer", "SwinTransformerBlock"): "swin",
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): "swin",
+    ("timm.models.vision_transformer_sam", "Block"): "sam",
+    ("timm.models.nest", "NestLevel"): "nest",
+}
+
+#: grid backbones whose attention is not (yet) mapped to image positions, and why
+_UNMAPPED = {
+    "timm.models.hiera": "mask-unit attention over unrolled tokens with pooled queries",
+    "timm.models.mvitv2": "pooling attention: queries and keys pooled",
+    "timm.models.pvt_v2": "spatial-reduction attention: keys pooled",
+    "timm.models.twins": "global blocks attend to sub-sampled keys",
+    "timm.models.volo": "outlook attention, not query-key attention",
+    "timm.models.coat": "factorised attention over channels",
+    "timm.models.fastvit": "convolutional token mixing",
+}
+
+#: the families :func:`attention_distance` reads, for messages and README
+WINDOWED_FAMILIES = ("Swin", "Swin V2", "SAM-ViT", "NesT")
+
+
+class _Site:
+    """One attention layer of a windowed backbone: its block, its attention module, its layout."""
+
+    def __init__(self, name, block, attn, layout, level=None):
+        self.name, self.block, self.attn, self.layout, self.level = name, block, attn, layout, level
+
+
+def windowed_sites(model):
+    """The attention layers of a windowed backbone, in forward order, or ``None`` for another model.
+
+    Layer ``i`` of the result is the ``i``-th attention block the image passes through
+    (1-based, over all stages). A SAM-ViT whose blocks are all global gets ``None``:
+    it is an ordinary ViT for :func:`attention_distance`.
+
+    Examples
+    --------
+    >>> import timm
+    >>> m = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(2, 1),
+    ...                       num_heads=(1, 2), window_size=4)
+    >>> [s.name for s in windowed_sites(m)]
+    ['layers.0.blocks.0', 'layers.0.blocks.1', 'layers.1.blocks.0']
+    """
+    sites = []
+    for name, module in model.named_modules():
+        layout = _WINDOWED_BLOCKS.get((type(module).__module__, type(module).__name__))
+        if layout == "nest":
+            for i, layer in enumerate(module.transformer_encoder):
+                sites.append(_Site(f"{name}.transformer_encoder.{i}", layer, layer.attn, layout, level=module))
+        elif layout is not None:
+            sites.append(_Site(name, module, module.attn, layout))
+    if sites and all(s.layout == "sam" and not s.block.window_size for s in sites):
+        return None
+    return sites or None
+
+
+def _refuse_unmapped(model):
+    from ..errors import InputError
+
+    families = {type(m).__module__ for m in model.modules()}
+    why = next((text for module, text in _UNMAPPED.items() if module in families),
+               "a layout asg_probe does not know")
+    raise InputError(f"{type(model).__name__} is a grid backbone whose attention ({why}) is not mapped to image "
+                     f"positions: mean attention distance is measured for ViTs and {', '.join(WINDOWED_FAMILIES)} "
+                     "(its coordinate probes work)")
+
+
+def _centres(h, w, stride, device):
+    """Pixel centres ``(h, w, 2)`` of an ``h × w`` token grid of ``stride = (sy, sx)`` pixels (maybe fractional)."""
+    rows = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * float(stride[0])
+    cols = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * float(stride[1])
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+
+
+def _nan_pad(grid, window):
+    """Pad a ``(h, w, 2)`` position map to whole windows with NaN: padded tokens have no position."""
+    h, w, _ = grid.shape
+    ph, pw = (-h) % window[0], (-w) % window[1]
+    return torch.nn.functional.pad(grid.permute(2, 0, 1), (0, pw, 0, ph), value=float("nan")).permute(1, 2, 0)
+
+
+def _site_layout(site, x, img_hw):
+    """``(positions (nW, N, 2), info, to_windows)`` of one block from its input ``x``.
+
+    ``to_windows`` turns the recorded probabilities into ``(B, nW, heads, N, N)``.
+    """
+    import sys
+
+    heads = int(site.attn.num_heads)
+    if site.layout == "nest":
+        _, t, n, _ = x.shape
+        b = int(site.level.block_size)
+        side = math.isqrt(t) * b
+        stride = (img_hw[0] / side, img_hw[1] / side)
+        blockify = sys.modules[type(site.level).__module__].blockify
+        pos = blockify(_centres(side, side, stride, x.device)[None], b)[0]   # (T, N, 2), NesT's own order
+        info = {"grid": [side, side], "window": [b, b], "shift": [0, 0]}
+        return pos, info, stride, lambda a: a.permute(0, 2, 1, 3, 4)     # (B, H, T, N, N) -> (B, T, H, N, N)
+    _, h, w, _ = x.shape
+    stride = (img_hw[0] / h, img_hw[1] / w)
+    grid = _centres(h, w, stride, x.device)
+    if site.layout == "sam":
+        ws = int(site.block.window_size)
+        if not ws:
+            info = {"grid": [h, w], "window": "global", "shift": [0, 0]}
+            return grid.reshape(1, h * w, 2), info, stride, lambda a: a.reshape(-1, 1, heads, *a.shape[-2:])
+        partition = sys.modules[type(site.block).__module__].window_partition
+        pos = partition(_nan_pad(grid, (ws, ws))[None], ws)[0].flatten(1, 2)
+        info = {"grid": [h, w], "window": [ws, ws], "shift": [0, 0]}
+        nw = pos.shape[0]
+        return pos, info, stride, lambda a: a.reshape(-1, nw, heads, *a.shape[-2:])
+    # Swin (V1 and V2): the block rolls its tokens by -shift, pads to whole windows and
+    # partitions; doing the same to the positions gives each token's true place in the image.
+    # Tokens that the roll brings together from opposite edges share a window but not a region
+    # of the block's mask (-100 added to their logits: weight e^-100 relative), so their true,
+    # long distances carry no weight: distances are within the (shifted) window as the block sees it.
+    window, shift = tuple(site.block.window_size), tuple(site.block.shift_size)
+    if any(shift):
+        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    partition = sys.modules[type(site.block).__module__].window_partition
+    pos = partition(_nan_pad(grid, window)[None], window).flatten(1, 2)
+    info = {"grid": [h, w], "window": list(window), "shift": list(shift)}
+    nw = pos.shape[0]
+    return pos, info, stride, lambda a: a.reshape(-1, nw, heads, *a.shape[-2:])
+
+
+def window_distance_sums(attn, positions):
+    """Per-head distance sums of one windowed attention map: ``(sum_per_head (H,), count)``.
+
+    Parameters
+    ----------
+    attn : tensor (B, nW, H, N, N)
+        Probabilities within each of ``nW`` windows, rows = queries.
+    positions : tensor (nW, N, 2)
+        Image position (pixels) of each window's tokens; NaN for padding. Padded keys are
+        dropped and each query's weights renormalised; padded queries are not counted.
+
+    Returns
+    -------
+    sum_per_head : tensor (H,), float64
+        Sum over images and real query tokens of the per-query mean distance, pixels.
+    count : int
+        Number of (image, real query token) pairs.
+
+    Examples
+    --------
+    >>> pos = torch.tensor([[[0.0, 0.0], [0.0, 4.0], [float("nan")] * 2]])  # 1 window: 2 tokens + 1 pad
+    >>> a = torch.full((1, 1, 1, 3, 3), 1 / 3)
+    >>> total, count = window_distance_sums(a, pos)
+    >>> (total / count).tolist(), count   # each real query: (0 + 4) / 2
+    ([2.0], 2)
+    """
+    if attn.ndim != 5 or attn.shape[1] != positions.shape[0] or attn.shape[-1] != positions.shape[1]:
+        raise ValueError(f"attn {tuple(attn.shape)} does not match windows {tuple(positions.shape)}")
+    work = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    real = ~torch.isnan(positions).any(-1)                                    # (nW, N)
+    p = positions.nan_to_num(0.0).to(device=attn.device, dtype=torch.float64)
+    dist = (p[:, :, None] - p[:, None, :]).pow(2).sum(-1).sqrt().to(work)     # (nW, N, N)
+    a = attn.to(work) * real.to(attn.device, work)[None, :, None, None, :]
+    weighted = torch.einsum("bwhij,wij->bwhi", a, dist).double()
+    mass = a.sum(-1).double()
+    per_query = weighted / mass.clamp_min(torch.finfo(torch.float64).tiny)
+    per_query = per_query * real.to(attn.device, torch.float64)[None, :, None, :]
+    return per_query.sum(dim=(0, 1, 3)), int(attn.shape[0] * int(real.sum()))
+
+
+def _uniform_in_window(info) -> float:
+    """Mean distance of uniform attention over one whole window of a layer (its grid where global), px."""
+    region = info["grid"] if isinstance(info["window"], str) else info["window"]
+    rows, cols = (torch.arange(int(n), dtype=torch.float64) + 0.5 for n in region)
+    centres = torch.stack(torch.meshgrid(rows * float(info["stride"][0]), cols * float(info["stride"][1]),
+                                         indexing="ij"), dim=-1).reshape(-1, 2)
+    return float((centres[:, None] - centres[None]).pow(2).sum(-1).sqrt().mean())
+
+
+def _int_if_whole(v):
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _windowed_attention_distance(model, data, *, device, progress, label, mode):
+    """Mean attention distance of a windowed backbone, every attention block a layer."""
+    from ..capture import capture_attention
+    from ..finite import require_finite
+    from ..intermediates import at_input_size
+    from ..progress import progress_bar
+
+    sums, counts, info = {}, {}, {}
+    num_images = 0
+    resized = {}
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        for images, _ in progress_bar(data, total=len(data), desc="attention distance", unit="batch",
+                                      disable=not progress, leave=False):
+            images = images.to(device)
+            size = tuple(images.shape[-2:])
+            if size not in resized:
+                work = at_input_size(model, size).eval()
+                resized[size] = (work, windowed_sites(work))
+            work, sites = resized[size]
+            state = {}
+
+            def seen(module, args, site):
+                state["layout"] = _site_layout(site, args[0], size)
+
+            def reduce(probs, state=state):
+                pos, _, _, to_windows = state["layout"]
+                return window_distance_sums(to_windows(probs), pos)
+
+            hooks = [s.block.register_forward_pre_hook(lambda m, a, s=s: seen(m, a, s)) for s in sites]
+            try:
+                layouts = {}
+
+                def keep(module, args, layer):
+                    layouts[layer] = state["layout"]
+
+                hooks += [s.attn.register_forward_pre_hook(lambda m, a, layer=i + 1: keep(m, a, layer))
+                          for i, s in enumerate(sites)]
+                with torch.no_grad(), capture_attention(work, reduce=reduce, mode=mode,
+                                                        blocks=[s.attn for s in sites]) as rec:
+                    work.forward_features(images) if hasattr(work, "forward_features") else work(images)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for layer, (total, count) in rec.attn.items():
+                sums[layer] = sums.get(layer, 0) + total.cpu()
+                counts[layer] = counts.get(layer, 0) + count
+                _, layer_info, stride, _ = layouts[layer]
+                info[layer] = {"block": sites[layer - 1].name, **layer_info,
+                               "stride": [_int_if_whole(stride[0]), _int_if_whole(stride[1])]}
+            num_images += images.shape[0]
+    finally:
+        model.train(was_training)
+    if not sums:
+        raise ValueError("no attention was recorded: nothing to summarise (no batch)")
+    means = {layer: sums[layer] / counts[layer] for layer in sorted(sums)}
+    require_finite(means, source=label or "model", what="the attention distance of layer ")
+    first = info[min(info)]
+    return AttentionDistanceResult({k: v.tolist() for k, v in means.items()}, first["stride"][0], first["grid"],
+                                   checkpoint=label, num_images=num_images, layers_info=info)
