@@ -72,9 +72,11 @@ def _timm(family, name, note="", pending="", no_attention="", img_size=64, narro
 _GRID_REFUSAL = "grid backbone"
 
 
-def _grid(family, name, note, factory="", **kw):
-    """A hierarchical or windowed backbone, read through ``forward_intermediates`` at 64 px."""
-    return Arch(family, "timm", name, kw, note, no_attention=_GRID_REFUSAL, factory=factory, input_size=64)
+def _grid(family, name, note, factory="", windowed=False, **kw):
+    """A hierarchical or windowed backbone, read through ``forward_intermediates`` at 64 px; ``windowed``:
+    its attention distance is measured within windows (:func:`asg_probe.attention_distance`), else refused."""
+    return Arch(family, "timm", name, kw, note, no_attention="" if windowed else _GRID_REFUSAL, factory=factory,
+                input_size=64)
 
 
 def _mvitv2_cfg():
@@ -117,14 +119,14 @@ ARCHITECTURES = [
           depth_token_only=1),
     _timm("XCiT", "xcit_tiny_12_p16_224", "attention over channels: no attention distance",
           no_attention="channels"),
-    _timm("SAM-ViT", "samvit_base_patch16", "NHWC tokens; windowed blocks: no whole-grid attention distance",
-          window_size=2, global_attn_indexes=(1,), neck_chans=16, no_attention="within windows"),
+    _timm("SAM-ViT", "samvit_base_patch16", "NHWC tokens; attention distance within 2x2 windows, global in block 2",
+          window_size=2, global_attn_indexes=(1,), neck_chans=16),
     _timm("ConViT", "convit_tiny", "class token joins after the GPSA blocks", local_up_to_layer=1,
           embed_dim=16, num_heads=4),  # ConViT's width is embed_dim x num_heads
-    _grid("Swin", "swin_tiny_patch4_window7_224", "windowed; grid backbone, 2 stages (strides 4, 8)",
-          img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
-    _grid("Swin V2", "swinv2_tiny_window8_256", "windowed; grid backbone, 2 stages (strides 4, 8)",
-          img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+    _grid("Swin", "swin_tiny_patch4_window7_224", "windowed (attention distance within windows); "
+          "grid backbone, 2 stages (strides 4, 8)", windowed=True, img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+    _grid("Swin V2", "swinv2_tiny_window8_256", "windowed (attention distance within windows); grid backbone, "
+          "2 stages (strides 4, 8)", windowed=True, img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
     _grid("Hiera", "hiera_tiny_224", "mask-unit attention; grid backbone, 4 stages (strides 4-32)",
           img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
     _grid("MViTv2", "mvitv2_tiny", "pooling attention; grid backbone, 4 stages (strides 4-32)",
@@ -134,7 +136,8 @@ ARCHITECTURES = [
     _grid("Twins-SVT", "twins_svt_small", "local + global sub-sampled attention; grid backbone, 4 stages",
           img_size=64, embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
           wss=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1)),
-    _grid("NesT", "nest_tiny", "nested blocks; grid backbone, 3 levels (strides 4-16)", factory="nest:Nest",
+    _grid("NesT", "nest_tiny", "nested blocks (attention distance within blocks); grid backbone, 3 levels "
+          "(strides 4-16)", factory="nest:Nest", windowed=True,
           img_size=64, embed_dims=(16, 32, 32), depths=(1, 1, 1), num_heads=(1, 2, 2)),
     _grid("VOLO", "volo_d1_224", "outlooker + transformer; grid backbone (strides 8, 16)", factory="volo:VOLO",
           img_size=64, layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2)),

@@ -503,7 +503,8 @@ def _refuse_unmapped(model):
     why = next((text for module, text in _UNMAPPED.items() if module in families),
                "a layout asg_probe does not know")
     raise InputError(f"{type(model).__name__} is a grid backbone whose attention ({why}) is not mapped to image "
-                     f"positions: mean attention distance is measured for ViTs and {', '.join(WINDOWED_FAMILIES)} "
+                     f"positions: mean attention distance is measured for ViTs, {', '.join(WINDOWED_FAMILIES[:-1])} and "
+                     f"{WINDOWED_FAMILIES[-1]} "
                      "(its coordinate probes work)")
 
 
