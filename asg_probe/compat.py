@@ -127,7 +127,8 @@ ARCHITECTURES = [
           "grid backbone, 2 stages (strides 4, 8)", windowed=True, img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
     _grid("Swin V2", "swinv2_tiny_window8_256", "windowed (attention distance within windows); grid backbone, "
           "2 stages (strides 4, 8)", windowed=True, img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
-    _grid("Hiera", "hiera_tiny_224", "mask-unit attention; grid backbone, 4 stages (strides 4-32)",
+    _grid("Hiera", "hiera_tiny_224", "mask-unit attention (attention distance within units, pooled queries at "
+          "their cell centres); grid backbone, 4 stages (strides 4-32)", windowed=True,
           img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
     _grid("MViTv2", "mvitv2_tiny", "pooling attention; grid backbone, 4 stages (strides 4-32)",
           factory="mvitv2:MultiScaleVit", img_size=64, cfg="mvitv2"),

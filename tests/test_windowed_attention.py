@@ -26,13 +26,17 @@ def _groups(size, window, shift=0):
     return [range(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
-def _uniform_reference(grid, stride, rows, cols):
-    """Mean distance (px) of uniform attention within ``rows x cols`` groups, averaged over queries."""
-    total = 0.0
-    for i, j in itertools.product(range(grid[0]), range(grid[1])):
-        keys = [(a, b) for r in rows if i in r for c in cols if j in c for a in r for b in c]
-        total += sum(math.hypot((a - i) * stride, (b - j) * stride) for a, b in keys) / len(keys)
-    return total / (grid[0] * grid[1])
+def _uniform_reference(grid, stride, rows, cols, pool=1):
+    """Mean distance (px) of uniform attention within ``rows x cols`` groups, averaged over queries.
+
+    ``pool``: queries pooled over ``pool x pool`` tokens (Hiera), each at its cell's centre.
+    """
+    total, side = 0.0, (grid[0] // pool, grid[1] // pool)
+    for i, j in itertools.product(range(side[0]), range(side[1])):
+        qi, qj = (i + 0.5) * pool, (j + 0.5) * pool   # in token units, token centres at k + 0.5
+        keys = [(a, b) for r in rows if i * pool in r for c in cols if j * pool in c for a in r for b in c]
+        total += sum(math.hypot((a + 0.5 - qi) * stride, (b + 0.5 - qj) * stride) for a, b in keys) / len(keys)
+    return total / (side[0] * side[1])
 
 
 def _uniform_attention(model):
@@ -121,6 +125,23 @@ def test_nest_blocks_give_the_analytic_uniform_distance_at_every_level():
                                                                                         [2, 2])
         want = _uniform_reference((side, side), stride, _groups(side, 2), _groups(side, 2))
         assert rows[layer]["heads_px"] == pytest.approx([want] * len(rows[layer]["heads_px"]), abs=1e-4)
+
+
+def test_hiera_mask_units_and_pooled_queries_give_the_analytic_uniform_distance():
+    """Hiera at 64 px: 16x16 tokens of 4 px in 8x8 mask units; blocks 2-4 pool queries 2x2 (cell centres)."""
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", img_size=64, embed_dim=8, num_heads=1, stages=(1, 1, 1, 1),
+                              num_classes=0).eval()
+    rows = _layers(asg_probe.attention_distance(_uniform_attention(model), torch.randn(2, 3, 64, 64),
+                                                progress=False))
+    assert [(r["grid"], r["stride"], r["window"], r["query_pool"]) for r in rows.values()] == [
+        ([16, 16], [4, 4], [8, 8], 1), ([16, 16], [4, 4], [8, 8], 4), ([8, 8], [8, 8], [4, 4], 4),
+        ([4, 4], [16, 16], "global", 4)]
+    cases = {1: ((16, 16), 4, _groups(16, 8), 1), 2: ((16, 16), 4, _groups(16, 8), 2),
+             3: ((8, 8), 8, _groups(8, 4), 2), 4: ((4, 4), 16, [range(4)], 2)}
+    for layer, (grid, stride, groups, pool) in cases.items():
+        want = _uniform_reference(grid, stride, groups, groups, pool)
+        assert rows[layer]["heads_px"] == pytest.approx([want] * len(rows[layer]["heads_px"]), abs=1e-4), layer
 
 
 def test_pooled_attention_is_refused_in_one_line_that_says_why():

@@ -444,11 +444,11 @@ _WINDOWED_BLOCKS = {
     ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): "swin",
     ("timm.models.vision_transformer_sam", "Block"): "sam",
     ("timm.models.nest", "NestLevel"): "nest",
+    ("timm.models.hiera", "HieraBlock"): "hiera",
 }
 
 #: grid backbones whose attention is not (yet) mapped to image positions, and why
 _UNMAPPED = {
-    "timm.models.hiera": "mask-unit attention over unrolled tokens with pooled queries",
     "timm.models.mvitv2": "pooling attention: queries and keys pooled",
     "timm.models.pvt_v2": "spatial-reduction attention: keys pooled",
     "timm.models.twins": "global blocks attend to sub-sampled keys",
@@ -458,7 +458,7 @@ _UNMAPPED = {
 }
 
 #: the families :func:`attention_distance` reads, for messages and README
-WINDOWED_FAMILIES = ("Swin", "Swin V2", "SAM-ViT", "NesT")
+WINDOWED_FAMILIES = ("Swin", "Swin V2", "SAM-ViT", "NesT", "Hiera")
 
 
 class _Site:
@@ -483,10 +483,16 @@ def windowed_sites(model):
     >>> [s.name for s in windowed_sites(m)]
     ['layers.0.blocks.0', 'layers.0.blocks.1', 'layers.1.blocks.0']
     """
-    sites = []
+    sites, pooled = [], []
     for name, module in model.named_modules():
         layout = _WINDOWED_BLOCKS.get((type(module).__module__, type(module).__name__))
-        if layout == "nest":
+        if layout == "hiera":
+            # Hiera's tokens are unrolled (model.unroll) and pooled in place: a block's token
+            # positions follow from the unroll and the query poolings of the blocks before it.
+            sites.append(_Site(name, module, module.attn, layout, level=(model, tuple(pooled))))
+            if module.attn.q_stride > 1:
+                pooled.append(int(module.attn.q_stride))
+        elif layout == "nest":
             for i, layer in enumerate(module.transformer_encoder):
                 sites.append(_Site(f"{name}.transformer_encoder.{i}", layer, layer.attn, layout, level=module))
         elif layout is not None:
@@ -529,6 +535,8 @@ def _site_layout(site, x, img_hw):
     """
     import sys
 
+    if site.layout == "hiera":
+        return _hiera_layout(site, x, img_hw)
     heads = int(site.attn.num_heads)
     if site.layout == "nest":
         _, t, n, _ = x.shape
@@ -567,16 +575,48 @@ def _site_layout(site, x, img_hw):
     return pos, info, stride, lambda a: a.reshape(-1, nw, heads, *a.shape[-2:])
 
 
-def window_distance_sums(attn, positions):
+def _hiera_layout(site, x, img_hw):
+    """Hiera: keys are the block's tokens in unrolled order, windows (mask units) interleaved
+    (token ``t`` is in unit ``t mod nW``), queries max-pooled over ``q_stride`` tokens in place."""
+    model, pooled = site.level
+    attn = site.attn
+    size = [int(v) for v in model.unroll.size]
+    stride = (img_hw[0] / size[0], img_hw[1] / size[1])
+    pos = model.unroll(_centres(size[0], size[1], stride, x.device).reshape(1, -1, 2))[0]   # (N0, 2)
+    for q_stride in pooled:   # the poolings before this block: each token is its cell's centre
+        pos = pos.view(q_stride, -1, 2).mean(0)
+    factor = math.isqrt(math.prod(pooled)) if pooled else 1
+    grid = [size[0] // factor, size[1] // factor]
+    stride = (stride[0] * factor, stride[1] * factor)
+    n, qs = pos.shape[0], int(attn.q_stride)
+    nw = n // (qs * int(attn.window_size)) if attn.use_mask_unit_attn else 1
+    keys = pos.view(-1, nw, 2).transpose(0, 1)                                  # (nW, L, 2)
+    queries = keys.reshape(nw, qs, -1, 2).mean(1) if qs > 1 else None           # pooled as the block pools q
+    extent = keys[0].amax(0) - keys[0].amin(0)
+    window = "global" if nw == 1 else [int(round(float(extent[0]) / stride[0])) + 1,
+                                       int(round(float(extent[1]) / stride[1])) + 1]
+    info = {"grid": grid, "window": window, "shift": [0, 0], "query_pool": qs, "_queries": queries}
+    heads = int(attn.heads)
+
+    def to_windows(a):
+        # (B, heads, nW, Lq, L) on the mask-unit path, (B, heads, Nq, N) on the global one
+        return a.permute(0, 2, 1, 3, 4) if a.ndim == 5 else a.reshape(-1, heads, *a.shape[-2:]).unsqueeze(1)
+
+    return keys, info, stride, to_windows
+
+
+def window_distance_sums(attn, positions, query_positions=None):
     """Per-head distance sums of one windowed attention map: ``(sum_per_head (H,), count)``.
 
     Parameters
     ----------
-    attn : tensor (B, nW, H, N, N)
+    attn : tensor (B, nW, H, Nq, N)
         Probabilities within each of ``nW`` windows, rows = queries.
     positions : tensor (nW, N, 2)
-        Image position (pixels) of each window's tokens; NaN for padding. Padded keys are
+        Image position (pixels) of each window's tokens (keys); NaN for padding. Padded keys are
         dropped and each query's weights renormalised; padded queries are not counted.
+    query_positions : tensor (nW, Nq, 2), optional
+        Where the queries are not the keys (Hiera's pooled queries: their pooling cell's centre).
 
     Returns
     -------
@@ -593,18 +633,22 @@ def window_distance_sums(attn, positions):
     >>> (total / count).tolist(), count   # each real query: (0 + 4) / 2
     ([2.0], 2)
     """
-    if attn.ndim != 5 or attn.shape[1] != positions.shape[0] or attn.shape[-1] != positions.shape[1]:
+    queries = positions if query_positions is None else query_positions
+    if (attn.ndim != 5 or attn.shape[1] != positions.shape[0] or attn.shape[-1] != positions.shape[1]
+            or attn.shape[-2] != queries.shape[1]):
         raise ValueError(f"attn {tuple(attn.shape)} does not match windows {tuple(positions.shape)}")
     work = torch.float64 if attn.dtype == torch.float64 else torch.float32
     real = ~torch.isnan(positions).any(-1)                                    # (nW, N)
-    p = positions.nan_to_num(0.0).to(device=attn.device, dtype=torch.float64)
-    dist = (p[:, :, None] - p[:, None, :]).pow(2).sum(-1).sqrt().to(work)     # (nW, N, N)
+    real_q = ~torch.isnan(queries).any(-1)                                    # (nW, Nq)
+    k = positions.nan_to_num(0.0).to(device=attn.device, dtype=torch.float64)
+    q = queries.nan_to_num(0.0).to(device=attn.device, dtype=torch.float64)
+    dist = (q[:, :, None] - k[:, None, :]).pow(2).sum(-1).sqrt().to(work)     # (nW, Nq, N)
     a = attn.to(work) * real.to(attn.device, work)[None, :, None, None, :]
     weighted = torch.einsum("bwhij,wij->bwhi", a, dist).double()
     mass = a.sum(-1).double()
     per_query = weighted / mass.clamp_min(torch.finfo(torch.float64).tiny)
-    per_query = per_query * real.to(attn.device, torch.float64)[None, :, None, :]
-    return per_query.sum(dim=(0, 1, 3)), int(attn.shape[0] * int(real.sum()))
+    per_query = per_query * real_q.to(attn.device, torch.float64)[None, :, None, :]
+    return per_query.sum(dim=(0, 1, 3)), int(attn.shape[0] * int(real_q.sum()))
 
 
 def _uniform_in_window(info) -> float:
@@ -647,8 +691,8 @@ def _windowed_attention_distance(model, data, *, device, progress, label, mode):
                 state["layout"] = _site_layout(site, args[0], size)
 
             def reduce(probs, state=state):
-                pos, _, _, to_windows = state["layout"]
-                return window_distance_sums(to_windows(probs), pos)
+                pos, info, _, to_windows = state["layout"]
+                return window_distance_sums(to_windows(probs), pos, info.get("_queries"))
 
             hooks = [s.block.register_forward_pre_hook(lambda m, a, s=s: seen(m, a, s)) for s in sites]
             try:
@@ -669,7 +713,8 @@ def _windowed_attention_distance(model, data, *, device, progress, label, mode):
                 sums[layer] = sums.get(layer, 0) + total.cpu()
                 counts[layer] = counts.get(layer, 0) + count
                 _, layer_info, stride, _ = layouts[layer]
-                info[layer] = {"block": sites[layer - 1].name, **layer_info,
+                public = {k: v for k, v in layer_info.items() if not k.startswith("_")}  # not the tensors
+                info[layer] = {"block": sites[layer - 1].name, **public,
                                "stride": [_int_if_whole(stride[0]), _int_if_whole(stride[1])]}
             num_images += images.shape[0]
     finally:
