@@ -74,8 +74,8 @@ def test_swin_uniform_attention_gives_the_analytic_distance_within_windows_and_s
     assert shifted < plain - 1  # the mask's regions are smaller than a window: the cases differ
     for layer, want in ((1, plain), (2, shifted), (3, stage2)):
         assert rows[layer]["heads_px"] == pytest.approx([want] * len(rows[layer]["heads_px"]), abs=1e-4)
-    # the stated baseline is uniform attention over one whole window of the layer
-    assert rows[1]["uniform_px"] == pytest.approx(plain) and rows[3]["uniform_px"] == pytest.approx(stage2)
+        # the stated baseline is uniform attention over what each query may see (the shift mask's region)
+        assert rows[layer]["uniform_px"] == pytest.approx(want, abs=1e-4)
     assert rows[1]["heads_grid"][0] == pytest.approx(plain / 4) and rows[3]["heads_grid"][0] == pytest.approx(stage2 / 4)
 
 
@@ -108,7 +108,7 @@ def test_sam_vit_windowed_and_global_blocks_give_the_analytic_uniform_distance(i
     whole = _uniform_reference((side, side), 16, [range(side)], [range(side)])
     assert rows[1]["heads_px"] == pytest.approx([windowed] * 2, abs=1e-4)
     assert rows[2]["heads_px"] == pytest.approx([whole] * 2, abs=1e-4)
-    assert rows[2]["uniform_px"] == pytest.approx(whole)
+    assert (rows[1]["uniform_px"], rows[2]["uniform_px"]) == pytest.approx((windowed, whole), abs=1e-4)
 
 
 def test_nest_blocks_give_the_analytic_uniform_distance_at_every_level():
@@ -125,6 +125,7 @@ def test_nest_blocks_give_the_analytic_uniform_distance_at_every_level():
                                                                                         [2, 2])
         want = _uniform_reference((side, side), stride, _groups(side, 2), _groups(side, 2))
         assert rows[layer]["heads_px"] == pytest.approx([want] * len(rows[layer]["heads_px"]), abs=1e-4)
+        assert rows[layer]["uniform_px"] == pytest.approx(want, abs=1e-4)
 
 
 def test_hiera_mask_units_and_pooled_queries_give_the_analytic_uniform_distance():
@@ -142,6 +143,7 @@ def test_hiera_mask_units_and_pooled_queries_give_the_analytic_uniform_distance(
     for layer, (grid, stride, groups, pool) in cases.items():
         want = _uniform_reference(grid, stride, groups, groups, pool)
         assert rows[layer]["heads_px"] == pytest.approx([want] * len(rows[layer]["heads_px"]), abs=1e-4), layer
+        assert rows[layer]["uniform_px"] == pytest.approx(want, abs=1e-4), layer
 
 
 def test_pooled_attention_is_refused_in_one_line_that_says_why():

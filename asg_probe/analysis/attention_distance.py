@@ -12,6 +12,11 @@ count, so batches, input files and torchrun processes combine by addition.
 
 Check: uniform attention over a ``g × g`` grid gives the grid's mean pairwise
 distance × patch size, 116.5 px for 14 × 14 patches of 16 px.
+
+Windowed and hierarchical backbones (Swin, Swin V2, SAM-ViT, NesT, Hiera) are measured
+block by block within each window (see :func:`attention_distance`), in pixels like a
+ViT, so that layers of different stride compare; each layer states its window (or
+``"global"``), grid and stride.
 """
 from __future__ import annotations
 
@@ -267,9 +272,10 @@ class AttentionDistanceResult(AnalysisResult):
         (Swin). ``patch_size`` and ``grid`` are then the first layer's, so ``heads_grid``
         is in units of the first layer's tokens (input patches) at every layer.
     uniform_by_layer : dict
-        ``{layer: px}``: uniform attention over one whole window of that layer (over its
-        grid where global); ``uniform_px`` is the last layer's. A shifted Swin window split
-        by its mask, or a window cut by padding, reaches less.
+        ``{layer: px}``: what uniform attention reaches in that layer, each query spread evenly
+        over the keys it may see (its window or the grid, within its region of Swin's shift
+        mask, without padding; ``layers_info[layer]["uniform_px"]`` where given, else one whole
+        window); ``uniform_px`` is the last layer's.
 
     Examples
     --------
@@ -295,7 +301,8 @@ class AttentionDistanceResult(AnalysisResult):
             self.uniform_px = uniform_distance(self.grid, self.patch_size)
             self.uniform_by_layer = {layer: self.uniform_px for layer in self.heads_px}
         else:
-            self.uniform_by_layer = {layer: _uniform_in_window(info) for layer, info in self.layers_info.items()}
+            self.uniform_by_layer = {layer: float(info["uniform_px"]) if "uniform_px" in info else
+                                     _uniform_in_window(info) for layer, info in self.layers_info.items()}
             self.uniform_px = self.uniform_by_layer[max(self.uniform_by_layer)]
 
     def to_dict(self):
@@ -373,14 +380,22 @@ class AttentionDistanceResult(AnalysisResult):
 
 def attention_distance(model, images=None, *, num_images=64, img_size=None, batch_size=32, device="cpu",
                        seed=0, progress=True, label="", checkpoint=None, mode="auto") -> AttentionDistanceResult:
-    """Mean attention distance per head and layer of any timm-style ViT.
+    """Mean attention distance per head and layer of any timm-style ViT, or within the windows of a
+    windowed backbone.
 
     Parameters
     ----------
     model : nn.Module
         timm ``VisionTransformer``, ``Eva`` or asg_probe ``SpatialViT``; fused
-        attention is fine. It is put in eval mode for the run (its mode is restored)
-        and moved to ``device``.
+        attention is fine. Or a windowed backbone: timm Swin, Swin V2, NesT, Hiera, or a
+        SAM-ViT with windowed blocks. There layer ``i`` is the ``i``-th attention block in
+        forward order over all stages; distances are between the true image positions (px)
+        of query and key tokens within each window (Swin: after its cyclic shift, the pairs
+        its mask separates carrying no weight; padding left out; Hiera: pooled queries at
+        their cell's centre), and :attr:`AttentionDistanceResult.layers_info` states each
+        layer's block, window (or ``"global"``), grid and stride. Pooled-key backbones
+        (MViTv2, PVTv2, Twins, ...) are refused in one line. The model is put in eval mode
+        for the run (its mode is restored) and moved to ``device``.
     images : None, str, Path, ImageSet or tensor
         See :meth:`asg_probe.inputs.ImageBatches.prepare`: default the embedded
         photographs (``num_images``, ``img_size``, ``seed`` choose them), a folder,
@@ -401,6 +416,11 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
     >>> res = attention_distance(m, torch.randn(2, 3, 32, 32), progress=False)
     >>> [row["layer"] for row in res.to_dict()["layers"]], len(res.to_dict()["layers"][0]["heads_px"])
     ([1, 2], 3)
+    >>> swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(2,),
+    ...                          num_heads=(1,), window_size=4)
+    >>> rows = attention_distance(swin, torch.randn(2, 3, 32, 32), progress=False).to_dict()["layers"]
+    >>> [(r["window"], r["shift"], r["stride"]) for r in rows]
+    [([4, 4], [0, 0], [4, 4]), ([4, 4], [2, 2], [4, 4])]
     """
     from ..errors import UsageError
     from ..extract import run_analyses
@@ -569,8 +589,14 @@ def _site_layout(site, x, img_hw):
     if any(shift):
         grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(0, 1))
     partition = sys.modules[type(site.block).__module__].window_partition
-    pos = partition(_nan_pad(grid, window)[None], window).flatten(1, 2)
+    padded = _nan_pad(grid, window)
+    pos = partition(padded[None], window).flatten(1, 2)
     info = {"grid": [h, w], "window": list(window), "shift": list(shift)}
+    # the pairs the block's shift mask lets attend (0 in the mask, -100 elsewhere), for the baseline
+    mask = (site.block.get_attn_mask(padded.new_zeros(1, *padded.shape[:2], 1))
+            if getattr(site.block, "dynamic_mask", False) else getattr(site.block, "attn_mask", None))
+    if mask is not None:
+        info["_allowed"] = mask.to(pos.device) == 0
     nw = pos.shape[0]
     return pos, info, stride, lambda a: a.reshape(-1, nw, heads, *a.shape[-2:])
 
@@ -660,6 +686,19 @@ def _uniform_in_window(info) -> float:
     return float((centres[:, None] - centres[None]).pow(2).sum(-1).sqrt().mean())
 
 
+def _uniform_baseline(keys, info) -> float:
+    """What uniform attention reaches in this layer's own layout, px: each query spread evenly over
+    the keys it may see (its window without padding, within its region of Swin's shift mask), from
+    where it is (Hiera's pooled queries at their cell centres)."""
+    queries = info.get("_queries")
+    nq = keys.shape[1] if queries is None else queries.shape[1]
+    allowed = info.get("_allowed")
+    uniform = (torch.ones(keys.shape[0], nq, keys.shape[1], device=keys.device) if allowed is None
+               else allowed.float().expand(keys.shape[0], nq, keys.shape[1]))
+    total, count = window_distance_sums(uniform[None, :, None], keys, queries)
+    return float(total[0]) / count
+
+
 def _int_if_whole(v):
     return int(v) if float(v).is_integer() else float(v)
 
@@ -712,10 +751,11 @@ def _windowed_attention_distance(model, data, *, device, progress, label, mode):
             for layer, (total, count) in rec.attn.items():
                 sums[layer] = sums.get(layer, 0) + total.cpu()
                 counts[layer] = counts.get(layer, 0) + count
-                _, layer_info, stride, _ = layouts[layer]
+                pos, layer_info, stride, _ = layouts[layer]
                 public = {k: v for k, v in layer_info.items() if not k.startswith("_")}  # not the tensors
                 info[layer] = {"block": sites[layer - 1].name, **public,
-                               "stride": [_int_if_whole(stride[0]), _int_if_whole(stride[1])]}
+                               "stride": [_int_if_whole(stride[0]), _int_if_whole(stride[1])],
+                               "uniform_px": _uniform_baseline(pos, layer_info)}
             num_images += images.shape[0]
     finally:
         model.train(was_training)
