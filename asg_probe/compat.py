@@ -132,9 +132,11 @@ ARCHITECTURES = [
           img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
     _grid("MViTv2", "mvitv2_tiny", "pooling attention; grid backbone, 4 stages (strides 4-32)",
           factory="mvitv2:MultiScaleVit", img_size=64, cfg="mvitv2"),
-    _grid("PVTv2", "pvt_v2_b0", "spatial-reduction attention; grid backbone, 4 stages (strides 4-32)",
+    _grid("PVTv2", "pvt_v2_b0", "spatial-reduction attention (attention distance to pooled keys at their cell "
+          "centres); grid backbone, 4 stages (strides 4-32)", windowed=True,
           embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2)),
-    _grid("Twins-SVT", "twins_svt_small", "local + global sub-sampled attention; grid backbone, 4 stages",
+    _grid("Twins-SVT", "twins_svt_small", "local + global sub-sampled attention (attention distance within "
+          "windows / to pooled keys at their cell centres); grid backbone, 4 stages", windowed=True,
           img_size=64, embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
           wss=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1)),
     _grid("NesT", "nest_tiny", "nested blocks (attention distance within blocks); grid backbone, 3 levels "

@@ -146,10 +146,56 @@ def test_hiera_mask_units_and_pooled_queries_give_the_analytic_uniform_distance(
         assert rows[layer]["uniform_px"] == pytest.approx(want, abs=1e-4), layer
 
 
-def test_pooled_attention_is_refused_in_one_line_that_says_why():
+def _pooled_keys_reference(side, stride, sr):
+    """Uniform attention from every token of a ``side x side`` grid to keys pooled over ``sr x sr``
+    cells (a strided convolution), each key at its cell's centre; px."""
+    cells = side // sr
+    keys = [((a + 0.5) * sr * stride, (b + 0.5) * sr * stride) for a in range(cells) for b in range(cells)]
+    total = sum(math.hypot(ky - (i + 0.5) * stride, kx - (j + 0.5) * stride) / len(keys)
+                for i in range(side) for j in range(side) for ky, kx in keys)
+    return total / side ** 2
+
+
+def test_pvt_v2_spatial_reduction_keys_at_their_cell_centres_give_the_analytic_uniform_distance():
+    """PVTv2 at 64 px: grids 16, 8, 4, 2 (strides 4-32), keys pooled 8x8, 4x4, 2x2, 1x1."""
+    torch.manual_seed(0)
     model = timm.create_model("pvt_v2_b0", embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                              num_classes=0)
-    with pytest.raises(InputError, match="keys pooled") as err:
+                              num_classes=0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.q.weight", "attn.q.bias")):
+                p.zero_()
+    rows = _layers(asg_probe.attention_distance(model, torch.randn(2, 3, 64, 64), progress=False))
+    for layer, (side, stride, sr) in enumerate([(16, 4, 8), (8, 8, 4), (4, 16, 2), (2, 32, 1)], start=1):
+        assert (rows[layer]["window"], rows[layer]["key_grid"]) == ("global", [side // sr] * 2)
+        want = _pooled_keys_reference(side, stride, sr)
+        assert rows[layer]["heads_px"] == pytest.approx([want], abs=1e-4), layer
+        assert rows[layer]["uniform_px"] == pytest.approx(want, abs=1e-4), layer
+
+
+def test_twins_local_windows_with_padding_and_global_subsampled_keys():
+    """Twins-SVT at 64 px, stage 1 (16x16 tokens of 4 px): 3x3 windows (padded to 18x18), then keys pooled 8x8."""
+    torch.manual_seed(0)
+    model = timm.create_model("twins_svt_small", img_size=64, embed_dims=(8, 8, 8, 8), depths=(2, 1, 1, 1),
+                              num_heads=(1, 1, 1, 1), wss=(3, 3, 3, 3), sr_ratios=(8, 4, 2, 1),
+                              num_classes=0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.q.weight", "attn.q.bias", "attn.qkv.weight", "attn.qkv.bias")):
+                p.zero_()
+    rows = _layers(asg_probe.attention_distance(model, torch.randn(2, 3, 64, 64), progress=False))
+    assert (rows[1]["window"], rows[2]["window"], rows[2]["key_grid"]) == ([3, 3], "global", [2, 2])
+    local = _uniform_reference((16, 16), 4, _groups(16, 3), _groups(16, 3))
+    assert rows[1]["heads_px"] == pytest.approx([local], abs=1e-4)
+    assert rows[2]["heads_px"] == pytest.approx([_pooled_keys_reference(16, 4, 8)], abs=1e-4)
+
+
+def test_pooled_attention_is_refused_in_one_line_that_says_why():
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    model = MultiScaleVit(MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=8, num_heads=1), img_size=64,
+                          num_classes=0)
+    with pytest.raises(InputError, match="queries and keys pooled") as err:
         asg_probe.attention_distance(model, torch.randn(1, 3, 64, 64), progress=False)
     assert "\n" not in str(err.value) and "Swin" in str(err.value)
 

@@ -13,7 +13,7 @@ count, so batches, input files and torchrun processes combine by addition.
 Check: uniform attention over a ``g × g`` grid gives the grid's mean pairwise
 distance × patch size, 116.5 px for 14 × 14 patches of 16 px.
 
-Windowed and hierarchical backbones (Swin, Swin V2, SAM-ViT, NesT, Hiera) are measured
+Windowed and hierarchical backbones (Swin, Swin V2, SAM-ViT, NesT, Hiera, Twins, PVTv2) are measured
 block by block within each window (see :func:`attention_distance`), in pixels like a
 ViT, so that layers of different stride compare; each layer states its window (or
 ``"global"``), grid and stride.
@@ -393,8 +393,9 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
         of query and key tokens within each window (Swin: after its cyclic shift, the pairs
         its mask separates carrying no weight; padding left out; Hiera: pooled queries at
         their cell's centre), and :attr:`AttentionDistanceResult.layers_info` states each
-        layer's block, window (or ``"global"``), grid and stride. Pooled-key backbones
-        (MViTv2, PVTv2, Twins, ...) are refused in one line. The model is put in eval mode
+        layer's block, window (or ``"global"``), grid and stride. Twins and PVTv2 too:
+        windows, or keys pooled by the module, each key at its pooled cell's centre
+        (``key_grid``). MViTv2, VOLO, CoaT and MCi are refused in one line. The model is put in eval mode
         for the run (its mode is restored) and moved to ``device``.
     images : None, str, Path, ImageSet or tensor
         See :meth:`asg_probe.inputs.ImageBatches.prepare`: default the embedded
@@ -451,8 +452,8 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
 
 # --------------------------------------------------------------------------- windowed and hierarchical backbones
 #
-# Swin, Swin V2, SAM-ViT and NesT attend within windows (and Swin/NesT over grids that
-# shrink from stage to stage). Each of their attention layers is read where it runs: the
+# Swin, Swin V2, SAM-ViT, NesT, Hiera and Twins attend within windows, PVTv2 and Twins to
+# pooled keys, over grids that shrink from stage to stage. Each of their attention layers is read where it runs: the
 # probabilities come from capture_attention (SDPA interception or attn_drop, as for a ViT),
 # and the image position of every query and key comes from running the block's own window
 # partition (timm's functions) on a map of pixel centres. Distances are therefore true
@@ -465,20 +466,21 @@ _WINDOWED_BLOCKS = {
     ("timm.models.vision_transformer_sam", "Block"): "sam",
     ("timm.models.nest", "NestLevel"): "nest",
     ("timm.models.hiera", "HieraBlock"): "hiera",
+    ("timm.models.twins", "LocallyGroupedAttn"): "twins_local",
+    ("timm.models.twins", "GlobalSubSampleAttn"): "subsampled",
+    ("timm.models.pvt_v2", "Attention"): "subsampled",
 }
 
 #: grid backbones whose attention is not (yet) mapped to image positions, and why
 _UNMAPPED = {
     "timm.models.mvitv2": "pooling attention: queries and keys pooled",
-    "timm.models.pvt_v2": "spatial-reduction attention: keys pooled",
-    "timm.models.twins": "global blocks attend to sub-sampled keys",
     "timm.models.volo": "outlook attention, not query-key attention",
     "timm.models.coat": "factorised attention over channels",
     "timm.models.fastvit": "convolutional token mixing",
 }
 
 #: the families :func:`attention_distance` reads, for messages and README
-WINDOWED_FAMILIES = ("Swin", "Swin V2", "SAM-ViT", "NesT", "Hiera")
+WINDOWED_FAMILIES = ("Swin", "Swin V2", "SAM-ViT", "NesT", "Hiera", "Twins", "PVTv2")
 
 
 class _Site:
@@ -515,6 +517,8 @@ def windowed_sites(model):
         elif layout == "nest":
             for i, layer in enumerate(module.transformer_encoder):
                 sites.append(_Site(f"{name}.transformer_encoder.{i}", layer, layer.attn, layout, level=module))
+        elif layout in ("twins_local", "subsampled"):   # the attention module is the block: (x, size) in
+            sites.append(_Site(name, module, module, layout))
         elif layout is not None:
             sites.append(_Site(name, module, module.attn, layout))
     if sites and all(s.layout == "sam" and not s.block.window_size for s in sites):
@@ -557,6 +561,8 @@ def _site_layout(site, x, img_hw):
 
     if site.layout == "hiera":
         return _hiera_layout(site, x, img_hw)
+    if site.layout in ("twins_local", "subsampled"):
+        return _token_size_layout(site, x, img_hw)
     heads = int(site.attn.num_heads)
     if site.layout == "nest":
         _, t, n, _ = x.shape
@@ -599,6 +605,37 @@ def _site_layout(site, x, img_hw):
         info["_allowed"] = mask.to(pos.device) == 0
     nw = pos.shape[0]
     return pos, info, stride, lambda a: a.reshape(-1, nw, heads, *a.shape[-2:])
+
+
+def _token_size_layout(site, x, img_hw):
+    """Twins and PVTv2: attention modules called as ``attn(x (B, N, C), (H, W))``.
+
+    ``twins_local``: windows of ``ws × ws`` tokens, zero-padded (padding left out).
+    ``subsampled``: every query attends to keys pooled by the module (a strided convolution
+    ``sr``, or PVTv2-li's adaptive average pool): each key sits at the centre of the cell it
+    pools, obtained by pooling the map of token centres the same way.
+    """
+    h, w = (int(v) for v in x[1])
+    stride = (img_hw[0] / h, img_hw[1] / w)
+    grid = _centres(h, w, stride, x[0].device)
+    heads = int(site.attn.num_heads)
+    if site.layout == "twins_local":
+        ws = int(site.attn.ws)
+        padded = _nan_pad(grid, (ws, ws))
+        hp, wp = padded.shape[0] // ws, padded.shape[1] // ws
+        pos = padded.reshape(hp, ws, wp, ws, 2).transpose(1, 2).reshape(hp * wp, ws * ws, 2)   # Twins' own order
+        info = {"grid": [h, w], "window": [ws, ws], "shift": [0, 0]}
+        return pos, info, stride, lambda a: a                                  # already (B, nW, H, N, N)
+    cells = grid.permute(2, 0, 1)[None]                                        # (1, 2, h, w)
+    pool, sr = getattr(site.attn, "pool", None), getattr(site.attn, "sr", None)
+    if pool is not None:
+        cells = pool(cells)
+    if isinstance(sr, torch.nn.Conv2d) and sr.kernel_size != (1, 1):
+        cells = torch.nn.functional.avg_pool2d(cells, sr.kernel_size, sr.stride, sr.padding)
+    keys = cells[0].flatten(1).t()[None]                                       # (1, Nk, 2)
+    info = {"grid": [h, w], "window": "global", "shift": [0, 0], "key_grid": list(cells.shape[-2:]),
+            "_queries": grid.reshape(1, h * w, 2)}
+    return keys, info, stride, lambda a: a.reshape(-1, 1, heads, *a.shape[-2:])
 
 
 def _hiera_layout(site, x, img_hw):
@@ -727,7 +764,8 @@ def _windowed_attention_distance(model, data, *, device, progress, label, mode):
             state = {}
 
             def seen(module, args, site):
-                state["layout"] = _site_layout(site, args[0], size)
+                state["layout"] = _site_layout(site, args if site.layout in ("twins_local", "subsampled") else args[0],
+                                                size)
 
             def reduce(probs, state=state):
                 pos, info, _, to_windows = state["layout"]
@@ -759,6 +797,18 @@ def _windowed_attention_distance(model, data, *, device, progress, label, mode):
             num_images += images.shape[0]
     finally:
         model.train(was_training)
+    # under torchrun each process saw its share of the images: sum over all of them
+    from ..distributed import all_gather_object
+
+    parts = all_gather_object(({k: v.tolist() for k, v in sums.items()}, counts, info, num_images))
+    if len(parts) > 1:
+        sums, counts, num_images = {}, {}, 0
+        for part_sums, part_counts, part_info, part_images in parts:
+            info.update(part_info)
+            num_images += part_images
+            for layer, values in part_sums.items():
+                sums[layer] = sums.get(layer, 0) + torch.tensor(values, dtype=torch.float64)
+                counts[layer] = counts.get(layer, 0) + part_counts[layer]
     if not sums:
         raise ValueError("no attention was recorded: nothing to summarise (no batch)")
     means = {layer: sums[layer] / counts[layer] for layer in sorted(sums)}
