@@ -124,9 +124,11 @@ ARCHITECTURES = [
     _timm("ConViT", "convit_tiny", "class token joins after the GPSA blocks", local_up_to_layer=1,
           embed_dim=16, num_heads=4),  # ConViT's width is embed_dim x num_heads
     _grid("Swin", "swin_tiny_patch4_window7_224", "windowed (attention distance within windows); "
-          "grid backbone, 2 stages (strides 4, 8)", windowed=True, img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+          "grid backbone, 2 stages (strides 4, 8)", windowed=True,
+          img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
     _grid("Swin V2", "swinv2_tiny_window8_256", "windowed (attention distance within windows); grid backbone, "
-          "2 stages (strides 4, 8)", windowed=True, img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+          "2 stages (strides 4, 8)", windowed=True,
+          img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
     _grid("Hiera", "hiera_tiny_224", "mask-unit attention (attention distance within units, pooled queries at "
           "their cell centres); grid backbone, 4 stages (strides 4-32)", windowed=True,
           img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),

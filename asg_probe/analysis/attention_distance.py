@@ -453,10 +453,11 @@ def attention_distance(model, images=None, *, num_images=64, img_size=None, batc
 # --------------------------------------------------------------------------- windowed and hierarchical backbones
 #
 # Swin, Swin V2, SAM-ViT, NesT, Hiera and Twins attend within windows, PVTv2 and Twins to
-# pooled keys, over grids that shrink from stage to stage. Each of their attention layers is read where it runs: the
-# probabilities come from capture_attention (SDPA interception or attn_drop, as for a ViT),
-# and the image position of every query and key comes from running the block's own window
-# partition (timm's functions) on a map of pixel centres. Distances are therefore true
+# pooled keys, over grids that shrink from stage to stage. Each of their attention layers is
+# read where it runs: the probabilities come from capture_attention (SDPA interception or
+# attn_drop, as for a ViT), and the image position of every query and key comes from running
+# the block's own window partition, unroll or pooling (timm's functions and modules) on a map
+# of pixel centres. Distances are therefore true
 # image distances in pixels, comparable across stages of different stride and with a ViT.
 
 #: timm blocks whose window layout asg_probe reads: (module, class) -> layout
@@ -532,10 +533,10 @@ def _refuse_unmapped(model):
     families = {type(m).__module__ for m in model.modules()}
     why = next((text for module, text in _UNMAPPED.items() if module in families),
                "a layout asg_probe does not know")
+    families = ", ".join(WINDOWED_FAMILIES[:-1])
     raise InputError(f"{type(model).__name__} is a grid backbone whose attention ({why}) is not mapped to image "
-                     f"positions: mean attention distance is measured for ViTs, {', '.join(WINDOWED_FAMILIES[:-1])} and "
-                     f"{WINDOWED_FAMILIES[-1]} "
-                     "(its coordinate probes work)")
+                     f"positions: mean attention distance is measured for ViTs, {families} and "
+                     f"{WINDOWED_FAMILIES[-1]} (its coordinate probes work)")
 
 
 def _centres(h, w, stride, device):
@@ -553,9 +554,11 @@ def _nan_pad(grid, window):
 
 
 def _site_layout(site, x, img_hw):
-    """``(positions (nW, N, 2), info, to_windows)`` of one block from its input ``x``.
+    """``(key positions (nW, N, 2), info, stride (sy, sx), to_windows)`` of one block from its input ``x``.
 
-    ``to_windows`` turns the recorded probabilities into ``(B, nW, heads, N, N)``.
+    ``to_windows`` turns the recorded probabilities into ``(B, nW, heads, Nq, N)``; ``info``
+    is what the result states, plus private ``_queries`` (query positions where they are not
+    the keys) and ``_allowed`` (Swin's shift mask) for the baseline.
     """
     import sys
 
@@ -810,7 +813,8 @@ def _windowed_attention_distance(model, data, *, device, progress, label, mode):
                 sums[layer] = sums.get(layer, 0) + torch.tensor(values, dtype=torch.float64)
                 counts[layer] = counts.get(layer, 0) + part_counts[layer]
     if not sums:
-        raise ValueError("no attention was recorded: nothing to summarise (no batch)")
+        raise ValueError(f"no attention was recorded: no batch, or mode={mode!r} reads none of "
+                         f"{type(model).__name__}'s attention modules; use mode='auto'")
     means = {layer: sums[layer] / counts[layer] for layer in sorted(sums)}
     require_finite(means, source=label or "model", what="the attention distance of layer ")
     first = info[min(info)]
