@@ -22,7 +22,7 @@ from asg_probe.geometry import model_geometry
 
 FAMILIES = ["Swin", "Swin V2", "Hiera", "MViTv2", "PVTv2", "Twins-SVT", "NesT", "VOLO", "CoaT-Lite",
             "MCi (FastViT)", "SAM-ViT", "ConViT"]
-SIZE, NUM_IMAGES, NOISE = 64, 8, 0.3
+SIZE, NUM_IMAGES, NOISE = 64, 6, 0.3
 
 
 def ramp_images(axis, seed=0):
