@@ -11,7 +11,7 @@ stride swaps, mixes or scrambles the two, which a shape check does not see.
 Absolute position tables are zeroed first: a random table tells the cells apart whatever the
 image shows, so a probe would read the column from it; this test is about where the image's own
 position lands. Zero padding in convolutions still marks the border cells (VOLO's conv stem the
-most: column R² 0.19 on a row ramp), hence the noise (0.3 per pixel), which keeps that below 0.3.
+most: column R² about 0.2 on a row ramp), hence the noise (0.3 per pixel), which keeps that below 0.3.
 """
 import pytest
 import torch
