@@ -163,6 +163,10 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
     entry point (``images``, ``num_images``, ``img_size``, ``batch_size``, ``seed``,
     ``device``, ``progress``). ``init_baseline`` adds the layerwise random-initialisation
     baseline (``r2_init``, ``r2_gain``: :func:`~asg_probe.layerwise_probes`), three more forward passes.
+
+    A grid backbone (:mod:`asg_probe.intermediates`: hierarchical or windowed, each stage on its
+    own grid) gets the layerwise probes and their baseline only; what is left out, and why
+    (:data:`GRID_BACKBONE_NOT_RUN`), is in its layerwise result's ``extra["not_run"]`` and on the page.
     """
     from .analysis.attention_distance import AttentionDistanceAccumulator
     from .analysis.embeddings import EmbeddingsAccumulator
@@ -178,12 +182,15 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
                                 batch_size=batch_size, seed=seed)
     geo = model_geometry(model)
     patch, prefix, depth = geo.patch_size, geo.num_prefix_tokens, geo.depth
+    # a grid backbone (each stage on its own grid) gets the layerwise probes only: GRID_BACKBONE_NOT_RUN
+    grid_backbone = geo.kind != "vit"
     layerwise = LayerwiseAccumulator()
     embeddings = EmbeddingsAccumulator(layers=sorted({0, depth // 2, depth}), seed=seed)
     shuffled = ShuffleAccumulator(shuffle_seed=seed)
-    accumulators = [layerwise, embeddings, shuffled]
+    accumulators = [layerwise] if grid_backbone else [layerwise, embeddings, shuffled]
     attention = offsets = None
-    if geo.token_attention:  # attention over channels (XCiT) has no distance between patches: left out
+    # attention over channels (XCiT) has no distance between patches: left out
+    if geo.token_attention and not grid_backbone:
         from .analysis.attention_offsets import AttentionOffsetsAccumulator
 
         attention = AttentionDistanceAccumulator(patch_size=patch, num_prefix_tokens=prefix)
@@ -198,6 +205,10 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
         results["layerwise"].add_init_baseline(init_baseline_probes(model, data, seeds, layers=sorted(layerwise.probes),
                                                                     device=device, progress=progress))
         results["layerwise"].extra["init_seeds"] = seeds
+    if grid_backbone:
+        results["layerwise"].extra["not_run"] = dict(GRID_BACKBONE_NOT_RUN)
+        results["layerwise"].record_inputs(data, device=device)
+        return results
     if attention is not None:
         results["attention_distance"] = attention.result(label)
         results["attention_offsets"] = offsets.result(label)
@@ -216,6 +227,22 @@ def analyse_model(model, label, images=None, *, num_images=64, img_size=None, ba
         results["resolution"] = resolution_transfer(model, images, num_images=num_images, batch_size=batch_size,
                                                     seed=seed, device=device, progress=progress, label=label)
     return results
+
+
+#: What a report leaves out for a grid backbone (:mod:`asg_probe.intermediates`), and why.
+GRID_BACKBONE_NOT_RUN = {
+    "attention_distance": "its attention maps are not read in the report's shared pass (windowed, pooled or "
+                          "convolutional stages); `asg-probe attention-distance` measures it per window for Swin, "
+                          "Swin V2, NesT, Hiera, Twins, PVTv2 and SAM-ViT",
+    "attention_offsets": "needs attention logits over one token grid; a grid backbone's stages are windowed, "
+                         "pooled or convolutional",
+    "embeddings": "the UMAP compares layers on one token grid; a grid backbone's stages each have their own",
+    "shuffle_test": "shuffles non-overlapping patches, which a grid backbone's overlapping, windowed or pooled "
+                    "stages do not keep apart",
+    "equivariance": "permutes non-overlapping patches at every block, which a grid backbone does not keep apart",
+    "pos_similarity": "compares the rows of a plain ViT's position table",
+    "resolution": "fits probes at one size and reads other sizes through layer 0, which a grid backbone lacks",
+}
 
 
 SECTIONS = [
@@ -580,6 +607,17 @@ def build_report(models, out_dir, images=None, *, num_images=64, img_size=None, 
             key_text = f" Lines drawn: {html.escape(lines)}." if lines else ""
             section(key.replace("_", "-"), title,
                     f"<p class='cap'>{caption}{key_text}</p><div class='row'>{''.join(cells)}</div>{note}")
+    not_run = {n: all_results[n]["layerwise"].extra.get("not_run") for n in names}
+    not_run = {n: reasons for n, reasons in not_run.items() if reasons}
+    if not_run:
+        titles = {key: title for key, title, _ in SECTIONS}
+        items = "".join(f"<li><b>{html.escape(display_name(n))}</b>, grid backbone: "
+                        + "; ".join(f"{html.escape(titles.get(k, k))}: {html.escape(why)}" for k, why in reasons.items())
+                        + "</li>" for n, reasons in not_run.items())
+        section("not-run", "Analyses not run",
+                "<p class='cap'>Grid backbones (hierarchical or windowed: feature maps from timm's "
+                "forward_intermediates, each stage on its own grid) get the layerwise probes only; the other "
+                f"analyses are left out, each for the reason given.</p><ul class='readings'>{items}</ul>")
     runs = snapshot_runs(names)
     if runs:
         emergence_html, contents["emergence.json"] = _emergence_html(
@@ -651,6 +689,8 @@ def reading_of_verdicts(summary) -> list:
     out = []
     for _, row in summary.iterrows():
         pair = (row["shuffle_test"], row["equivariance"])
+        if not all(isinstance(v, str) for v in pair):
+            continue  # not run for this model (a grid backbone): nothing to read together
         text = _READINGS.get(pair, f"shuffle test '{pair[0]}' with certificate '{pair[1]}' is not expected: a "
                                    "certified model cannot let a probe read the slot; please report it.")
         out.append((row["model"], text))

@@ -6,6 +6,7 @@ import torch
 import asg_probe
 from asg_probe.capture import capture_attention
 from asg_probe.data import preprocess
+from asg_probe.errors import UsageError
 from asg_probe.extract import forward_tokens
 
 
@@ -68,3 +69,20 @@ def test_clear_errors(model, images):
 def test_embedded_photographs_at_a_chosen_size(model):
     cache = asg_probe.collect_activations(model, num_images=3, img_size=48, layers=[1], progress=False)
     assert cache[1].shape == (3, 36, 192) and cache.grid == (6, 6)
+
+
+def test_a_grid_backbone_gives_each_layer_on_its_own_grid():
+    """Swin's feature maps, stage by stage: cell (r, c) of layer l is the map's [:, r, c]."""
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(1, 1),
+                             num_heads=(1, 2), window_size=4, num_classes=0).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    cache = asg_probe.collect_activations(swin, x, batch_size=2, progress=False)
+    assert cache.layers == [1, 2] and cache.grids == {1: (8, 8), 2: (4, 4)} and cache.grid == (8, 8)
+    assert cache.patch_size == 4 and cache.num_prefix_tokens == 0
+    maps = swin.forward_intermediates(x, indices=[0, 1], output_fmt="NCHW", intermediates_only=True)
+    for layer, fmap in zip((1, 2), maps):
+        torch.testing.assert_close(cache.spatial(layer), fmap.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+    assert cache.layer_coords(2)[5].tolist() == [1, 1]   # token 5 of a 4-wide grid
+    assert asg_probe.collect_activations(swin, x, layers=[-1], progress=False).patch_size == 8
+    with pytest.raises(UsageError, match="layer 0 does not exist"):
+        asg_probe.collect_activations(swin, x, layers=[0], progress=False)

@@ -197,3 +197,36 @@ def test_summary_carries_the_fold_intervals_a_layerwise_result_has():
     page = _summary_html(frame)
     assert "<td>0.900 [0.850, 0.950] (10 images)</td>" in page
     assert "<td>0.000</td>" in page and "nan" not in page  # -0.0001 shown as 0.000; no interval: none shown
+
+
+def test_a_grid_backbone_gets_the_layerwise_probes_and_the_reasons_for_the_rest(tmp_path):
+    """The same probes as ``layerwise`` (each stage on its own grid) with the random-init baseline, and
+    every other analysis named with its reason."""
+    import timm
+
+    from asg_probe.report import GRID_BACKBONE_NOT_RUN
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(1, 1),
+                             num_heads=(1, 2), window_size=4, num_classes=0).eval()
+    images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    page = build_report([(swin, "swin")], tmp_path, images=images, progress=False).read_text()
+    section = page.split("<h2 id='not-run'>")[1].split("<h2")[0]
+    assert "<b>swin</b>" in section
+    assert all(why.replace("'", "&#x27;") in section for why in GRID_BACKBONE_NOT_RUN.values())
+    assert "<h2 id='layerwise'>" in page and "<h2 id='shuffle-test'>" not in page
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert "shuffle_test" not in summary and summary.loc[0, "r2_col_init"] == summary.loc[0, "r2_col_init"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["swin.layerwise.json"]
+    doc = json.loads((tmp_path / "swin.layerwise.json").read_text())
+    assert sorted(doc["not_run"]) == sorted(GRID_BACKBONE_NOT_RUN)
+    assert [r["grid"] for r in doc["layers"]] == [[8, 8], [4, 4]] and [r["stride"] for r in doc["layers"]] == [4, 8]
+    alone = asg_probe.layerwise_probes(swin, images, progress=False, init_baseline=False).to_frame()
+    assert [r["r2_row"] for r in doc["layers"]] == pytest.approx(alone["r2_row"].tolist(), abs=1e-6)
+
+
+def test_verdicts_are_read_only_where_both_analyses_ran():
+    from asg_probe.report import reading_of_verdicts
+
+    rows = pd.DataFrame([{"model": "ape", "shuffle_test": "injected", "equivariance": "not equivariant"},
+                         {"model": "swin", "shuffle_test": float("nan"), "equivariance": float("nan")}])
+    assert [m for m, _ in reading_of_verdicts(rows)] == ["ape"]

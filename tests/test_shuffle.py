@@ -53,3 +53,30 @@ def test_the_shuffle_result_keeps_its_fitted_probes(images):
     assert res.to_dict()["checkpoint"] == "tiny"
     with pytest.raises(ValueError, match="task must be one of original, slot, unshuffled"):
         res.probe(0, "control")
+
+
+def test_shuffle_test_at_a_size_the_model_was_not_built_for():
+    """A timm ViT built for 32 px, read at 48 px (12 x 12 patches, its position table resampled as timm
+    does): the shuffled slots are the 12 x 12 ones, so at layer 0 the slot is read exactly from the
+    table and the original position of noise patches not at all."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1, num_classes=0).eval()
+    noise = torch.randn(10, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    res = shuffle_test(vit, noise, layers=[0], n_folds=2, progress=False)
+    assert res.grid == (12, 12) and vit.patch_embed.img_size == (32, 32)
+    assert res.rows[0]["r2_slot"] > 0.99 and res.rows[0]["r2_original"] < 0.05
+
+
+def test_shuffle_test_command_takes_img_size(tmp_path, capsys):
+    import json
+
+    from asg_probe.cli import main
+
+    rc = main(["shuffle-test", "ape", "--img-size", "48", "--num-images", "8", "--batch-size", "8",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "shuffle_test.json").read_text())
+    assert doc["grid"] == [12, 12] and doc["provenance"]["images"]["img_size"] == [48, 48]
+    assert doc["layers"][0]["r2_slot"] > 0.99   # the bundled APE model's table, at 12 x 12 slots

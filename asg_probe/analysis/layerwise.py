@@ -185,6 +185,9 @@ class InitBaselineAccumulator(ProbeAccumulator):
     Fed the same images (and so the same folds) as the model's own :class:`LayerwiseAccumulator`.
     """
 
+    # targets are each layer's own grid coordinates (normalised), as for LayerwiseAccumulator
+    per_layer_grids = True
+
     def _new_probe(self) -> CoordinateProbe:
         return super()._new_probe().set_params(control=False)
 
