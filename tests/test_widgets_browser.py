@@ -178,7 +178,11 @@ def _start_kernel_session(port, token, notebook, runtime_dir, wait_s):
     client = BlockingKernelClient(connection_file=str(connection_file))
     try:
         client.load_connection_file()
-        client.start_channels()
+        # No heartbeat channel: a client without a kernel manager takes a heartbeat not yet seen as
+        # a dead kernel, and wait_for_ready then fails after its first 1 s poll ("Kernel died before
+        # replying to kernel_info"; seen here with the machine under load). The kernel_info reply,
+        # waited for until the deadline, is the readiness test.
+        client.start_channels(hb=False)
         client.wait_for_ready(timeout=max(1.0, deadline - time.monotonic()))
     except (OSError, RuntimeError) as err:
         pytest.fail(f"the kernel started through the REST API did not answer within {wait_s} s: {err}",
