@@ -376,9 +376,10 @@ class _LabPage:
         return _tail(self.log_path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def lab(tmp_path_factory):
-    """One JupyterLab server and one page for the explorer tests, with every cell run and both
+    """One JupyterLab server and one page for the explorer tests (class-scoped: the server stops
+    before the report test starts), with every cell run and both
     explorers drawn (or the reason why not in ``page.state``): starting JupyterLab and the kernel
     is most of the time, so it is done once."""
     _require_browser()
@@ -444,24 +445,6 @@ def _run_notebook(page, warm_s):
         after = max(c for c in _execution_counts(page.state) if c is not None)  # the next run counts above
 
 
-@pytest.mark.browser
-def test_explorer_renders_in_jupyterlab(lab):
-    screenshot = ARTIFACTS / "widgets_explorer_jupyterlab.png"
-    lab.wait(RENDER_S, _rendered)
-    state = lab.state
-    lab.driver.execute_script("document.querySelector('.asg-comparison-explorer').scrollIntoView()")
-    time.sleep(0.5)  # let the last panel images paint before the picture
-    lab.driver.save_screenshot(str(screenshot))
-    assert state.get("explorer"), (f"the cells ran but the explorer widget did not render within "
-                                   f"{RENDER_S} s, {1 + len(lab.render_tries)} times (the cell showed "
-                                   f"{lab.render_tries!r}): {state}\n{lab.log()}")
-    assert state["sliders"] >= 4 and state["images_drawn"] >= 6, f"incomplete explorer: {state}"
-    assert not state["errors"], f"a cell failed:\n{state['errors']}"
-    assert not state["explorer_error"], "the explorer shows a traceback (see the screenshot)"
-    assert not state["dialog"], f"a dialog covers the notebook: {state['dialog']}"
-    assert screenshot.stat().st_size > 10_000
-
-
 # The training explorer as drawn: the step its slider reads, the step each run's header names, and
 # what each panel shows, as a hash of its pixels (the picture drawn, not the URL it came from).
 _TRAINER_JS = """
@@ -512,54 +495,77 @@ def _execute_in_kernel(driver, code):
 
 
 @pytest.mark.browser
-def test_training_explorer_slider_and_play_redraw_in_jupyterlab(lab):
-    """The step slider moved by the keyboard, set from the kernel, and played: each time the slider,
-    the header and every panel show the new step. Panels are compared by their pixels; the snapshots
-    have different weights, so every panel must differ from step to step, and coming back to a step
-    must draw exactly what was drawn there before."""
-    from selenium.webdriver.common.keys import Keys
+class TestJupyterLab:
+    """The explorers in one JupyterLab session (the ``lab`` fixture)."""
 
-    screenshot = ARTIFACTS / "widgets_training_explorer_jupyterlab.png"
-    first, middle, last = RUN_STEPS
-    try:
-        assert lab.wait(RENDER_S, _rendered), f"the training explorer did not render: {lab.state}\n{lab.log()}"
-
-        def shows(step, unlike=()):
-            """The page shows ``step`` in the slider and header, every panel drawn, and no panel as
-            in any of the ``unlike`` states."""
-            def done(s):
-                drawn = s.get("drawn") or []
-                return (s.get("step") == str(step) and len(drawn) == 3 and all(drawn)
-                        and s["headers"] and all(h.strip().endswith(f"step {step}") for h in s["headers"])
-                        and all(d != o for other in unlike for d, o in zip(drawn, other["drawn"])))
-            return done
-
-        assert lab.wait(TRAINER_REDRAW_S, shows(last), _TRAINER_JS), f"not at the last step: {lab.state}"
-        at_last = lab.state
-
-        # 1. the keyboard: one step left on the slider's handle
-        _focus_step_handle(lab.driver).send_keys(Keys.ARROW_LEFT)
-        assert lab.wait(TRAINER_REDRAW_S, shows(middle, [at_last]), _TRAINER_JS), (
-            f"the arrow key did not move the step slider from {last} to {middle} and redraw every panel "
-            f"within {TRAINER_REDRAW_S} s: now {lab.state}, before {at_last}")
-        at_middle = lab.state
-
-        # 2. the kernel: the widget's value set from Python
-        _execute_in_kernel(lab.driver, f"trainer.step.value = {first}")
-        assert lab.wait(TRAINER_REDRAW_S, shows(first, [at_last, at_middle]), _TRAINER_JS), (
-            f"trainer.step.value = {first} in the kernel did not redraw every panel within "
-            f"{TRAINER_REDRAW_S} s: now {lab.state}, at step {middle} {at_middle}")
-        at_first = lab.state
-
-        # 3. the play button: through every step to the last, where it stops
-        lab.driver.execute_script("document.querySelector('.asg-training-explorer .widget-play button').click()")
-        assert lab.wait(TRAINER_REDRAW_S, lambda s: shows(last, [at_first])(s) and not s["playing"], _TRAINER_JS), (
-            f"play did not advance the step slider from {first} to {last} and redraw within "
-            f"{TRAINER_REDRAW_S} s: now {lab.state}, at step {first} {at_first}")
-        assert lab.state["drawn"] == at_last["drawn"], f"step {last} drawn differently the second time"
-        assert not lab.state["error"], "the training explorer shows a traceback (see the screenshot)"
-    finally:
+    def test_explorer_renders_in_jupyterlab(self, lab):
+        screenshot = ARTIFACTS / "widgets_explorer_jupyterlab.png"
+        lab.wait(RENDER_S, _rendered)
+        state = lab.state
+        lab.driver.execute_script("document.querySelector('.asg-comparison-explorer').scrollIntoView()")
+        time.sleep(0.5)  # let the last panel images paint before the picture
         lab.driver.save_screenshot(str(screenshot))
+        assert state.get("explorer"), (f"the cells ran but the explorer widget did not render within "
+                                       f"{RENDER_S} s, {1 + len(lab.render_tries)} times (the cell showed "
+                                       f"{lab.render_tries!r}): {state}\n{lab.log()}")
+        assert state["sliders"] >= 4 and state["images_drawn"] >= 6, f"incomplete explorer: {state}"
+        assert not state["errors"], f"a cell failed:\n{state['errors']}"
+        assert not state["explorer_error"], "the explorer shows a traceback (see the screenshot)"
+        assert not state["dialog"], f"a dialog covers the notebook: {state['dialog']}"
+        assert screenshot.stat().st_size > 10_000
+
+    def test_training_explorer_slider_and_play_redraw_in_jupyterlab(self, lab):
+        """The step slider moved by the keyboard, set from the kernel, and played: each time the slider,
+        the header and every panel show the new step. Panels are compared by their pixels; the snapshots
+        have different weights, so every panel must differ from step to step, and coming back to a step
+        must draw exactly what was drawn there before."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        screenshot = ARTIFACTS / "widgets_training_explorer_jupyterlab.png"
+        first, middle, last = RUN_STEPS
+        try:
+            assert lab.wait(RENDER_S, _rendered), f"the training explorer did not render: {lab.state}\n{lab.log()}"
+
+            def shows(step, unlike=()):
+                """The page shows ``step`` in the slider and header, every panel drawn, and no panel as
+                in any of the ``unlike`` states."""
+                def done(s):
+                    drawn = s.get("drawn") or []
+                    return (s.get("step") == str(step) and len(drawn) == 3 and all(drawn)
+                            and s["headers"] and all(h.strip().endswith(f"step {step}") for h in s["headers"])
+                            and all(d != o for other in unlike for d, o in zip(drawn, other["drawn"])))
+                return done
+
+            assert lab.wait(TRAINER_REDRAW_S, shows(last), _TRAINER_JS), f"not at the last step: {lab.state}"
+            at_last = lab.state
+
+            # 1. the keyboard: one step left on the slider's handle
+            _focus_step_handle(lab.driver).send_keys(Keys.ARROW_LEFT)
+            assert lab.wait(TRAINER_REDRAW_S, shows(middle, [at_last]), _TRAINER_JS), (
+                f"the arrow key did not move the step slider from {last} to {middle} and redraw every panel "
+                f"within {TRAINER_REDRAW_S} s: now {lab.state}, before {at_last}")
+            at_middle = lab.state
+
+            # 2. the kernel: the widget's value set from Python
+            _execute_in_kernel(lab.driver, f"trainer.step.value = {first}")
+            assert lab.wait(TRAINER_REDRAW_S, shows(first, [at_last, at_middle]), _TRAINER_JS), (
+                f"trainer.step.value = {first} in the kernel did not redraw every panel within "
+                f"{TRAINER_REDRAW_S} s: now {lab.state}, at step {middle} {at_middle}")
+            at_first = lab.state
+
+            # 3. the play button: through every step to the last, where it stops and shows exactly what
+            # it showed there at first (panels arrive one by one: the header names step 8 while a panel
+            # may still show step 4's picture, so the wait is for the pictures themselves)
+            lab.driver.find_element(By.CSS_SELECTOR, ".asg-training-explorer .widget-play button").click()
+            played = lab.wait(TRAINER_REDRAW_S, lambda s: shows(last, [at_first])(s) and not s["playing"]
+                              and s["drawn"] == at_last["drawn"], _TRAINER_JS)
+            assert played, (
+                f"play did not advance the step slider from {first} to {last} and redraw as at first within "
+                f"{TRAINER_REDRAW_S} s: now {lab.state}, at step {first} {at_first}, at first {at_last}")
+            assert not lab.state["error"], "the training explorer shows a traceback (see the screenshot)"
+        finally:
+            lab.driver.save_screenshot(str(screenshot))
 
 
 # What the report page shows, read in one call.
