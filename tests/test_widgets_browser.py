@@ -5,7 +5,7 @@ A notebook that builds a ``ComparisonExplorer`` on two tiny random models and a 
 on a tiny run with three snapshots is written to a temporary folder, JupyterLab serves it on a free
 localhost port, Selenium drives Debian's ``chromium`` (through ``chromedriver``) to open it and run
 every cell, and the tests wait until the explorers' controls and panel images are in the page. One
-server and one page serve both explorer tests (a module-scoped fixture): JupyterLab's start and the
+server and one page serve both explorer tests (a class-scoped fixture): JupyterLab's start and the
 kernel's are most of the time. The training explorer's step slider is then moved with the keyboard,
 set from the kernel, and played, and the drawn panels must change each time. Screenshots are kept
 under ``test-artifacts/`` whatever the outcome.
@@ -30,8 +30,8 @@ CHROMEDRIVER = os.environ.get("ASG_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1500,1100")
-# Each ends when its phase is done. 40 s for the server and 30 s for the page were both missed here
-# with the machine at a load of 15 on 2 cores.
+# 40 s for the server to answer and 30 s for the page to load were both missed here with the
+# machine at a load of 15 on 2 cores; like every wait below, each ends as soon as its phase is done.
 SERVER_START_S = 120
 PAGE_LOAD_S = 120
 # Each phase has its own wait, and each wait ends as soon as its phase is done. A fresh CI machine
