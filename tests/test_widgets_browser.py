@@ -1,15 +1,17 @@
-"""Smoke tests in headless Chromium: the comparison explorer renders in a real JupyterLab,
-and the HTML report (``asg_probe.report.build_report``) opens with every figure loaded.
+"""Smoke tests in headless Chromium: the comparison and training explorers render and redraw in a
+real JupyterLab, and the HTML report (``asg_probe.report.build_report``) opens with every figure loaded.
 
-A notebook that builds a ``ComparisonExplorer`` on two tiny random models is
-written to a temporary folder, JupyterLab serves it on a free localhost port,
-Selenium drives Debian's ``chromium`` (through ``chromedriver``) to open it and
-run every cell, and the test waits until the explorer's controls and panel
-images are in the page. A screenshot is kept under ``test-artifacts/`` whatever
-the outcome.
+A notebook that builds a ``ComparisonExplorer`` on two tiny random models and a ``TrainingExplorer``
+on a tiny run with three snapshots is written to a temporary folder, JupyterLab serves it on a free
+localhost port, Selenium drives Debian's ``chromium`` (through ``chromedriver``) to open it and run
+every cell, and the tests wait until the explorers' controls and panel images are in the page. One
+server and one page serve both explorer tests (a class-scoped fixture): JupyterLab's start and the
+kernel's are most of the time. The training explorer's step slider is then moved with the keyboard,
+set from the kernel, and played, and the drawn panels must change each time. Screenshots are kept
+under ``test-artifacts/`` whatever the outcome.
 
 Needs ``apt-get install chromium chromium-driver`` and ``pip install selenium``:
-without them the test fails and says so (it is never skipped).
+without them the tests fail and say so (they are never skipped).
 """
 import os
 import shutil
@@ -28,7 +30,10 @@ CHROMEDRIVER = os.environ.get("ASG_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1500,1100")
-SERVER_START_S = 40
+# 40 s for the server to answer and 30 s for the page to load were both missed here with the
+# machine at a load of 15 on 2 cores; like every wait below, each ends as soon as its phase is done.
+SERVER_START_S = 120
+PAGE_LOAD_S = 120
 # Each phase has its own wait, and each wait ends as soon as its phase is done. A fresh CI machine
 # is slow at every one of them (JupyterLab's build check ~30 s, the kernel's first imports of torch
 # and timm from a cold disk, numba); a CI run once missed a single 240 s budget for all of them
@@ -48,16 +53,32 @@ MAX_RERUNS = 3
 # (by then healthy) connection, up to this many times.
 MAX_RENDER_RERUNS = 2
 
+# The training run the notebook reads: three snapshots of a depth-1 model, each with its own seed,
+# so every panel differs from step to step. Written by the warm-up process (see _warm_up) into the
+# notebook's folder; nothing of it is committed.
+RUN_STEPS = (0, 4, 8)
+RUN_SETUP = (
+    "import torch\n"
+    "import asg_probe\n"
+    f"for step in {RUN_STEPS!r}:\n"
+    "    torch.manual_seed(step)\n"
+    "    model = asg_probe.create_model('vit_tiny_patch4_32', pos='ape', depth=1)\n"
+    "    asg_probe.save_checkpoint(f'run/snapshots/step_{step:07d}', model, step=step)\n"
+)
+
 NOTEBOOK_CELLS = [
     "import torch\n"
     "torch.set_num_threads(1)  # tiny matrices; threads only contend on a busy machine\n"
     "import asg_probe\n"
-    "from asg_probe.widgets import ComparisonExplorer",
+    "from asg_probe.widgets import ComparisonExplorer, TrainingExplorer",
     "torch.manual_seed(0)\n"
     "models = {p: asg_probe.create_model('vit_tiny_patch4_32', pos=p, depth=2) for p in ('none', 'ape')}\n"
     "images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))\n"
     "explorer = ComparisonExplorer(models, images=images, layer=1, embedding='pca')\n"
     "explorer",
+    # short play interval: the test waits for play to reach the last step
+    "trainer = TrainingExplorer({'ape': 'run'}, images=images, layer=1, embedding='pca', interval=300)\n"
+    "trainer",
 ]
 
 
@@ -93,13 +114,16 @@ def _write_notebook(folder: Path) -> Path:
     return path
 
 
-def _warm_up():
-    """Run the notebook's code once in a plain Python process: it compiles and caches what the kernel
-    will import, and a failure or a slow machine shows up here with its own message."""
-    code = "\n".join(NOTEBOOK_CELLS[:-1]) + "\n" + NOTEBOOK_CELLS[-1].rsplit("\n", 1)[0]
+def _warm_up(folder: Path):
+    """Write the training run into ``folder``, then run the notebook's code once in a plain Python
+    process there: it compiles and caches what the kernel will import, and a failure or a slow
+    machine shows up here with its own message."""
+    # each cell's last line only displays its widget
+    code = "\n".join([RUN_SETUP, NOTEBOOK_CELLS[0]] + [cell.rsplit("\n", 1)[0] for cell in NOTEBOOK_CELLS[1:]])
     start = time.monotonic()
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WARMUP_S)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WARMUP_S,
+                              cwd=folder)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the notebook's code did not finish within {WARMUP_S} s in a plain Python process", pytrace=False)
     if done.returncode != 0:
@@ -157,7 +181,11 @@ def _start_kernel_session(port, token, notebook, runtime_dir, wait_s):
     client = BlockingKernelClient(connection_file=str(connection_file))
     try:
         client.load_connection_file()
-        client.start_channels()
+        # No heartbeat channel: a client without a kernel manager takes a heartbeat not yet seen as
+        # a dead kernel, and wait_for_ready then fails after its first 1 s poll ("Kernel died before
+        # replying to kernel_info"; seen here with the machine under load). The kernel_info reply,
+        # waited for until the deadline, is the readiness test.
+        client.start_channels(hb=False)
         client.wait_for_ready(timeout=max(1.0, deadline - time.monotonic()))
     except (OSError, RuntimeError) as err:
         pytest.fail(f"the kernel started through the REST API did not answer within {wait_s} s: {err}",
@@ -222,17 +250,25 @@ def _chrome(profile: Path):
 
 # Where the notebook stands, read from the page in one call: cheap to poll.
 _PAGE_STATE_JS = """
-const ex = document.querySelector('.asg-comparison-explorer');
+// the training explorer is a comparison explorer too (it has both classes)
+const ex = document.querySelector('.asg-comparison-explorer:not(.asg-training-explorer)');
 const imgs = ex ? [...ex.querySelectorAll('img')] : [];
+const tr = document.querySelector('.asg-training-explorer');
+const trImgs = tr ? [...tr.querySelectorAll('img')] : [];
 return {
   notebook: !!document.querySelector('.jp-NotebookPanel .jp-Cell'),
   explorer: !!ex,
   sliders: ex ? ex.querySelectorAll('.widget-slider, .jupyter-widgets.widget-slider').length : 0,
   images: imgs.length,
   images_drawn: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+  trainer: !!tr,
+  trainer_sliders: tr ? tr.querySelectorAll('.widget-slider').length : 0,
+  trainer_play: tr ? tr.querySelectorAll('.widget-play button').length : 0,
+  trainer_images_drawn: trImgs.filter(i => i.complete && i.naturalWidth > 0).length,
   errors: [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
           .map(e => e.innerText).filter(t => /Traceback|Error/.test(t)).join('\\n').slice(0, 2000),
   explorer_error: ex ? /Traceback/.test(ex.innerText) : false,
+  trainer_error: tr ? /Traceback/.test(tr.innerText) : false,
   kernel: (() => { try { const shell = window.jupyterapp.shell;
                          const w = shell.currentWidget || [...shell.widgets('main')].find(x => x.sessionContext);
                          const k = w.sessionContext.session.kernel;
@@ -311,85 +347,228 @@ def _run_all_cells_from_menu(driver, wait_s):
     raise AssertionError("JupyterLab's Run > Run All Cells menu item never appeared")
 
 
-@pytest.mark.browser
-def test_explorer_renders_in_jupyterlab(tmp_path):
+def _rendered(state):
+    """Both explorers drawn: the comparison explorer's 2 models x 3 panels and its layer/row/col/image
+    sliders, the training explorer's 3 panels, its step slider besides those four, and its play button."""
+    return (state["explorer"] and state["sliders"] >= 4 and state["images_drawn"] >= 6
+            and state["trainer"] and state["trainer_sliders"] >= 5 and state["trainer_images_drawn"] >= 3
+            and state["trainer_play"] >= 1)
+
+
+class _LabPage:
+    """The notebook page of the JupyterLab session the explorer tests share."""
+
+    def __init__(self, driver, log_path):
+        self.driver, self.log_path = driver, log_path
+        self.state = {}
+        self.render_tries = []
+
+    def wait(self, seconds, done, script=_PAGE_STATE_JS):
+        """Poll ``script`` until ``done(its result)`` or ``seconds`` pass; True when done.
+        The last result is kept in ``self.state``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.state = self.driver.execute_script(script)
+            if done(self.state):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.3)
+
+    def log(self):
+        return _tail(self.log_path)
+
+
+@pytest.fixture(scope="class")
+def lab(tmp_path_factory):
+    """One JupyterLab server and one page for the explorer tests (class-scoped: the server stops
+    before the report test starts), with every cell run and both
+    explorers drawn (or the reason why not in ``page.state``): starting JupyterLab and the kernel
+    is most of the time, so it is done once."""
     _require_browser()
     ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "widgets_explorer_jupyterlab.png"
-    (tmp_path / "nb").mkdir()
-    _write_notebook(tmp_path / "nb")
-    warm_s = _warm_up()
+    root = tmp_path_factory.mktemp("lab")
+    (root / "nb").mkdir()
+    _write_notebook(root / "nb")
+    warm_s = _warm_up(root / "nb")
     port, token = _free_port(), "asg-widgets-smoke"
-    log_path = tmp_path / "jupyter.log"
+    log_path = root / "jupyter.log"
     driver = None
     with open(log_path, "w") as log:
-        proc = _start_lab(tmp_path, port, token, log)
+        proc = _start_lab(root, port, token, log)
         try:
             _wait_for_server(proc, port, token, log_path)
-            _start_kernel_session(port, token, "explorer.ipynb", tmp_path / "runtime", wait_s=KERNEL_S)
-            driver = _chrome(tmp_path / "chromium-profile")
-            driver.set_page_load_timeout(30)
+            _start_kernel_session(port, token, "explorer.ipynb", root / "runtime", wait_s=KERNEL_S)
+            driver = _chrome(root / "chromium-profile")
+            driver.set_page_load_timeout(PAGE_LOAD_S)
             # ?reset: start from a clean workspace, with just this notebook open.
             driver.get(f"http://127.0.0.1:{port}/lab/tree/explorer.ipynb?reset&token={token}")
-            state = {}
-
-            def wait(seconds, done):
-                """Poll the page until ``done(state)`` or ``seconds`` pass; True when done."""
-                nonlocal state
-                deadline = time.monotonic() + seconds
-                while time.monotonic() < deadline:
-                    state = driver.execute_script(_PAGE_STATE_JS)
-                    if done(state):
-                        return True
-                    time.sleep(0.5)
-                return False
-
-            # 'unknown': the app is not exposed (another JupyterLab); the menu path then queues the cells
-            ready = wait(KERNEL_S, lambda s: s["notebook"] and s["kernel"] in ("idle", "unknown") and not s["dialog"])
-            assert ready, (f"the notebook did not open with an idle kernel within {KERNEL_S} s: {state}\n"
-                           f"{_tail(log_path)}")
-            render_tries, after = [], 0
-            for attempt in range(1 + MAX_RENDER_RERUNS):
-                _run_all_cells(driver, wait_s=60)
-                finished, reruns, start, stalled_since = False, 0, time.monotonic(), None
-                while not finished and time.monotonic() - start < EXECUTE_S:
-                    state = driver.execute_script(_PAGE_STATE_JS)
-                    finished = _cells_done(state, after)
-                    if finished or not _stalled(state, after):
-                        stalled_since = None
-                    elif stalled_since is None:
-                        stalled_since = time.monotonic()
-                    elif time.monotonic() - stalled_since > RERUN_AFTER_S and reruns < MAX_RERUNS:
-                        _run_all_cells(driver, wait_s=60)  # every cell again, in whichever kernel is current
-                        reruns, stalled_since = reruns + 1, None
-                    time.sleep(0.5)
-                assert finished, (f"the cells did not finish within {EXECUTE_S} s ({reruns} Run All retries; "
-                                  f"warm-up outside JupyterLab took {warm_s:.0f} s): {state}\n{_tail(log_path)}")
-                assert not state["errors"], f"a cell failed:\n{state['errors']}"
-                # 2 models x 3 panels, and the layer/row/col/image sliders
-                if wait(RENDER_S, lambda s: s["explorer"] and s["sliders"] >= 4 and s["images_drawn"] >= 6):
-                    break
-                render_tries.append(state.get("last_output", ""))
-                after = max(c for c in _execution_counts(state) if c is not None)  # the next run counts above
-            time.sleep(0.5)  # let the last panel images paint before the picture
-            driver.save_screenshot(str(screenshot))
-            assert state.get("explorer"), (f"the cells ran but the explorer widget did not render within "
-                                           f"{RENDER_S} s, {len(render_tries)} times (the cell showed "
-                                           f"{render_tries!r}): {state}\n{_tail(log_path)}")
-            assert state["sliders"] >= 4 and state["images_drawn"] >= 6, f"incomplete explorer: {state}"
-            assert not state["errors"], f"a cell failed:\n{state['errors']}"
-            assert not state["explorer_error"], "the explorer shows a traceback (see the screenshot)"
-            assert not state["dialog"], f"a dialog covers the notebook: {state['dialog']}"
+            page = _LabPage(driver, log_path)
+            try:
+                _run_notebook(page, warm_s)
+            except BaseException:
+                driver.save_screenshot(str(ARTIFACTS / "widgets_explorer_jupyterlab.png"))
+                raise
+            yield page
         finally:
             if driver is not None:
-                try:
-                    if not screenshot.exists():
-                        driver.save_screenshot(str(screenshot))
-                finally:
-                    driver.quit()
+                driver.quit()
             _stop_lab(proc, port, token)
-    shutil.copy(log_path, ARTIFACTS / "widgets_explorer_jupyter.log")
-    assert screenshot.stat().st_size > 10_000
+            shutil.copy(log_path, ARTIFACTS / "widgets_explorer_jupyter.log")
+
+
+def _run_notebook(page, warm_s):
+    """Run every cell once the kernel is idle, and wait for the explorers to draw (see MAX_RENDER_RERUNS)."""
+    driver, state = page.driver, {}
+    # 'unknown': the app is not exposed (another JupyterLab); the menu path then queues the cells
+    ready = page.wait(KERNEL_S, lambda s: s["notebook"] and s["kernel"] in ("idle", "unknown") and not s["dialog"])
+    assert ready, f"the notebook did not open with an idle kernel within {KERNEL_S} s: {page.state}\n{page.log()}"
+    after = 0
+    for attempt in range(1 + MAX_RENDER_RERUNS):
+        _run_all_cells(driver, wait_s=60)
+        finished, reruns, start, stalled_since = False, 0, time.monotonic(), None
+        while not finished and time.monotonic() - start < EXECUTE_S:
+            state = driver.execute_script(_PAGE_STATE_JS)
+            finished = _cells_done(state, after)
+            if finished or not _stalled(state, after):
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = time.monotonic()
+            elif time.monotonic() - stalled_since > RERUN_AFTER_S and reruns < MAX_RERUNS:
+                _run_all_cells(driver, wait_s=60)  # every cell again, in whichever kernel is current
+                reruns, stalled_since = reruns + 1, None
+            time.sleep(0.5)
+        page.state = state
+        assert finished, (f"the cells did not finish within {EXECUTE_S} s ({reruns} Run All retries; "
+                          f"warm-up outside JupyterLab took {warm_s:.0f} s): {state}\n{page.log()}")
+        assert not state["errors"], f"a cell failed:\n{state['errors']}"
+        if page.wait(RENDER_S, _rendered):
+            return
+        page.render_tries.append(page.state.get("last_output", ""))
+        after = max(c for c in _execution_counts(page.state) if c is not None)  # the next run counts above
+
+
+# The training explorer as drawn: the step its slider reads, the step each run's header names, and
+# what each panel shows, as a hash of its pixels (the picture drawn, not the URL it came from).
+_TRAINER_JS = """
+const ex = document.querySelector('.asg-training-explorer');
+if (!ex) { return {found: false}; }
+const slider = [...ex.querySelectorAll('.widget-slider')]
+  .find(s => { const l = s.querySelector('.widget-label'); return !!l && l.innerText.trim() === 'step'; });
+const drawn = [...ex.querySelectorAll('img')].map(img => {
+  if (!(img.complete && img.naturalWidth > 0)) { return null; }
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const g = c.getContext('2d');
+  g.drawImage(img, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  let h = 2166136261;  // FNV-1a over the RGBA bytes
+  for (let i = 0; i < d.length; i++) { h = Math.imul(h ^ d[i], 16777619); }
+  return (h >>> 0).toString(16) + '@' + c.width + 'x' + c.height;
+});
+return {
+  found: true,
+  step: slider ? slider.querySelector('.widget-readout').innerText.trim() : null,
+  headers: [...ex.querySelectorAll('.widget-html')].map(h => h.innerText).filter(t => /· step \\d/.test(t)),
+  drawn: drawn,
+  playing: !!ex.querySelector('.widget-play .fa-pause'),
+  error: /Traceback/.test(ex.innerText),
+};
+"""
+TRAINER_REDRAW_S = 90  # a step's first visit loads its snapshot and runs the model in the kernel
+
+
+def _focus_step_handle(driver):
+    """The step slider's handle (noUiSlider's, focusable for its keyboard support)."""
+    return driver.execute_script("""
+const ex = document.querySelector('.asg-training-explorer');
+const slider = [...ex.querySelectorAll('.widget-slider')]
+  .find(s => s.querySelector('.widget-label').innerText.trim() === 'step');
+const handle = slider.querySelector('.noUi-handle');
+handle.scrollIntoView({block: 'center'});
+return handle;""")
+
+
+def _execute_in_kernel(driver, code):
+    """Run ``code`` in the notebook's kernel, as another cell would, without adding a cell."""
+    driver.execute_script(
+        "const nb = [...window.jupyterapp.shell.widgets('main')].find(x => x.sessionContext);"
+        "nb.sessionContext.session.kernel.requestExecute({code: arguments[0], silent: false,"
+        " store_history: false});", code)
+
+
+@pytest.mark.browser
+class TestJupyterLab:
+    """The explorers in one JupyterLab session (the ``lab`` fixture)."""
+
+    def test_explorer_renders_in_jupyterlab(self, lab):
+        screenshot = ARTIFACTS / "widgets_explorer_jupyterlab.png"
+        lab.wait(RENDER_S, _rendered)
+        state = lab.state
+        lab.driver.execute_script("document.querySelector('.asg-comparison-explorer').scrollIntoView()")
+        time.sleep(0.5)  # let the last panel images paint before the picture
+        lab.driver.save_screenshot(str(screenshot))
+        assert state.get("explorer"), (f"the cells ran but the explorer widget did not render within "
+                                       f"{RENDER_S} s, {1 + len(lab.render_tries)} times (the cell showed "
+                                       f"{lab.render_tries!r}): {state}\n{lab.log()}")
+        assert state["sliders"] >= 4 and state["images_drawn"] >= 6, f"incomplete explorer: {state}"
+        assert not state["errors"], f"a cell failed:\n{state['errors']}"
+        assert not state["explorer_error"], "the explorer shows a traceback (see the screenshot)"
+        assert not state["dialog"], f"a dialog covers the notebook: {state['dialog']}"
+        assert screenshot.stat().st_size > 10_000
+
+    def test_training_explorer_slider_and_play_redraw_in_jupyterlab(self, lab):
+        """The step slider moved by the keyboard, set from the kernel, and played: each time the slider,
+        the header and every panel show the new step. Panels are compared by their pixels; the snapshots
+        have different weights, so every panel must differ from step to step, and coming back to a step
+        must draw exactly what was drawn there before."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        screenshot = ARTIFACTS / "widgets_training_explorer_jupyterlab.png"
+        first, middle, last = RUN_STEPS
+        try:
+            assert lab.wait(RENDER_S, _rendered), f"the training explorer did not render: {lab.state}\n{lab.log()}"
+
+            def shows(step, unlike=()):
+                """The page shows ``step`` in the slider and header, every panel drawn, and no panel as
+                in any of the ``unlike`` states."""
+                def done(s):
+                    drawn = s.get("drawn") or []
+                    return (s.get("step") == str(step) and len(drawn) == 3 and all(drawn)
+                            and s["headers"] and all(h.strip().endswith(f"step {step}") for h in s["headers"])
+                            and all(d != o for other in unlike for d, o in zip(drawn, other["drawn"])))
+                return done
+
+            assert lab.wait(TRAINER_REDRAW_S, shows(last), _TRAINER_JS), f"not at the last step: {lab.state}"
+            at_last = lab.state
+
+            # 1. the keyboard: one step left on the slider's handle
+            _focus_step_handle(lab.driver).send_keys(Keys.ARROW_LEFT)
+            assert lab.wait(TRAINER_REDRAW_S, shows(middle, [at_last]), _TRAINER_JS), (
+                f"the arrow key did not move the step slider from {last} to {middle} and redraw every panel "
+                f"within {TRAINER_REDRAW_S} s: now {lab.state}, before {at_last}")
+            at_middle = lab.state
+
+            # 2. the kernel: the widget's value set from Python
+            _execute_in_kernel(lab.driver, f"trainer.step.value = {first}")
+            assert lab.wait(TRAINER_REDRAW_S, shows(first, [at_last, at_middle]), _TRAINER_JS), (
+                f"trainer.step.value = {first} in the kernel did not redraw every panel within "
+                f"{TRAINER_REDRAW_S} s: now {lab.state}, at step {middle} {at_middle}")
+            at_first = lab.state
+
+            # 3. the play button: through every step to the last, where it stops and shows exactly what
+            # it showed there at first (panels arrive one by one: the header names step 8 while a panel
+            # may still show step 4's picture, so the wait is for the pictures themselves)
+            lab.driver.find_element(By.CSS_SELECTOR, ".asg-training-explorer .widget-play button").click()
+            played = lab.wait(TRAINER_REDRAW_S, lambda s: shows(last, [at_first])(s) and not s["playing"]
+                              and s["drawn"] == at_last["drawn"], _TRAINER_JS)
+            assert played, (
+                f"play did not advance the step slider from {first} to {last} and redraw as at first within "
+                f"{TRAINER_REDRAW_S} s: now {lab.state}, at step {first} {at_first}, at first {at_last}")
+            assert not lab.state["error"], "the training explorer shows a traceback (see the screenshot)"
+        finally:
+            lab.driver.save_screenshot(str(screenshot))
 
 
 # What the report page shows, read in one call.
