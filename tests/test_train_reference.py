@@ -104,6 +104,18 @@ def test_probe_a_tiny_run_end_to_end_with_cache_and_results_files(tmp_path, monk
                                                               - doc["runs"]["none"]["0"]["r2_col"])
     md = (out / "results.md").read_text()
     assert "| none (1) |" in md and "### paired tests over seeds" in md
+    # erasure and offsets: cached per run beside the probe file, tabulated per layer, tested in their own family
+    assert reference.main(["--out", str(out), "--probe-only", "--probe-images", "24", "--analyses", "erasure",
+                           "offsets", "--erasure-images", "24", "--offset-images", "8"]) == 0
+    doc = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    row = doc["runs"]["guidance"]["0"]
+    assert row["erase_layers"] == [0, 1] and 0 <= row["erase0_agreement"] <= 1
+    assert row["erase0_kl_diff"] == pytest.approx(row["erase0_kl"] - row["erase0_kl_control"])
+    assert row["offsets_layers"] == [1] and row["offsets_shuffled_max"] == row["offsets1_shuffled"]
+    assert (run / "reference_erasure.json").is_file() and (run / "reference_offsets.json").is_file()
+    assert {"paired_tests_erasure", "paired_tests_offsets"} <= set(doc)
+    md = (out / "results.md").read_text()
+    assert "| none (1) | 1 |" in md and "### tokens vs scores" in md
 
 
 def test_bundled_models_become_run_folders_like_the_runs(tmp_path):
