@@ -620,7 +620,10 @@ def extra_erasure_columns(results: dict) -> list:
     the analysis gained later, such as a further control), so that the report shows them too."""
     import re
 
-    known = {c for c, _ in ERASURE_COLUMNS} | {"r2_row_last", "r2_last_clean", "rank"}
+    # the effect row's fields as of the first version of erase_position, shown or summarised elsewhere
+    known = {c for c, _ in ERASURE_COLUMNS} | {"r2_row_last", "r2_last_clean", "rank", "kl", "kl_control",
+                                               "agreement_diff", "accuracy_clean", "relative_change",
+                                               "relative_change_control"}
     found = {m.group(1) for per_seed in results.values() for r in per_seed.values() for k in r
              if (m := re.match(r"erase\d+_(.+)$", k))}
     return [(f, f) for f in sorted(found - known)]
