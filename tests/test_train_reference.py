@@ -104,6 +104,18 @@ def test_probe_a_tiny_run_end_to_end_with_cache_and_results_files(tmp_path, monk
                                                               - doc["runs"]["none"]["0"]["r2_col"])
     md = (out / "results.md").read_text()
     assert "| none (1) |" in md and "### paired tests over seeds" in md
+    # erasure and offsets: cached per run beside the probe file, tabulated per layer, tested in their own family
+    assert reference.main(["--out", str(out), "--probe-only", "--probe-images", "24", "--analyses", "erasure",
+                           "offsets", "--erasure-images", "24", "--offset-images", "8"]) == 0
+    doc = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    row = doc["runs"]["guidance"]["0"]
+    assert row["erase_layers"] == [0, 1] and 0 <= row["erase0_agreement"] <= 1
+    assert row["erase0_kl_diff"] == pytest.approx(row["erase0_kl"] - row["erase0_kl_control"])
+    assert row["offsets_layers"] == [1] and row["offsets_shuffled_max"] == row["offsets1_shuffled"]
+    assert (run / "reference_erasure.json").is_file() and (run / "reference_offsets.json").is_file()
+    assert {"paired_tests_erasure", "paired_tests_offsets"} <= set(doc)
+    md = (out / "results.md").read_text()
+    assert "| none (1) | 1 |" in md and "### tokens vs scores" in md
 
 
 def test_bundled_models_become_run_folders_like_the_runs(tmp_path):
@@ -139,3 +151,56 @@ def test_prediction_interval_and_bundled_check_by_hand():
     text = reference.tabulate_bundled_check(rows)
     assert "| x | top-1 | 0.400 | 0.800, 0.900, 1.000 | [0.403, 1.397] | **no** |" in text
     assert "| y | top-1 | 0.500 | 0.500 | – | – |" in text
+
+
+def _synthetic_runs():
+    """Per-run dicts as analyse_run returns them, with planted values (3 seeds, two variants)."""
+    def run(col_gain, kl, kl_control, offsets4, layers=(0.4, 0.5)):
+        return {"r2_col_gain": col_gain, "compression_col": 1.0 + col_gain / 10, "layers_r2": list(layers),
+                "layers_r2_col": list(layers), "r2_col": col_gain,
+                "erase0_r2_last": 0.3 + col_gain, "erase0_kl": kl, "erase0_kl_control": kl_control,
+                "erase0_kl_diff": kl - kl_control, "erase0_agreement_matched": 0.9,
+                "offsets4_scenes": offsets4, "offsets4_shuffled": offsets4 / 10, "offsets_shuffled_max": offsets4 / 10,
+                "offsets_shuffled_max_layer": 4, "offsets_nonself_max": 0.0}
+    return {"guidance": {0: run(0.56, 1.6, 0.1, 0.47), 1: run(0.52, 1.2, 0.1, 0.45), 2: run(0.60, 2.0, 0.2, 0.50)},
+            "none": {0: run(0.00, 3.4, 0.1, 0.07), 1: run(0.01, 3.0, 0.2, 0.05), 2: run(0.00, 3.9, 0.1, 0.09)}}
+
+
+def test_new_claims_paired_tests_against_zero_and_holm_within_a_family():
+    from scipy.stats import ttest_1samp, ttest_rel
+
+    runs = _synthetic_runs()
+    rows = reference.paired_tests(runs, claims=[
+        ("r2_col_gain", "guidance", "none", "gain"),
+        ("erase0_kl_diff", "none", None, "erasure beyond control"),
+        ("offsets4_scenes", "guidance", "none", "offsets")])
+    gain, kl, off = rows
+    assert gain["n"] == 3 and gain["diff"] == pytest.approx((0.56 + 0.51 + 0.60) / 3)
+    assert gain["p"] == pytest.approx(ttest_rel([0.56, 0.52, 0.60], [0.00, 0.01, 0.00]).pvalue)
+    # b = None: a one-sample test of the within-run difference, i.e. the paired test of erased vs control
+    assert kl["b"] is None and kl["diff"] == pytest.approx((3.3 + 2.8 + 3.8) / 3)
+    assert kl["p"] == pytest.approx(ttest_1samp([3.3, 2.8, 3.8], 0.0).pvalue)
+    assert kl["p"] == pytest.approx(ttest_rel([3.4, 3.0, 3.9], [0.1, 0.2, 0.1]).pvalue)
+    assert [r["p_holm"] for r in rows] == pytest.approx(reference.holm([r["p"] for r in rows]))
+    assert off["p_holm"] >= off["p"] and min(r["p_holm"] for r in rows) == pytest.approx(3 * min(r["p"] for r in rows))
+    text = reference.tabulate_paired(rows)
+    assert "| erasure beyond control | erase0_kl_diff | none (vs 0) | 3 | +3.300 [" in text
+
+
+def test_layer_tables_reconcile_and_report_carry_the_new_columns():
+    runs = _synthetic_runs()
+    table = reference.tabulate_by_layer(runs, "erase", [("kl_diff", "KL erased − control")], "erase layer")
+    lines = table.splitlines()
+    # none: 3.3, 2.8, 3.8 -> mean 3.3, sd 0.5, half-width t(0.975, 2) * 0.5 / sqrt(3) = 1.242
+    assert lines[0] == "| run (seeds) | erase layer | KL erased − control |"
+    assert lines[3] == "| none (3) | 0 | 3.300 [2.058, 4.542] |"
+    assert reference.layer_keys(runs, "offsets", reference.OFFSET_COLUMNS) == [4]
+    # a field the analysis gained later is shown, not dropped
+    assert ("agreement_matched", "agreement_matched") in reference.extra_erasure_columns(runs)
+    md = reference.report_markdown(runs, 500, analyses=reference.ANALYSES)
+    for heading in ("### controls", "### erasure (", "### erasure: further fields", "### tokens vs scores",
+                    "### attention offsets: paired tests over seeds", "| col gain |", "| compression col |"):
+        assert heading in md, heading
+    assert "content control" not in md and "selectivity (content)" not in md  # the removed control has no column
+    # tokens (column R², mean 0.56) beside scores (the shuffled offset R², mean of 0.047, 0.045, 0.050)
+    assert "| guidance (3) | 0.560 [0.461, 0.659] | – | 0.047 [" in md.split("### tokens vs scores")[1]
