@@ -233,8 +233,11 @@ class MLPProbe(RegressorMixin, BaseEstimator):
 
 
 def _percentiles(replicates, level=0.95) -> np.ndarray:
-    """Percentile interval ``(T, 2)`` of bootstrap ``replicates`` ``(B, T)``."""
+    """Percentile interval ``(T, 2)`` of bootstrap ``replicates`` ``(B, T)`` (NaN where all are NaN)."""
     tail = 50 * (1 - level)
+    replicates = np.asarray(replicates, dtype=np.float64)
+    if np.isnan(replicates).all():
+        return np.full((replicates.shape[1], 2), np.nan)
     return np.nanpercentile(replicates, [tail, 100 - tail], axis=0).T
 
 
@@ -302,6 +305,8 @@ def mlp_controls(reservoir: TokenReservoir, n_control_seeds: int = 0, init_reser
 
     def fit(res, columns):
         probe = MLPProbe(**params).fit_reservoir(_columns(res, columns))
+        if probe.n_heldout_images_ < 2:   # nothing to resample: intervals NaN, as heldout_r2_ci_
+            return probe, np.full((N_BOOTSTRAP, len(columns)), np.nan)
         return probe, bootstrap_r2(probe.heldout_sums_, seed=int(probe.seed))        # (B, 2)
 
     def mean(r2):   # (..., 2) row, col -> (row, col, mean)
