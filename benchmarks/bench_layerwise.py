@@ -19,7 +19,8 @@ Usage::
 --no-init-baseline`` (start-up, model loading, the built-in photographs decoded, probes, files
 written) against a script that loads the same checkpoint through ``asg_probe.load_checkpoint``,
 prepares the same photographs (``ImageBatches``) and runs one bare forward over them, in
-alternating pairs (wall clock of the whole process; ``OMP_NUM_THREADS`` as set by the caller).
+alternating pairs: wall clock of the whole process, and its CPU time (user + sys of the child, steadier on a
+shared machine; with 2 threads it counts their spinning too); ``OMP_NUM_THREADS`` as set by the caller.
 
 On a GPU both modes keep the model and the statistics on the device and wait for it
 (``torch.cuda.synchronize``) before the clock stops; peak GPU memory is printed too.
@@ -126,7 +127,6 @@ with torch.no_grad():
 
 def whole_process(model_name, sizes, repeats, tmp):
     """Alternating pairs (bare forward script, ``asg-probe layerwise``): wall seconds of each whole process."""
-    import shutil
     import tempfile
     from pathlib import Path
 
@@ -138,21 +138,28 @@ def whole_process(model_name, sizes, repeats, tmp):
     import timm
 
     asg_probe.save_checkpoint(ckpt, timm.create_model(model_name, num_classes=0))
-    cli = shutil.which("asg-probe") or "asg-probe"
+    # the CLI module run by this interpreter (what the asg-probe script runs): the asg_probe on its path is timed
+    cli = [sys.executable, "-m", "asg_probe.cli"]
     print(f"# whole process, {model_name}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
-    print(f"{'N':>6} {'pair':>4} {'forward s':>10} {'layerwise s':>12} {'ratio':>6}")
+    print(f"# load before: {os.getloadavg()[0]:.2f} (1-min load average; the machine has {os.cpu_count()} cores)")
+    print(f"{'N':>6} {'pair':>4} {'forward s':>10} {'layerwise s':>12} {'ratio':>6} {'fwd cpu s':>10} "
+          f"{'lw cpu s':>9} {'cpu ratio':>9} {'load':>5}")
     for n in sizes:
         for r in range(repeats):
-            times = {}
+            times, cpu = {}, {}
             for mode in ("forward", "layerwise"):
                 cmd = ([sys.executable, "-c", BARE_FORWARD, str(ckpt), model_name, str(n)] if mode == "forward" else
-                       [cli, "layerwise", str(ckpt), "--arch", model_name, "--num-images", str(n), "--no-progress",
+                       [*cli, "layerwise", str(ckpt), "--arch", model_name, "--num-images", str(n), "--no-progress",
                         "--no-init-baseline", "--out", str(tmp / "out")])
-                t0 = time.perf_counter()
+                t0, u0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 subprocess.run(cmd, capture_output=True, text=True, check=True)
                 times[mode] = time.perf_counter() - t0
+                u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                # user + sys CPU of the child: the work done, steadier than wall time on a shared machine
+                cpu[mode] = (u1.ru_utime - u0.ru_utime) + (u1.ru_stime - u0.ru_stime)
             print(f"{n:6d} {r:4d} {times['forward']:10.2f} {times['layerwise']:12.2f} "
-                  f"{times['layerwise'] / times['forward']:6.2f}", flush=True)
+                  f"{times['layerwise'] / times['forward']:6.2f} {cpu['forward']:10.2f} {cpu['layerwise']:9.2f} "
+                  f"{cpu['layerwise'] / cpu['forward']:9.2f} {os.getloadavg()[0]:5.2f}", flush=True)
 
 
 def main():

@@ -22,6 +22,10 @@ What each control answers:
   ``r2_init_std``), probed on the same images and folds: is the decodability learned, or given by
   the architecture and the image statistics?
 
+The small non-linear probe gets the same controls, with the same meanings, as ``mlp_*`` fields
+(``mlp_r2``, ``mlp_r2_control``, ``mlp_selectivity``, ``mlp_r2_init``, ``mlp_r2_gain``...):
+:func:`mlp_layer_probe` for one layer of a model.
+
 Each layer's probe is a streaming :class:`asg_probe.probes.CoordinateProbe`
 (statistics, not tokens), so the cost is one forward pass (one more per init seed) and memory
 does not grow with the number of images; the result keeps the fitted probes
@@ -36,7 +40,8 @@ import torch
 
 from ..extract import Accumulator, batch_grid
 from ..probes import (CellAccuracy, CoordinateProbe, control_seeds, control_target_names, coordinate_targets,
-                      final_norm, jackknife_cv_r2, jackknife_interval, online_code, slot_control_targets)
+                      final_norm, jackknife_cv_r2, jackknife_interval, mlp_controls, online_code,
+                      slot_control_targets)
 from ..results import AnalysisResult
 
 #: Slot-control seeds by default: extra target columns, cheap.
@@ -614,3 +619,75 @@ def layerwise_probes(model, images=None, *, num_images=64, img_size=None, batch_
                                 device=device, progress=progress, desc="cell accuracy")
         result.add_column("cell_accuracy", cells.accuracy())
     return result.record_inputs(data, device=device)
+
+
+def _layer_reservoir(model, data, layer, targets, norm, *, max_tokens, seed, device):
+    """One layer's tokens over ``data`` sampled into a :class:`~asg_probe.probes.TokenReservoir` (bounded memory)."""
+    from ..extract import forward_tokens
+    from ..probes import TokenReservoir
+
+    model = model.to(device).eval()
+    res = TokenReservoir(max_tokens, seed)
+    for x, idx in data:
+        tokens = forward_tokens(model, x.to(device), layers=[layer])[layer]
+        if norm is not None:
+            with torch.no_grad():
+                tokens = norm(tokens)
+        res.update(tokens, targets.to(tokens.device), idx)
+    return res
+
+
+def mlp_layer_probe(model, images=None, *, layer=-1, num_images=64, img_size=None, batch_size=32, seed=0,
+                    tokens="pre_norm", n_control_seeds=N_CONTROL_SEEDS, control_seed=0, init_baseline=True,
+                    n_init_seeds=N_INIT_SEEDS, init_seed=0, n_folds=5, device="cpu", **mlp_params) -> dict:
+    """The MLP probe of one layer with the linear probe's controls: ``mlp_*`` fields (:func:`~asg_probe.probes.mlp_controls`).
+
+    The same images, folds, tokens (``tokens``, as :func:`layerwise_probes`), slot-control
+    permutations (``control_seed``, ``n_control_seeds``) and initialisations (``init_seed``,
+    ``n_init_seeds``: :func:`asg_probe.reinit.reinitialised`) as the linear probe's, so that
+    ``mlp_r2_control``, ``mlp_selectivity``, ``mlp_r2_init`` and ``mlp_r2_gain`` compare with
+    ``r2_control``, ``selectivity``, ``r2_init`` and ``r2_gain``. One forward pass per model (one
+    more per init seed) up to ``layer``; tokens are sampled into a bounded reservoir
+    (:class:`~asg_probe.probes.MLPProbe`'s ``max_tokens``), so memory does not grow with the images.
+
+    Parameters
+    ----------
+    layer : int, default=-1
+        0 = patch embedding, ``i`` = output of block ``i``; negative counts from the last block.
+    mlp_params
+        :class:`~asg_probe.probes.MLPProbe` parameters (``hidden``, ``steps``, ``max_tokens``, ``seed``...).
+
+    Examples
+    --------
+    >>> import asg_probe
+    >>> model = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=1)
+    >>> out = mlp_layer_probe(model, torch.randn(10, 3, 32, 32), n_control_seeds=1, n_init_seeds=1, steps=20)
+    >>> sorted(k for k in out if k.endswith("_gain"))
+    ['mlp_r2_col_gain', 'mlp_r2_gain', 'mlp_r2_row_gain']
+    """
+    from ..geometry import model_geometry
+    from ..probes import MLPProbe
+    from ..reinit import reinitialised
+
+    if init_baseline and int(n_init_seeds) < 1:
+        raise ValueError(f"n_init_seeds must be >= 1 with init_baseline, got {n_init_seeds}")
+    depth = len(model.blocks) if hasattr(model, "blocks") else None
+    if depth is None and layer < 0:
+        raise ValueError("this model has no .blocks to count layers from the end: pass a layer >= 0")
+    layer = depth + 1 + int(layer) if layer < 0 else int(layer)
+    params = {**MLPProbe().get_params(), "n_folds": n_folds, **mlp_params}
+    data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
+                        seed=seed)
+    grid = tuple(model_geometry(model).grid((1, 3, *data.img_size)))
+    seeds = control_seeds(control_seed, n_control_seeds) if n_control_seeds else []
+    targets = torch.cat([coordinate_targets(grid)] + ([slot_control_targets(grid, seeds)] if seeds else []), dim=1)
+
+    def sample(m):
+        return _layer_reservoir(m, data, layer, targets, final_norm(m, tokens), max_tokens=params["max_tokens"],
+                                seed=params["seed"], device=device)
+
+    inits = []
+    if init_baseline:
+        inits = [sample(reinitialised(model, s)) for s in range(int(init_seed), int(init_seed) + int(n_init_seeds))]
+    out = mlp_controls(sample(model), len(seeds), inits, **params)
+    return {"layer": layer, "num_images": data.num_images, **out}

@@ -23,7 +23,8 @@ One concern per module, so each is found by its name:
                    ``partial_fit`` per batch + ``all_reduce`` + ``finalize``; ``predict``, ``score``
 ``tokens``         :func:`final_norm`: which tokens a probe reads (``TOKENS``: pre- or post-final-norm)
 ``reservoir``      :class:`TokenReservoir`, a bounded order-free token sample
-``mlp``            :class:`MLPProbe`, a small non-linear probe on such a sample
+``mlp``            :class:`MLPProbe`, a small non-linear probe on such a sample, and
+                   :func:`mlp_controls`: the linear probe's controls for it (``mlp_*`` fields)
 =================  ==========================================================================
 
 Examples
@@ -41,7 +42,7 @@ from .coordinate import ONLINE_HEAD_BLOCKS, CoordinateProbe
 from .intervals import jackknife_cv_r2, jackknife_interval
 from .mdl import online_code
 from .metrics import CellAccuracy, fold_interval, r2_columns
-from .mlp import MLPProbe
+from .mlp import MLPProbe, mlp_controls
 from .reservoir import TokenReservoir
 from .solver import DEFAULT_ALPHAS, METHODS, RidgeCVResult, solve_ridge_cv
 from .stats import RidgeStats
@@ -54,6 +55,6 @@ __all__ = [
     "FactoredTargets", "control_seeds",
     "control_target_names", "slot_control_targets",
     "RidgeStats", "RidgeCVResult", "solve_ridge_cv", "CellAccuracy", "r2_columns", "fold_interval", "CoordinateProbe",
-    "TokenReservoir", "MLPProbe", "TOKENS", "final_norm", "jackknife_cv_r2", "jackknife_interval", "online_code",
+    "TokenReservoir", "MLPProbe", "mlp_controls", "TOKENS", "final_norm", "jackknife_cv_r2", "jackknife_interval", "online_code",
     "ONLINE_HEAD_BLOCKS",
 ]

@@ -108,12 +108,20 @@ class RidgeCVResult:
 
 
 def _moments(n, sx, sy, G, H):
-    """Means and centred (co)variances from raw sums."""
+    """Means and centred (co)variances from raw sums (float64 numpy).
+
+    numpy rather than torch: these are a few small (D, D) operations per fold, where torch's
+    intra-op threads cost more than the work (10x on a busy 2-core machine)."""
     mx, my = sx / n, sy / n
-    C = G - n * torch.outer(mx, mx)
+    C = G - n * np.outer(mx, mx)
     C = 0.5 * (C + C.T)  # the subtraction can break exact symmetry, which the solvers assume
-    Cxy = H - n * torch.outer(mx, my)
+    Cxy = H - n * np.outer(mx, my)
     return mx, my, C, Cxy
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # numpy on the CPU: one pass, none of torch's intra-op thread start-up for a small tensor
+    return bool(np.isfinite(t.numpy()).all()) if t.device.type == "cpu" else bool(torch.isfinite(t).all())
 
 
 def _eigh_paths(systems, alphas) -> list:
@@ -128,9 +136,9 @@ def _eigh_paths(systems, alphas) -> list:
     a = np.asarray(alphas, dtype=np.float64)
     out = []
     for C, B in systems:
-        lam, U = eigh(C.numpy())
+        lam, U = eigh(np.asarray(C))
         lam = np.clip(lam, 0, None)
-        P = U.T @ B.numpy()                                             # (D, T)
+        P = U.T @ np.asarray(B)                                            # (D, T)
         W = U @ (P[None] / (lam[None, :, None] + a[:, None, None]))     # (A, D, T)
         out.append(torch.from_numpy(np.ascontiguousarray(W.transpose(1, 0, 2))))
     return out
@@ -145,12 +153,12 @@ def _standardise(n, sx, sy, G, H):
     columns, so zero weight): they cannot inject noise.
     """
     mx, my, C, Cxy = _moments(n, sx, sy, G, H)
-    var = torch.diagonal(C).clamp_min(0) / n
-    second = torch.diagonal(G) / n
-    constant = var <= 1e-12 * second.clamp_min(torch.finfo(torch.float64).tiny)
-    scale = torch.where(constant, torch.ones_like(var), var.sqrt())
-    keep = (~constant).to(torch.float64)
-    Cs = (C / torch.outer(scale, scale) * torch.outer(keep, keep)).contiguous()
+    var = np.clip(np.diagonal(C), 0, None) / n
+    second = np.diagonal(G) / n
+    constant = var <= 1e-12 * np.maximum(second, np.finfo(np.float64).tiny)
+    scale = np.where(constant, 1.0, np.sqrt(var))
+    keep = (~constant).astype(np.float64)
+    Cs = np.ascontiguousarray(C / np.outer(scale, scale) * np.outer(keep, keep))
     return mx, my, scale, Cs, Cxy / scale[:, None] * keep[:, None]
 
 
@@ -159,16 +167,15 @@ class _HeldOut:
 
     def __init__(self, train, n, sx, sy, G, H, sy2):
         mx, my, scale, self.Cs, self.Bs = _standardise(*train)
-        self.mx, self.my, self.scale = mx.numpy(), my.numpy(), scale.numpy()
+        self.mx, self.my, self.scale = mx, my, scale
         self.m = float(n)
         hx, hy, Ch, Chy = _moments(n, sx, sy, G, H)
-        self.sst = (sy2 - n * hy * hy).numpy()
-        self.degenerate = self.sst <= 1e-12 * sy2.clamp_min(torch.finfo(torch.float64).tiny).numpy()
-        scale = self.scale
-        self.Ch_s = (Ch.numpy() / np.outer(scale, scale))
-        self.Chy_s = Chy.numpy() / scale[:, None]
-        self.gap_x = (hx.numpy() - self.mx) / scale                     # held-out minus training mean, standardised
-        self.gap_y = hy.numpy() - self.my
+        self.sst = sy2 - n * hy * hy
+        self.degenerate = self.sst <= 1e-12 * np.maximum(sy2, np.finfo(np.float64).tiny)
+        self.Ch_s = Ch / np.outer(scale, scale)
+        self.Chy_s = Chy / scale[:, None]
+        self.gap_x = (hx - self.mx) / scale                     # held-out minus training mean, standardised
+        self.gap_y = hy - self.my
         self.tridiagonal = None
 
     def sse(self, W: np.ndarray) -> np.ndarray:
@@ -195,8 +202,8 @@ class _HeldOut:
         if method == "eigh":
             return np.ascontiguousarray(_eigh_paths([(self.Cs, self.Bs)], alphas)[0].numpy().transpose(2, 1, 0))
         if self.tridiagonal is None:
-            self.tridiagonal, self.Cs = Tridiagonal(self.Cs.numpy()), None   # overwrites Cs, no longer needed
-        return self.tridiagonal.path(self.Bs.numpy(), alphas)
+            self.tridiagonal, self.Cs = Tridiagonal(self.Cs), None   # overwrites Cs, no longer needed
+        return self.tridiagonal.path(self.Bs, alphas)
 
 
 class _GridSolver:
@@ -210,15 +217,15 @@ class _GridSolver:
     def __init__(self, stats: RidgeStats, method: str):
         self.method = method
         # the solve runs on the CPU in float64 (LAPACK); the statistics are O(F D^2), a cheap copy off a GPU
-        n, sx, sy, G, H, sy2 = (t.cpu() for t in (stats.n, stats.sum_x, stats.sum_y, stats.xtx, stats.xty,
-                                                    stats.sum_y2))
+        n, sx, sy, G, H, sy2 = (t.cpu().numpy() for t in (stats.n, stats.sum_x, stats.sum_y, stats.xtx,
+                                                            stats.xty, stats.sum_y2))
         tot = [t.sum(0) for t in (n, sx, sy, G, H)]
         # every fold's training set is all the folds but k
         self.folds = [_HeldOut([t - t_k for t, t_k in zip(tot, (n[k], sx[k], sy[k], G[k], H[k]))],
                                n[k], sx[k], sy[k], G[k], H[k], sy2[k]) for k in range(stats.n_folds)]
         self.final = _standardise(*tot)
         self._final_tridiagonal = None
-        self.n_tokens, self.n_images = n.numpy(), stats.n_images.cpu().numpy()
+        self.n_tokens, self.n_images = n, stats.n_images.cpu().numpy()
         self.target_names = stats.target_names or tuple(f"y{i}" for i in range(stats.n_targets))
 
     def paths(self, alphas):
@@ -238,7 +245,7 @@ class _GridSolver:
                 with ThreadPoolExecutor(workers) as pool:
                     jobs = [pool.submit(fold, k) for k in range(F)]
                     if self._final_tridiagonal is None:
-                        final = pool.submit(Tridiagonal, self.final[3].numpy())
+                        final = pool.submit(Tridiagonal, self.final[3])
                     out = [job.result() for job in jobs]
                     if self._final_tridiagonal is None:
                         self._final_tridiagonal = final.result()
@@ -253,8 +260,8 @@ class _GridSolver:
             return W[:, where.reshape(-1), np.arange(W.shape[2])].T
         with _single_threaded_blas():
             if self._final_tridiagonal is None:
-                self._final_tridiagonal = Tridiagonal(Cs.numpy())
-            return self._final_tridiagonal.solve(Bs.numpy(), alphas_per_column).T
+                self._final_tridiagonal = Tridiagonal(Cs)
+            return self._final_tridiagonal.solve(Bs, alphas_per_column).T
 
     def result(self, alphas, fold_r2, paths) -> RidgeCVResult:
         F, A, T = fold_r2.shape
@@ -272,7 +279,7 @@ class _GridSolver:
         fold_coef = np.stack([W[cols, best] / held.scale[None] for W, held in zip(paths, self.folds)])   # (F, T, D)
         fold_icpt = np.stack([held.my - coef @ held.mx for coef, held in zip(fold_coef, self.folds)])
         # the final refit on all folds needs only the chosen alpha of each column
-        mx, my, scale = (t.numpy() for t in self.final[:3])
+        mx, my, scale = self.final[:3]
         coef = self.refit(alphas[best]) / scale[None]
         return RidgeCVResult(
             alphas=alphas, target_names=self.target_names, fold_r2=fold_r2, cv_r2_path=path, best_index=best,
@@ -351,7 +358,7 @@ def solve_ridge_cv(stats: RidgeStats, alphas=None, *, method: str = "fast", exte
     if empty:
         raise ValueError(f"fold(s) {empty} received no tokens: need at least n_folds={F} images "
                          f"(fold = image_index % {F})")
-    if not all(bool(torch.isfinite(t).all()) for t in stats._tensors()[:-1]):
+    if not all(_finite(t) for t in stats._tensors()[:-1]):
         raise ValueError("the statistics contain NaN or inf: the features fed to update() were not finite")
     solver = _GridSolver(stats, method)
     fold_r2, paths = solver.paths(alphas)

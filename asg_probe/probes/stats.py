@@ -167,12 +167,15 @@ class RidgeStats:
         if self._lower_stale:
             # updates only form the upper block triangle (5/8 of the products for 4
             # blocks); the lower blocks are copied from it when someone reads them
+            # on the CPU through numpy (a view of the same memory): small copies, where torch's
+            # intra-op threads cost more than the work on a busy machine
+            xtx = self._xtx.numpy() if self._xtx.device.type == "cpu" else self._xtx
             for i, (a, b) in enumerate(self._blocks):
                 for c, e in self._blocks[i + 1:]:
-                    self._xtx[:, c:e, a:b] = self._xtx[:, a:b, c:e].transpose(-1, -2)
+                    xtx[:, c:e, a:b] = xtx[:, a:b, c:e].swapaxes(-1, -2)
                 # a diagonal block is formed whole, and its two triangles round differently
-                block = self._xtx[:, a:b, a:b]
-                block.copy_(0.5 * (block + block.transpose(-1, -2)))
+                block = xtx[:, a:b, a:b]
+                block[...] = 0.5 * (block + block.swapaxes(-1, -2))
             self._lower_stale = False
         return self._xtx
 
