@@ -26,18 +26,36 @@ block 0, ``i`` = output of block ``i``):
 5. **control**: all of the above after erasing a random subspace of the same rank with the same
    centring and the same whitening (:func:`random_eraser`: LEACE's form ``x − W⁺ u uᵀ W (x − μ)`` with
    ``u`` drawn at random, which is what LEACE fits for a concept the tokens do not carry), for
-   several seeds (means over seeds). An effect means something only beside it.
+   several seeds (means over seeds). An effect means something only beside it. Its edits are
+   smaller than LEACE's (on ViT tokens a uniform whitened direction mostly lands on low-variance
+   directions: ``edit_norm_control`` is often 1/6–1/10 of ``edit_norm``), so an effect beyond it
+   rules out only "any rank-k edit of the control's typical size";
+6. **matched control** (``n_matched_seeds``, default 1): a random subspace of the same rank whose
+   edit is as large as LEACE's (:func:`matched_eraser`: expected squared edit over the fit tokens
+   equal to LEACE's) and which carries no linear position (drawn in the whitened complement of
+   LEACE's directions, so the fit tokens' linear predictor of (row, col) is untouched). An effect
+   beyond *it* rules out "any rank-k edit of the same size": it is the position the edit removes,
+   not the edit's size, that changes the output. ``edit_norm`` / ``edit_norm_control`` /
+   ``edit_norm_matched`` (mean ``‖x' − x‖`` per patch token at ``L``) show the sizes; where the tokens
+   have no directions besides position as large as LEACE's edit, the matched control falls short
+   and ``edit_norm_matched`` says by how much.
 
 What it rules out, and what not: a LEACE-erased layer holds no linearly decodable position, so an
 output that does not change shows that the model does not need *linearly* decodable position at
 ``L`` (given the later layers, which may recompute it: see recovery). Non-linearly encoded
 position survives LEACE (an MLP probe may still read it), so "no effect" never means "no
-position used", and an effect larger than the control's says the linear position code at ``L``
-is used.
+position used", and an effect larger than the matched control's says the linear position code
+at ``L`` is used.
 
-The clean, erased and control copies of a batch share everything before ``L``: the hook at ``L``
-stacks them along the batch, so each erase layer costs one forward of the blocks from ``L`` on,
-on ``(2 + n_control_seeds)`` times the held-out batch.
+Cost: per held-out batch, one clean forward caches the residual stream at every erase layer
+(the reference of the effect and of ``r2_clean``); then each erase layer ``L`` runs only blocks
+``L..end`` (:func:`asg_probe.hooks.run_from`), on the LEACE, control and matched copies stacked as
+one batch. All statistics are streamed sums (ridge Gram matrices, KL / agreement sums), so memory
+does not grow with the number of images; the recovery probes of all erase layers are alive at once
+(erase layers are grouped to stay within :data:`STATS_MEMORY`, each group repeating the clean
+forward). With ``depth + 1`` erase layers and ``V = 1 + n_control_seeds + n_matched_seeds`` copies
+that is about ``0.5 (fit) + 0.5 (clean) + V × 0.5 × (depth + 2) / 2`` bare forwards of all images,
+plus the probes' float64 updates.
 """
 from __future__ import annotations
 
@@ -395,14 +413,18 @@ class ErasureResult(AnalysisResult):
         ``{erase_layer, read_layer, r2, r2_row, r2_col, r2_ci, r2_control, r2_control_std, r2_clean}``:
         held-out coordinate-probe R² after LEACE erasure at ``erase_layer``, read at
         ``read_layer >= erase_layer``, with the 95% fold interval; ``r2_control`` the mean over the
-        random-subspace seeds; ``r2_clean`` the same probe without erasure.
+        random-subspace seeds, ``r2_matched`` over the matched control's; ``r2_clean`` the same probe
+        without erasure.
     effect : list of dict
         ``{erase_layer, rank, agreement, agreement_control, agreement_ci, agreement_control_ci, kl, kl_control,
         kl_ci, kl_control_ci, kl_diff_ci, accuracy_clean, accuracy, accuracy_control, relative_change,
-        relative_change_control, edit, edit_control}``; head-dependent fields are ``None`` for a
+        relative_change_control, edit, edit_control, edit_norm, edit_norm_control}`` and the matched
+        control's ``{agreement, kl, kl_diff, accuracy, relative_change, edit, edit_norm}_matched``
+        (``None`` with ``n_matched_seeds=0``); head-dependent fields are ``None`` for a
         headless model, accuracies ``None`` without labels. ``kl_diff_ci`` is the 95% interval of the
-        per-image paired difference (erased − control); ``edit`` the relative size of the erasure
-        itself at ``erase_layer`` (``‖x' − x‖ / ‖x‖`` of the patch tokens).
+        per-image paired difference (erased − control), ``kl_diff_matched_ci`` the same against the
+        matched control; ``edit`` the relative size of the erasure itself at ``erase_layer``
+        (``‖x' − x‖ / ‖x‖`` of the patch tokens), ``edit_norm`` its mean per patch token ``‖x' − x‖``.
 
     Examples
     --------
@@ -437,8 +459,11 @@ class ErasureResult(AnalysisResult):
         if table != "recovery":
             raise ValueError(f"table must be 'recovery' or 'effect', got {table!r}")
         rec = pd.DataFrame(self.recovery)
-        eff = pd.DataFrame(self.effect)[["erase_layer", "agreement", "agreement_control", "kl", "kl_control",
-                                         "relative_change", "relative_change_control"]]
+        columns = ["erase_layer", "agreement", "agreement_control", "kl", "kl_control", "relative_change",
+                   "relative_change_control", "edit_norm", "edit_norm_control", "agreement_matched", "kl_matched",
+                   "relative_change_matched", "edit_norm_matched"]
+        eff = pd.DataFrame(self.effect)
+        eff = eff[[c for c in columns if c in eff.columns]]     # results saved before the matched control lack some
         return rec.merge(eff, on="erase_layer", how="left")
 
     def r2_matrix(self, column="r2"):
@@ -558,6 +583,10 @@ def erase_position(model, images=None, *, layers=None, num_images=128, img_size=
         Ridge penalties of the recovery probes (default as the layerwise probe).
     label : str
         Display name (the JSON ``checkpoint`` field); ``checkpoint`` is its deprecated alias.
+    n_matched_seeds : int
+        Seeds of the matched control (:func:`matched_eraser`: LEACE's edit size, no linear
+        position), averaged; 0 leaves it out (its fields are then ``None``). Each seed costs one more
+        copy of the held-out images through the blocks after each erase layer.
 
     Returns
     -------
