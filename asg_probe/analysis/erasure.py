@@ -54,7 +54,7 @@ one batch. All statistics are streamed sums (ridge Gram matrices, KL / agreement
 does not grow with the number of images; the recovery probes of all erase layers are alive at once
 (erase layers are grouped to stay within :data:`STATS_MEMORY`, each group repeating the clean
 forward). With ``depth + 1`` erase layers and ``V = 1 + n_control_seeds + n_matched_seeds`` copies
-that is about ``0.5 (fit) + 0.5 (clean) + V × 0.5 × (depth + 2) / 2`` bare forwards of all images,
+that is about ``0.5 (fit) + 0.5 (clean) + V × 0.5 × (depth + 1) / 2`` bare forwards of all images,
 plus the probes' float64 updates.
 """
 from __future__ import annotations
@@ -207,10 +207,12 @@ def edit_energy(eraser, fitter) -> float:
     >>> round(edit_energy(e, f))                                          # channel 0's variance
     9
     """
-    P = (eraser.proj_left @ eraser.proj_right).to(fitter.sigma_xx_)
+    left, right = (t.to(fitter.sigma_xx_) for t in (eraser.proj_left, eraser.proj_right))
     C = fitter.sigma_xx_ / max(int(fitter.n), 1)
     shift = fitter.mean_x - (eraser.bias if eraser.bias is not None else 0)
-    return float(torch.trace(P @ C @ P.mH) + (P @ shift).square().sum())
+    # P = left @ right has rank k: tr(P C Pᵀ) = tr((leftᵀ left)(right C rightᵀ)), O(d² k) not O(d³)
+    energy = torch.trace((left.mH @ left) @ (right @ C @ right.mH))
+    return float(energy + (left @ (right @ shift)).square().sum())
 
 
 def _whitening(fitter):
@@ -500,8 +502,11 @@ class ErasureResult(AnalysisResult):
             head = self.effect and self.effect[0]["agreement"] is not None
             key, what = ("agreement", "top-1 agreement with unerased") if head else \
                 ("relative_change", "relative change of final tokens")
-            for suffix, ls, lab in (("", "-", "LEACE (row, col)"), ("_control", "--", "random subspace, same rank")):
-                values = [r[key + suffix] for r in self.effect]
+            for suffix, ls, lab in (("", "-", "LEACE (row, col)"), ("_control", "--", "random subspace, same rank"),
+                                    ("_matched", ":", "random subspace, LEACE's edit size")):
+                values = [r.get(key + suffix) for r in self.effect]
+                if any(v is None for v in values):     # no matched control (n_matched_seeds=0, older results)
+                    continue
                 ax_eff.plot(layers, values, ls=ls, marker="o", ms=4, color=color, label=lab)
                 cis = [r.get(f"{key}{suffix}_ci") for r in self.effect]
                 if all(ci is not None for ci in cis):
