@@ -744,7 +744,7 @@ def erase_position(model, images=None, *, layers=None, num_images=128, img_size=
 
 #: Bytes of streamed ridge statistics (recovery probes) alive at once. Erase layers are processed
 #: in groups within it; each group repeats the clean forward of the held-out images once.
-STATS_MEMORY = 4 * 2**30
+STATS_MEMORY = 2 * 2**30
 
 
 def _layer_groups(erase_layers, depth, n_views, n_folds, width):
