@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from .errors import UsageError
 
 __all__ = ["POINTS", "hook_points", "block_kind", "resid_name", "hooks", "run_with_hooks", "run_with_cache",
-           "iter_activations", "HookCache"]
+           "run_from", "iter_activations", "HookCache"]
 
 #: Every hook point a block can have (see the module docstring).
 POINTS = ("hook_resid_pre", "hook_resid_post", "hook_normed", "hook_normed_mlp", "hook_attn_out", "hook_mlp_out",
@@ -362,6 +362,86 @@ def run_with_hooks(model, images, fwd_hooks=(), *, forward=None):
         out = (forward or _forward)(model, images)
     _check_attention_seen(model, fwd_hooks, tracker)
     return out
+
+
+def _pass_through(x, *args, **kwargs):
+    return x
+
+
+@contextlib.contextmanager
+def _skipped(blocks):
+    """The ``blocks`` return their input unchanged for the duration (an instance attribute shadows
+    ``forward``; hooks on them still run), restored in a ``finally``."""
+    saved = []
+    try:
+        for block in blocks:
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = _pass_through
+        yield
+    finally:
+        for block, own in saved:
+            if own is None:
+                del block.__dict__["forward"]
+            else:
+                block.forward = own
+
+
+def run_from(model, layer, resid, images, fwd_hooks=(), *, forward=None):
+    """Continue a forward pass from asg_probe layer ``layer``: ``resid`` enters there, and only the
+    blocks from ``layer`` on (then the final norm and head) run on it.
+
+    What :func:`run_with_hooks` with a patching hook at :func:`resid_name` ``(layer)`` computes,
+    without running the blocks before ``layer``: the cheap way to run many edits of one cached
+    residual stream (causal erasure at every layer: :func:`asg_probe.erase_position`). The blocks
+    before ``layer`` are skipped for the duration (each returns its input); the model's own
+    ``forward`` (or ``forward``) still runs its embedding on ``images``, whose result is discarded,
+    so any per-forward state the embedding sets (grid, RoPE, resolution) is that of ``images``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layer : int
+        asg_probe layer (0..depth; negative counts from the end).
+    resid : tensor (B, prefix + N, D)
+        The residual stream at ``layer``, prefix tokens included (``run_with_cache(...,
+        include_prefix=True)``).
+    images : tensor (B, 3, H, W)
+        The images ``resid`` belongs to (any whose token sequence has ``resid``'s length and batch).
+    fwd_hooks : list of (name, fn) or dict
+        Further hooks (:func:`hooks`), at ``layer`` or later; a function at ``layer``'s own point sees
+        ``resid``.
+    forward : callable, optional
+        As in :func:`run_with_hooks`.
+
+    Examples
+    --------
+    >>> import asg_probe, torch
+    >>> m = asg_probe.create_model("vit_tiny_patch4_32", depth=3).eval()
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> out, cache = run_with_cache(m, x, [resid_name(2, 3)], include_prefix=True)
+    >>> resumed = run_from(m, 2, cache[resid_name(2, 3)], x)
+    >>> torch.allclose(resumed, out, atol=1e-5)
+    True
+    """
+    from .geometry import resolve_layers
+
+    blocks = _blocks(model)
+    depth = len(blocks)
+    (layer,) = resolve_layers([layer], depth)
+    if resid.shape[0] != images.shape[0]:
+        raise UsageError(f"run_from: resid has {resid.shape[0]} sequences for {images.shape[0]} images; "
+                         "pass the images the residual stream belongs to (repeat them for stacked copies)")
+
+    def enter(act, name):
+        if act.shape != resid.shape:
+            raise UsageError(f"run_from: resid has shape {tuple(resid.shape)}, the model's layer {layer} has "
+                             f"{tuple(act.shape)}; pass the residual stream with its prefix tokens "
+                             "(run_with_cache(..., include_prefix=True)) of images of this size")
+        return resid.to(act.dtype)
+
+    extra = list(fwd_hooks.items()) if isinstance(fwd_hooks, dict) else [tuple(p) for p in fwd_hooks]
+    with _skipped(blocks[:layer]):
+        return run_with_hooks(model, images, [(resid_name(layer, depth), enter), *extra], forward=forward)
 
 
 def _check_attention_seen(model, fns, tracker):

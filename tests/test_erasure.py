@@ -149,3 +149,70 @@ def test_bad_arguments_fail_before_compute(bad):
     images = torch.randn(kwargs.pop("num_images"), 3, 32, 32)
     with pytest.raises(UsageError):
         erase_position(planted_vit(), images, progress=False, **kwargs)
+
+
+def _outputs(model, x):
+    from asg_probe.analysis.erasure import _outputs as outputs
+
+    return outputs(model, x)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_resumed_from_a_layer_equals_the_full_forward_with_the_hook(layer):
+    """run_from (blocks L..end on a cached, edited residual) is the full forward with a patching hook at L."""
+    from asg_probe.hooks import run_from, run_with_hooks
+
+    torch.manual_seed(0)
+    m = asg_probe.create_model("vit_tiny_patch4_32", pos="ape", depth=2, num_classes=3).eval()
+    torch.nn.init.normal_(m.head.weight)          # logits of a size the comparison can see
+    x = torch.randn(3, 3, 32, 32)
+    name = resid_name(layer, 2)
+    _, cache = run_with_cache(m, x, [name], include_prefix=True)
+    edited = cache[name] * torch.linspace(0.5, 2.0, cache[name].shape[-1])   # any edit, prefix included
+    full_f, full_l = run_with_hooks(m, x, [(name, lambda act, n: act * torch.linspace(0.5, 2.0, act.shape[-1]))],
+                                    forward=_outputs)
+    later = resid_name(2, 2)
+    seen = {}
+    f, logits = run_from(m, layer, edited, x, [(later, lambda act, n: seen.setdefault(n, act))], forward=_outputs)
+    assert torch.allclose(f, full_f, atol=1e-5) and torch.allclose(logits, full_l, atol=1e-4)
+    assert (full_l - m(x)).abs().max() > 0.1                        # the edit mattered
+    assert seen[later].shape == cache[name].shape
+    assert all("forward" not in vars(b) for b in m.blocks)         # the skipped blocks are restored
+
+
+def test_matched_control_edits_as_much_as_leace_and_leaves_position():
+    # wide with full-size content: the tokens have directions besides position as large as its edit
+    res = erase_position(planted_vit(width=192, content=1.0), torch.randn(24, 3, 32, 32), layers=[0], n_folds=3,
+                         n_control_seeds=1, n_matched_seeds=1, progress=False)
+    eff, (row0,) = res.effect[0], [r for r in res.recovery if r["read_layer"] == 0]
+    assert abs(eff["edit_norm_matched"] / eff["edit_norm"] - 1) <= 0.1
+    assert eff["edit_norm_control"] < 0.5 * eff["edit_norm"]        # the plain control's edits are smaller
+    assert row0["r2"] <= 0.1 and row0["r2_matched"] >= 0.8          # as large an edit, but no position removed
+    frame = res.to_frame()
+    assert {"edit_norm", "edit_norm_control", "edit_norm_matched"} <= set(frame.columns)
+
+
+def test_erasure_runs_on_a_hugging_face_vit():
+    """A tiny transformers ViT (from a config, nothing downloaded) with a (row, col) ramp planted in
+    its position table, through the adapter every analysis uses (asg_probe.hf.HFViT)."""
+    transformers = pytest.importorskip("transformers")
+    from asg_probe.hf import HFViT
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                 patch_size=8, intermediate_size=64)
+    hf = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        hf.embeddings.position_embeddings.zero_()
+        hf.embeddings.position_embeddings[0, 1:, :2] = 4 * (coordinate_targets((4, 4)) - 0.5)
+        hf.embeddings.patch_embeddings.projection.weight.mul_(0.3)
+    model = HFViT(hf).eval()
+    res = erase_position(model, torch.randn(40, 3, 32, 32), n_folds=3, n_control_seeds=1, progress=False)
+    assert [r["erase_layer"] for r in res.effect] == [0, 1, 2]
+    assert [(r["erase_layer"], r["read_layer"]) for r in res.recovery] == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2),
+                                                                           (2, 2)]
+    (row0,) = [r for r in res.recovery if r["erase_layer"] == 0 and r["read_layer"] == 0]
+    assert row0["r2_clean"] > 0.9 and row0["r2"] < 0.2 and row0["r2_control"] > 0.7
+    for eff in res.effect:                      # headless: the final tokens' change, not agreement
+        assert eff["agreement"] is None and eff["rank"] == 2
+        assert eff["relative_change"] > 0 and eff["edit_norm"] > 0 and eff["edit_norm_matched"] > 0

@@ -26,18 +26,36 @@ block 0, ``i`` = output of block ``i``):
 5. **control**: all of the above after erasing a random subspace of the same rank with the same
    centring and the same whitening (:func:`random_eraser`: LEACE's form ``x − W⁺ u uᵀ W (x − μ)`` with
    ``u`` drawn at random, which is what LEACE fits for a concept the tokens do not carry), for
-   several seeds (means over seeds). An effect means something only beside it.
+   several seeds (means over seeds). An effect means something only beside it. Its edits are
+   smaller than LEACE's (on ViT tokens a uniform whitened direction mostly lands on low-variance
+   directions: ``edit_norm_control`` is often 1/6–1/10 of ``edit_norm``), so an effect beyond it
+   rules out only "any rank-k edit of the control's typical size";
+6. **matched control** (``n_matched_seeds``, default 1): a random subspace of the same rank whose
+   edit is as large as LEACE's (:func:`matched_eraser`: expected squared edit over the fit tokens
+   equal to LEACE's) and which carries no linear position (drawn in the whitened complement of
+   LEACE's directions, so the fit tokens' linear predictor of (row, col) is untouched). An effect
+   beyond *it* rules out "any rank-k edit of the same size": it is the position the edit removes,
+   not the edit's size, that changes the output. ``edit_norm`` / ``edit_norm_control`` /
+   ``edit_norm_matched`` (mean ``‖x' − x‖`` per patch token at ``L``) show the sizes; where the tokens
+   have no directions besides position as large as LEACE's edit, the matched control falls short
+   and ``edit_norm_matched`` says by how much.
 
 What it rules out, and what not: a LEACE-erased layer holds no linearly decodable position, so an
 output that does not change shows that the model does not need *linearly* decodable position at
 ``L`` (given the later layers, which may recompute it: see recovery). Non-linearly encoded
 position survives LEACE (an MLP probe may still read it), so "no effect" never means "no
-position used", and an effect larger than the control's says the linear position code at ``L``
-is used.
+position used", and an effect larger than the matched control's says the linear position code
+at ``L`` is used.
 
-The clean, erased and control copies of a batch share everything before ``L``: the hook at ``L``
-stacks them along the batch, so each erase layer costs one forward of the blocks from ``L`` on,
-on ``(2 + n_control_seeds)`` times the held-out batch.
+Cost: per held-out batch, one clean forward caches the residual stream at every erase layer
+(the reference of the effect and of ``r2_clean``); then each erase layer ``L`` runs only blocks
+``L..end`` (:func:`asg_probe.hooks.run_from`), on the LEACE, control and matched copies stacked as
+one batch. All statistics are streamed sums (ridge Gram matrices, KL / agreement sums), so memory
+does not grow with the number of images; the recovery probes of all erase layers are alive at once
+(erase layers are grouped to stay within :data:`STATS_MEMORY`, each group repeating the clean
+forward). With ``depth + 1`` erase layers and ``V = 1 + n_control_seeds + n_matched_seeds`` copies
+that is about ``0.5 (fit) + 0.5 (clean) + V × 0.5 × (depth + 1) / 2`` bare forwards of all images,
+plus the probes' float64 updates.
 """
 from __future__ import annotations
 
@@ -51,8 +69,8 @@ from ..probes import CoordinateProbe, coordinate_targets, fold_interval
 from ..results import AnalysisResult
 from .layerwise import ProbeAccumulator
 
-__all__ = ["erase_position", "ErasureResult", "LeaceAccumulator", "random_eraser", "eraser_rank",
-           "erase_patch_tokens", "held_out"]
+__all__ = ["erase_position", "ErasureResult", "LeaceAccumulator", "random_eraser", "matched_eraser", "eraser_rank",
+           "edit_energy", "erase_patch_tokens", "held_out"]
 
 #: The two sides of the image split (:func:`held_out`).
 FIT, HELD_OUT = False, True
@@ -176,6 +194,109 @@ def random_eraser(fitter, rank: int, seed: int):
     return LeaceEraser(proj_left=W_inv @ u, proj_right=u.mH @ W, bias=fitter.mean_x)
 
 
+def edit_energy(eraser, fitter) -> float:
+    """Mean squared edit ``E‖x' − x‖²`` of ``eraser`` over the tokens ``fitter`` saw (exact, from their
+    mean and covariance): ``tr(P C Pᵀ) + ‖P (m − b)‖²`` with ``P`` the edit, ``C``, ``m`` the tokens'
+    covariance and mean and ``b`` the eraser's centre.
+
+    >>> import torch
+    >>> from concept_erasure import LeaceEraser, LeaceFitter
+    >>> x = torch.randn(4000, 3, dtype=torch.float64) * torch.tensor([3.0, 1.0, 1.0], dtype=torch.float64)
+    >>> f = LeaceFitter(3, 1, dtype=torch.float64).update(x, torch.zeros(4000, 1, dtype=torch.float64))
+    >>> e = LeaceEraser(torch.eye(3, dtype=torch.float64)[:, :1], torch.eye(3, dtype=torch.float64)[:1], f.mean_x)
+    >>> round(edit_energy(e, f))                                          # channel 0's variance
+    9
+    """
+    left, right = (t.to(fitter.sigma_xx_) for t in (eraser.proj_left, eraser.proj_right))
+    C = fitter.sigma_xx_ / max(int(fitter.n), 1)
+    shift = fitter.mean_x - (eraser.bias if eraser.bias is not None else 0)
+    # P = left @ right has rank k: tr(P C Pᵀ) = tr((leftᵀ left)(right C rightᵀ)), O(d² k) not O(d³)
+    energy = torch.trace((left.mH @ left) @ (right @ C @ right.mH))
+    return float(energy + (left @ (right @ shift)).square().sum())
+
+
+def _whitening(fitter):
+    """``(W, W⁺, support basis, Σ)`` of the (shrunk) covariance LEACE whitens with (concept_erasure's threshold)."""
+    sigma = fitter.sigma_xx
+    L, V = torch.linalg.eigh(sigma)
+    support = L > (L[-1] * sigma.shape[-1] * torch.finfo(L.dtype).eps)
+    L = L.clamp_min(0.0)
+    W = (V * torch.where(support, L.rsqrt(), 0.0)) @ V.mH
+    W_inv = (V * torch.where(support, L.sqrt(), 0.0)) @ V.mH
+    return W, W_inv, V[:, support], sigma
+
+
+def matched_eraser(fitter, eraser, seed: int, rank=None, iters: int = 60):
+    """The matched control: a random LEACE-form eraser of LEACE's rank whose edit is as large as LEACE's,
+    in directions that carry no linear position.
+
+    The plain control (:func:`random_eraser`) draws its whitened directions uniformly; on ViT tokens
+    they mostly land on low-variance directions, so its edits are several times smaller than
+    LEACE's, which follow position into the high-variance ones. The rule here: ``u`` is drawn in
+    the whitened complement of LEACE's directions (so the linear predictor of (row, col) from the
+    fit tokens is untouched: the edit removes no linear position), as
+    ``u = orth(B Y diag(μ^(p/2)) g)`` with ``g`` standard normal, ``(μ, Y)`` the eigenpairs of the
+    covariance restricted to that complement (basis ``B``), and the exponent ``p`` found by
+    bisection so that the expected squared edit over the fit tokens (:func:`edit_energy`) equals
+    LEACE's: ``p = 0`` is the uniform draw, ``p > 0`` leans to high-variance directions, ``p < 0``
+    to low. Where even the complement's top directions are smaller than LEACE's edit (tokens
+    whose variance is mostly position), ``p`` stops at its bound and the shortfall shows in
+    ``edit_norm_matched``.
+
+    >>> import torch
+    >>> from concept_erasure import LeaceFitter
+    >>> g = torch.Generator().manual_seed(0)
+    >>> z = torch.rand(3000, 2, generator=g, dtype=torch.float64)
+    >>> x = torch.randn(3000, 12, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, 12, dtype=torch.float64)
+    >>> x[:, :2] += 6 * z                                                  # position: the largest variance
+    >>> f = LeaceFitter(12, 2, dtype=torch.float64).update(x, z)
+    >>> m = matched_eraser(f, f.eraser, seed=0)
+    >>> round(edit_energy(m, f) / edit_energy(f.eraser, f), 2), eraser_rank(m)
+    (1.0, 2)
+    """
+    LeaceEraser = _concept_erasure().LeaceEraser
+    rank = eraser_rank(eraser) if rank is None else int(rank)
+    W, W_inv, S, sigma = _whitening(fitter)
+    # LEACE's whitened directions: the column space of W Σ_xz (what concept_erasure's eraser removes)
+    u_leace, s, _ = torch.linalg.svd(W @ fitter.sigma_xz, full_matrices=False)
+    u_leace = u_leace[:, s > s.max().clamp_min(1e-300) * 1e-6] if s.numel() else u_leace[:, :0]
+    comp = S - u_leace @ (u_leace.mH @ S)            # the support, less LEACE's directions
+    B, sv, _ = torch.linalg.svd(comp, full_matrices=False)
+    B = B[:, sv > 0.5]
+    if B.shape[1] < rank:
+        raise ValueError(f"the tokens have {B.shape[1]} directions besides position's; a rank-{rank} matched "
+                         "control needs more (use more fit images)")
+    mu, Y = torch.linalg.eigh(B.mH @ sigma @ B)
+    basis = B @ Y
+    log_mu = mu.clamp_min(mu.max() * 1e-12).log()
+    gen = torch.Generator().manual_seed(2_000_029 * int(seed) + 11)
+    g = torch.randn(basis.shape[1], rank, generator=gen, dtype=torch.float64).to(sigma)
+    target = edit_energy(eraser, fitter)
+
+    def draw(p):
+        w = (0.5 * p * (log_mu - log_mu.max())).exp() if p >= 0 else (0.5 * p * (log_mu - log_mu.min())).exp()
+        u, _ = torch.linalg.qr(basis @ (w[:, None] * g))
+        e = LeaceEraser(proj_left=W_inv @ u, proj_right=u.mH @ W, bias=fitter.mean_x)
+        return e, edit_energy(e, fitter)
+
+    lo, hi = -40.0, 40.0
+    best = draw(0.0)
+    if best[1] < target:
+        lo = 0.0
+    else:
+        hi = 0.0
+    for _ in range(int(iters)):
+        mid = 0.5 * (lo + hi)
+        e, energy = draw(mid)
+        if abs(energy - target) < abs(best[1] - target):
+            best = (e, energy)
+        if energy < target:
+            lo = mid
+        else:
+            hi = mid
+    return best[0]
+
+
 def erase_patch_tokens(tokens, eraser, num_prefix_tokens):
     """``eraser`` applied to the patch tokens of a ``(B, prefix + N, D)`` residual stream; prefix tokens
     (class, registers) pass unchanged. Computed in the eraser's precision, returned in the tokens' dtype.
@@ -294,14 +415,18 @@ class ErasureResult(AnalysisResult):
         ``{erase_layer, read_layer, r2, r2_row, r2_col, r2_ci, r2_control, r2_control_std, r2_clean}``:
         held-out coordinate-probe R² after LEACE erasure at ``erase_layer``, read at
         ``read_layer >= erase_layer``, with the 95% fold interval; ``r2_control`` the mean over the
-        random-subspace seeds; ``r2_clean`` the same probe without erasure.
+        random-subspace seeds, ``r2_matched`` over the matched control's; ``r2_clean`` the same probe
+        without erasure.
     effect : list of dict
         ``{erase_layer, rank, agreement, agreement_control, agreement_ci, agreement_control_ci, kl, kl_control,
         kl_ci, kl_control_ci, kl_diff_ci, accuracy_clean, accuracy, accuracy_control, relative_change,
-        relative_change_control, edit, edit_control}``; head-dependent fields are ``None`` for a
+        relative_change_control, edit, edit_control, edit_norm, edit_norm_control}`` and the matched
+        control's ``{agreement, kl, kl_diff, accuracy, relative_change, edit, edit_norm}_matched``
+        (``None`` with ``n_matched_seeds=0``); head-dependent fields are ``None`` for a
         headless model, accuracies ``None`` without labels. ``kl_diff_ci`` is the 95% interval of the
-        per-image paired difference (erased − control); ``edit`` the relative size of the erasure
-        itself at ``erase_layer`` (``‖x' − x‖ / ‖x‖`` of the patch tokens).
+        per-image paired difference (erased − control), ``kl_diff_matched_ci`` the same against the
+        matched control; ``edit`` the relative size of the erasure itself at ``erase_layer``
+        (``‖x' − x‖ / ‖x‖`` of the patch tokens), ``edit_norm`` its mean per patch token ``‖x' − x‖``.
 
     Examples
     --------
@@ -336,8 +461,11 @@ class ErasureResult(AnalysisResult):
         if table != "recovery":
             raise ValueError(f"table must be 'recovery' or 'effect', got {table!r}")
         rec = pd.DataFrame(self.recovery)
-        eff = pd.DataFrame(self.effect)[["erase_layer", "agreement", "agreement_control", "kl", "kl_control",
-                                         "relative_change", "relative_change_control"]]
+        columns = ["erase_layer", "agreement", "agreement_control", "kl", "kl_control", "relative_change",
+                   "relative_change_control", "edit_norm", "edit_norm_control", "agreement_matched", "kl_matched",
+                   "relative_change_matched", "edit_norm_matched"]
+        eff = pd.DataFrame(self.effect)
+        eff = eff[[c for c in columns if c in eff.columns]]     # results saved before the matched control lack some
         return rec.merge(eff, on="erase_layer", how="left")
 
     def r2_matrix(self, column="r2"):
@@ -374,8 +502,11 @@ class ErasureResult(AnalysisResult):
             head = self.effect and self.effect[0]["agreement"] is not None
             key, what = ("agreement", "top-1 agreement with unerased") if head else \
                 ("relative_change", "relative change of final tokens")
-            for suffix, ls, lab in (("", "-", "LEACE (row, col)"), ("_control", "--", "random subspace, same rank")):
-                values = [r[key + suffix] for r in self.effect]
+            for suffix, ls, lab in (("", "-", "LEACE (row, col)"), ("_control", "--", "random subspace, same rank"),
+                                    ("_matched", ":", "random subspace, LEACE's edit size")):
+                values = [r.get(key + suffix) for r in self.effect]
+                if any(v is None for v in values):     # no matched control (n_matched_seeds=0, older results)
+                    continue
                 ax_eff.plot(layers, values, ls=ls, marker="o", ms=4, color=color, label=lab)
                 cis = [r.get(f"{key}{suffix}_ci") for r in self.effect]
                 if all(ci is not None for ci in cis):
@@ -428,7 +559,7 @@ def _scene_labels(model, images, num_images, img_size, seed):
 
 def erase_position(model, images=None, *, layers=None, num_images=128, img_size=None, batch_size=32, n_folds=5,
                    n_control_seeds=3, labels=None, alphas=None, seed=0, device="cpu", progress=True, label="",
-                   checkpoint=None):
+                   checkpoint=None, n_matched_seeds=1):
     """Erase linearly decodable position (LEACE) at each layer and measure recovery and output effect.
 
     Parameters
@@ -457,6 +588,10 @@ def erase_position(model, images=None, *, layers=None, num_images=128, img_size=
         Ridge penalties of the recovery probes (default as the layerwise probe).
     label : str
         Display name (the JSON ``checkpoint`` field); ``checkpoint`` is its deprecated alias.
+    n_matched_seeds : int
+        Seeds of the matched control (:func:`matched_eraser`: LEACE's edit size, no linear
+        position), averaged; 0 leaves it out (its fields are then ``None``). Each seed costs one more
+        copy of the held-out images through the blocks after each erase layer.
 
     Returns
     -------
@@ -472,7 +607,7 @@ def erase_position(model, images=None, *, layers=None, num_images=128, img_size=
     """
     from ..errors import UsageError
     from ..geometry import model_geometry, resolve_layers
-    from ..hooks import resid_name, run_with_hooks
+    from ..hooks import resid_name, run_from, run_with_cache
     from ..inputs import ImageBatches, display_label
     from ..progress import progress_bar
     from .resolution import any_input_size
@@ -483,6 +618,8 @@ def erase_position(model, images=None, *, layers=None, num_images=128, img_size=
         raise UsageError(f"n_control_seeds must be at least 1, got {n_control_seeds}")
     if int(n_folds) < 2:
         raise UsageError(f"n_folds must be at least 2, got {n_folds}")
+    if int(n_matched_seeds) < 0:
+        raise UsageError(f"n_matched_seeds must be 0 (no matched control) or more, got {n_matched_seeds}")
     geo = model_geometry(model)
     depth, prefix = geo.depth, geo.num_prefix_tokens
     erase_layers = resolve_layers(layers, depth)
@@ -507,7 +644,7 @@ def erase_position(model, images=None, *, layers=None, num_images=128, img_size=
         if len(labels) < data.num_images:
             raise UsageError(f"labels has {len(labels)} entries for {data.num_images} images")
     head = has_head(model)
-    S = int(n_control_seeds)
+    S, M = int(n_control_seeds), int(n_matched_seeds)
 
     was_training = model.training
     with any_input_size(model):
@@ -519,91 +656,145 @@ def erase_position(model, images=None, *, layers=None, num_images=128, img_size=
         ranks = {L: eraser_rank(e) for L, e in erasers.items()}
         controls = {L: [random_eraser(fit.fitters[L], ranks[L], seed * 1000 + s) for s in range(S)]
                     for L in erase_layers}
+        matched = {L: [matched_eraser(fit.fitters[L], erasers[L], seed * 1000 + s, rank=ranks[L]) for s in range(M)]
+                   for L in erase_layers}
+        # the views of one erase layer, stacked along the batch: LEACE, then the controls, then the matched ones
+        views = {L: [erasers[L], *controls[L], *matched[L]] for L in erase_layers}
+        V = 1 + S + M
         model.eval().to(device)
         clean_rec = _Recovery(n_folds=n_folds, alphas=alphas)
         recovery, effect = [], []
-        bar = progress_bar(total=len(data) * len(erase_layers), desc="erasure: apply", unit="batch",
+        width = fit.fitters[erase_layers[0]].mean_x.shape[-1]
+        groups = _layer_groups(erase_layers, depth, V, int(n_folds), width)
+        bar = progress_bar(total=len(data) * len(groups), desc="erasure: apply", unit="batch",
                            disable=not progress, leave=False)
         try:
-            for L in erase_layers:
-                # 2. apply at L: clean, LEACE and control copies of each held-out batch, stacked at L
-                views = [None, erasers[L], *controls[L]]
-                read = list(range(L, depth + 1))
-                accs = [_Recovery(n_folds=n_folds, alphas=alphas) for _ in range(1 + S)]
-                moments = {k: _Moments() for k in ("agree", "agree_c", "kl", "kl_c", "kl_diff", "rel", "rel_c",
-                                                   "edit", "edit_c", "acc0", "acc", "acc_c")}
+            for g, group in enumerate(groups):
+                accs = {L: [_Recovery(n_folds=n_folds, alphas=alphas) for _ in range(V)] for L in group}
+                moments = {L: {k: _Moments() for k in _MOMENTS} for L in group}
+                first = min(group)
                 for x, index in _Split(data, HELD_OUT):
                     x = x.to(device)
                     B = x.shape[0]
-                    store = {}
+                    # 2. the clean forward, once per batch: the reference of the effect and, cached at every
+                    # layer from the group's first, where each erase layer's run starts
+                    names = {j: resid_name(j, depth) for j in range(first, depth + 1)}
+                    (features0, logits0), cache = run_with_cache(model, x, list(names.values()), include_prefix=True,
+                                                                 forward=_outputs)
+                    if g == 0:
+                        clean_rec.update(_batch({j: cache[n][:, prefix:] for j, n in names.items()}, index, x,
+                                                prefix, geo))
+                    for L in group:
+                        read = {j: names[j] for j in range(L, depth + 1)}
+                        at_L = cache[names[L]]
+                        stacked = torch.cat([erase_patch_tokens(at_L, e, prefix) for e in views[L]])
+                        store = {}
 
-                    def branch(act, name, views=views):
-                        # one copy per view, stacked along the batch: the blocks from L on run once
-                        return torch.cat([act if e is None else erase_patch_tokens(act, e, prefix) for e in views])
+                        def keep(act, name, store=store):
+                            store[name] = act[:, prefix:].detach()
 
-                    def keep(act, name):
-                        store[name] = act[:, prefix:].detach()
-
-                    names = [resid_name(j, depth) for j in read]
-                    fwd = [(names[0], branch)] + [(n, keep) for n in names]
-                    features, logits = run_with_hooks(model, x, fwd, forward=_outputs)
-                    chunks = lambda t: t.reshape(len(views), B, *t.shape[1:])  # noqa: E731
-                    toks = {j: chunks(store[n]) for j, n in zip(read, names)}
-                    for v, acc in enumerate(accs):
-                        acc.update(_batch({j: t[v + 1] for j, t in toks.items()}, index, x, prefix, geo))
-                    if L == erase_layers[0]:
-                        clean_rec.update(_batch({j: t[0] for j, t in toks.items()}, index, x, prefix, geo))
-                    # 4. effect, per image
-                    f = chunks(features)
-                    rel = [_relative(f[0], f[v]) for v in range(1, len(views))]
-                    moments["rel"].add(rel[0])
-                    moments["rel_c"].add(torch.stack(rel[1:]).mean(0))
-                    at_L = toks[L]
-                    edits = [_relative(at_L[0], at_L[v]) for v in range(1, len(views))]
-                    moments["edit"].add(edits[0])
-                    moments["edit_c"].add(torch.stack(edits[1:]).mean(0))
-                    if logits is not None:
-                        lg = chunks(logits)
-                        top = lg.argmax(-1)                                    # (views, B)
-                        agree = (top[1:] == top[0]).double()                  # (1 + S, B)
-                        moments["agree"].add(agree[0])
-                        moments["agree_c"].add(agree[1:].mean(0))
-                        kls = torch.stack([_kl(lg[0], lg[v]) for v in range(1, len(views))])
-                        moments["kl"].add(kls[0])
-                        moments["kl_c"].add(kls[1:].mean(0))
-                        moments["kl_diff"].add(kls[0] - kls[1:].mean(0))
-                        if labels is not None:
-                            y = labels[index.cpu()].to(top.device)
-                            correct = (top == y).double()
-                            moments["acc0"].add(correct[0])
-                            moments["acc"].add(correct[1])
-                            moments["acc_c"].add(correct[2:].mean(0))
+                        # blocks L..end only, on every view at once
+                        features, logits = run_from(model, L, stacked, x.repeat(V, *([1] * (x.dim() - 1))),
+                                                    [(n, keep) for n in read.values()], forward=_outputs)
+                        chunks = lambda t: t.reshape(V, B, *t.shape[1:])  # noqa: E731
+                        for v, acc in enumerate(accs[L]):
+                            acc.update(_batch({j: chunks(store[n])[v] for j, n in read.items()}, index, x, prefix,
+                                              geo))
+                        _effect_update(moments[L], chunks, at_L[:, prefix:], store[read[L]], features0, features,
+                                       logits0, logits, S, M, labels[index.cpu()] if labels is not None else None)
+                        del store
+                    del cache
                     bar.update(1)
-                _all_reduce_moments(moments)
-                for acc in accs:
-                    acc.all_reduce()
-                if L == erase_layers[0]:
+                for L in group:
+                    _all_reduce_moments(moments[L])
+                    for acc in accs[L]:
+                        acc.all_reduce()
+                if g == 0:
                     clean_rec.all_reduce()
-                fitted = [acc.fitted() for acc in accs]
                 clean = clean_rec.fitted()
-                for j in read:
-                    r2_row, r2_col, r2, ci = _r2(fitted[0][j])
-                    ctrl = [_r2(fc[j])[2] for fc in fitted[1:]]
-                    recovery.append({"erase_layer": L, "read_layer": j, "r2": r2, "r2_row": r2_row, "r2_col": r2_col,
-                                     "r2_ci": ci, "r2_control": float(np.mean(ctrl)),
-                                     "r2_control_std": float(np.std(ctrl, ddof=1)) if S > 1 else 0.0,
-                                     "r2_clean": _r2(clean[j])[2]})
-                effect.append(_effect_row(L, ranks[L], moments, head, labels is not None))
+                for L in group:
+                    fitted = [acc.fitted() for acc in accs[L]]
+                    for j in range(L, depth + 1):
+                        r2_row, r2_col, r2, ci = _r2(fitted[0][j])
+                        ctrl = [_r2(fc[j])[2] for fc in fitted[1:1 + S]]
+                        match = [_r2(fc[j])[2] for fc in fitted[1 + S:]]
+                        recovery.append({"erase_layer": L, "read_layer": j, "r2": r2, "r2_row": r2_row,
+                                         "r2_col": r2_col, "r2_ci": ci, "r2_control": float(np.mean(ctrl)),
+                                         "r2_control_std": float(np.std(ctrl, ddof=1)) if S > 1 else 0.0,
+                                         "r2_matched": float(np.mean(match)) if M else None,
+                                         "r2_clean": _r2(clean[j])[2]})
+                    effect.append(_effect_row(L, ranks[L], moments[L], head, labels is not None, M > 0))
+                    del accs[L]
         finally:
             bar.close()
             model.train(was_training)
-    extra = {"n_control_seeds": S, "num_fit_images": data.num_images - n_held, "num_heldout_images": n_held,
+    effect.sort(key=lambda r: r["erase_layer"])
+    extra = {"n_control_seeds": S, "n_matched_seeds": M, "num_fit_images": data.num_images - n_held,
+             "num_heldout_images": n_held,
              "n_folds": int(n_folds), "has_head": head, "has_labels": labels is not None,
              "split": "a hash of each image's index decides: fit the eraser, or held out "
                       "(asg_probe.analysis.erasure.held_out)",
-             "erased_tokens": "patch tokens of the residual stream (prefix tokens untouched)"}
+             "erased_tokens": "patch tokens of the residual stream (prefix tokens untouched)",
+             "control": "random whitened subspace of LEACE's rank (asg_probe.analysis.erasure.random_eraser)",
+             "matched_control": "random subspace of LEACE's rank and edit size, carrying no linear position "
+                                "(asg_probe.analysis.erasure.matched_eraser)"}
     result = ErasureResult(recovery, effect, grid=fit.grid, num_images=data.num_images, checkpoint=label, extra=extra)
     return result.record_inputs(data, device=device)
+
+
+#: Bytes of streamed ridge statistics (recovery probes) alive at once. Erase layers are processed
+#: in groups within it; each group repeats the clean forward of the held-out images once.
+STATS_MEMORY = 2 * 2**30
+
+
+def _layer_groups(erase_layers, depth, n_views, n_folds, width):
+    """Erase layers in groups whose recovery statistics (``n_views`` probes per read layer, each
+    ``n_folds`` float64 ``width²`` Gram matrices) fit :data:`STATS_MEMORY`; at least one layer per group."""
+    per_probe = 8 * n_folds * (width * width + 4 * width)
+    groups, size = [], 0
+    for L in erase_layers:
+        need = n_views * (depth + 1 - L) * per_probe
+        if not groups or size + need > STATS_MEMORY:
+            groups.append([])
+            size = 0
+        groups[-1].append(L)
+        size += need
+    return groups
+
+
+_MOMENTS = ("agree", "agree_c", "agree_m", "kl", "kl_c", "kl_m", "kl_diff", "kl_diff_m", "rel", "rel_c", "rel_m",
+            "edit", "edit_c", "edit_m", "norm", "norm_c", "norm_m", "acc0", "acc", "acc_c", "acc_m")
+
+
+def _effect_update(m, chunks, clean_at_L, erased_at_L, features0, features, logits0, logits, S, M, labels):
+    """Add one held-out batch's per-image effects (view 0: LEACE, then ``S`` controls, ``M`` matched)."""
+    groups = {"": slice(0, 1), "_c": slice(1, 1 + S), "_m": slice(1 + S, 1 + S + M)}
+    at_L = chunks(erased_at_L)
+    f = chunks(features)
+
+    def add(key, values):           # values (views, B): LEACE's row, or the mean over a control's seeds
+        for suffix, sl in groups.items():
+            if sl.stop > sl.start:
+                m[key + suffix].add(values[sl].mean(0))
+
+    add("rel", torch.stack([_relative(features0, f[v]) for v in range(len(f))]))
+    add("edit", torch.stack([_relative(clean_at_L, at_L[v]) for v in range(len(f))]))
+    # mean over patch tokens of each token's edit ‖x' − x‖
+    add("norm", torch.stack([(at_L[v].double() - clean_at_L.double()).norm(dim=-1).mean(-1) for v in range(len(f))]))
+    if logits is not None:
+        lg = chunks(logits)
+        top0 = logits0.argmax(-1)
+        top = lg.argmax(-1)                                          # (views, B)
+        add("agree", (top == top0).double())
+        kls = torch.stack([_kl(logits0, lg[v]) for v in range(len(lg))])
+        add("kl", kls)
+        m["kl_diff"].add(kls[0] - kls[1:1 + S].mean(0))
+        if M:
+            m["kl_diff_m"].add(kls[0] - kls[1 + S:].mean(0))
+        if labels is not None:
+            y = labels.to(top.device)
+            m["acc0"].add((top0 == y).double())
+            add("acc", (top == y).double())
 
 
 def _batch(tokens, held, x, prefix, geo):
@@ -619,14 +810,15 @@ def _all_reduce_moments(moments):
     all_reduce_sum([moments[k].values for k in keys])
 
 
-def _effect_row(L, rank, m, head, with_labels):
-    def mean(k):
-        return m[k].mean() if head else None
+def _effect_row(L, rank, m, head, with_labels, matched):
+    def mean(k, need=head):
+        return m[k].mean() if need else None
 
-    def ci(k):
-        return m[k].interval() if head else None
+    def ci(k, need=head):
+        return m[k].interval() if need else None
 
-    acc = (lambda k: m[k].mean()) if (head and with_labels) else (lambda k: None)
+    acc = (lambda k, need=True: m[k].mean() if need else None) if (head and with_labels) else \
+        (lambda k, need=True: None)
     row = {"erase_layer": L, "rank": rank,
            "agreement": mean("agree"), "agreement_control": mean("agree_c"),
            "agreement_ci": ci("agree"), "agreement_control_ci": ci("agree_c"),
@@ -635,5 +827,13 @@ def _effect_row(L, rank, m, head, with_labels):
            "accuracy_clean": acc("acc0"), "accuracy": acc("acc"), "accuracy_control": acc("acc_c"),
            "relative_change": m["rel"].mean(), "relative_change_control": m["rel_c"].mean(),
            "relative_change_ci": m["rel"].interval(), "relative_change_control_ci": m["rel_c"].interval(),
-           "edit": m["edit"].mean(), "edit_control": m["edit_c"].mean()}
+           "edit": m["edit"].mean(), "edit_control": m["edit_c"].mean(),
+           "edit_norm": m["norm"].mean(), "edit_norm_control": m["norm_c"].mean(),
+           # the matched control (matched_eraser): None where n_matched_seeds=0
+           "edit_norm_matched": mean("norm_m", matched), "edit_matched": mean("edit_m", matched),
+           "agreement_matched": mean("agree_m", head and matched), "kl_matched": mean("kl_m", head and matched),
+           "kl_matched_ci": ci("kl_m", head and matched), "kl_diff_matched_ci": ci("kl_diff_m", head and matched),
+           "accuracy_matched": acc("acc_m", matched),
+           "relative_change_matched": mean("rel_m", matched),
+           "relative_change_matched_ci": ci("rel_m", matched)}
     return row
