@@ -235,7 +235,7 @@ def matched_eraser(fitter, eraser, seed: int, rank=None, iters: int = 60):
     LEACE's, which follow position into the high-variance ones. The rule here: ``u`` is drawn in
     the whitened complement of LEACE's directions (so the linear predictor of (row, col) from the
     fit tokens is untouched: the edit removes no linear position), as
-    ``u = orth(B Y diag(μ^(p/2)) g)`` with ``g`` standard normal, ``(μ, Y)`` the eigenpairs of the
+    ``u = orth(B Y diag(μ^(p/2)) (B Y)ᵀ g)`` with ``g`` standard normal in the whitened coordinates, ``(μ, Y)`` the eigenpairs of the
     covariance restricted to that complement (basis ``B``), and the exponent ``p`` found by
     bisection so that the expected squared edit over the fit tokens (:func:`edit_energy`) equals
     LEACE's: ``p = 0`` is the uniform draw, ``p > 0`` leans to high-variance directions, ``p < 0``
@@ -270,7 +270,10 @@ def matched_eraser(fitter, eraser, seed: int, rank=None, iters: int = 60):
     basis = B @ Y
     log_mu = mu.clamp_min(mu.max() * 1e-12).log()
     gen = torch.Generator().manual_seed(2_000_029 * int(seed) + 11)
-    g = torch.randn(basis.shape[1], rank, generator=gen, dtype=torch.float64).to(sigma)
+    # g is drawn in the fixed whitened coordinates and projected, not drawn in the eigenbasis: the
+    # eigenvectors' signs and (near-)degenerate rotations change with float rounding (one process vs
+    # several merging their sums), and the draw must not; basisᵀ g is still standard normal there.
+    g = basis.mH @ torch.randn(basis.shape[0], rank, generator=gen, dtype=torch.float64).to(sigma)
     target = edit_energy(eraser, fitter)
 
     def draw(p):
