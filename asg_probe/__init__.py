@@ -29,6 +29,7 @@ _LAZY = {
     "embedded_images": "asg_probe.data",
     "CoordinateProbe": "asg_probe.probes",
     "layerwise_probes": "asg_probe.analysis.layerwise",
+    "mlp_layer_probe": "asg_probe.analysis.layerwise",
     "attention_distance": "asg_probe.analysis.attention_distance",
     "attention_offsets": "asg_probe.analysis.attention_offsets",
     "token_embeddings": "asg_probe.analysis.embeddings",
