@@ -665,20 +665,18 @@ def mlp_layer_probe(model, images=None, *, layer=-1, num_images=64, img_size=Non
     >>> sorted(k for k in out if k.endswith("_gain"))
     ['mlp_r2_col_gain', 'mlp_r2_gain', 'mlp_r2_row_gain']
     """
-    from ..geometry import model_geometry
+    from ..geometry import model_geometry, resolve_layers
     from ..probes import MLPProbe
     from ..reinit import reinitialised
 
     if init_baseline and int(n_init_seeds) < 1:
         raise ValueError(f"n_init_seeds must be >= 1 with init_baseline, got {n_init_seeds}")
-    depth = len(model.blocks) if hasattr(model, "blocks") else None
-    if depth is None and layer < 0:
-        raise ValueError("this model has no .blocks to count layers from the end: pass a layer >= 0")
-    layer = depth + 1 + int(layer) if layer < 0 else int(layer)
+    geo = model_geometry(model)
+    (layer,) = resolve_layers([layer], geo.depth, first=geo.first_layer)
     params = {**MLPProbe().get_params(), "n_folds": n_folds, **mlp_params}
     data = probe_images(model, images, n_folds, num_images=num_images, img_size=img_size, batch_size=batch_size,
                         seed=seed)
-    grid = tuple(model_geometry(model).grid((1, 3, *data.img_size)))
+    grid = tuple(geo.grid((1, 3, *data.img_size)))
     seeds = control_seeds(control_seed, n_control_seeds) if n_control_seeds else []
     targets = torch.cat([coordinate_targets(grid)] + ([slot_control_targets(grid, seeds)] if seeds else []), dim=1)
 
