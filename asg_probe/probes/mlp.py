@@ -42,8 +42,7 @@ def image_bootstrap_r2(y, pred, image, level=0.95, n_boot=N_BOOTSTRAP, seed=0):
     T, m = sums[2].shape[1], sums[1].size
     if m < 2:
         return np.full((T, 2), np.nan), m
-    tail = 50 * (1 - level)
-    return np.nanpercentile(bootstrap_r2(sums, n_boot, seed), [tail, 100 - tail], axis=0).T, m
+    return _percentiles(bootstrap_r2(sums, n_boot, seed), level), m
 
 
 def image_sums(y, pred, image):
