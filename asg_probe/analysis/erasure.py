@@ -181,15 +181,10 @@ def random_eraser(fitter, rank: int, seed: int):
     (torch.Size([5, 2]), 2, True)
     """
     LeaceEraser = _concept_erasure().LeaceEraser
-    sigma = fitter.sigma_xx          # the (shrunk) covariance the LEACE eraser whitens with
-    L, V = torch.linalg.eigh(sigma)
-    support = L > (L[-1] * sigma.shape[-1] * torch.finfo(L.dtype).eps)   # concept_erasure's threshold
-    L = L.clamp_min(0.0)
-    W = (V * torch.where(support, L.rsqrt(), 0.0)) @ V.mH
-    W_inv = (V * torch.where(support, L.sqrt(), 0.0)) @ V.mH
+    W, W_inv, S, sigma = _whitening(fitter)
     gen = torch.Generator().manual_seed(1_000_003 * int(seed) + 7)
     g = torch.randn(sigma.shape[0], max(int(rank), 0), generator=gen, dtype=torch.float64).to(sigma)
-    g = V[:, support] @ (V[:, support].mH @ g)      # within the whitened support, as LEACE's u is
+    g = S @ (S.mH @ g)      # within the whitened support, as LEACE's u is
     u, _ = torch.linalg.qr(g)
     return LeaceEraser(proj_left=W_inv @ u, proj_right=u.mH @ W, bias=fitter.mean_x)
 
@@ -217,9 +212,9 @@ def edit_energy(eraser, fitter) -> float:
 
 def _whitening(fitter):
     """``(W, W⁺, support basis, Σ)`` of the (shrunk) covariance LEACE whitens with (concept_erasure's threshold)."""
-    sigma = fitter.sigma_xx
+    sigma = fitter.sigma_xx          # the (shrunk) covariance the LEACE eraser whitens with
     L, V = torch.linalg.eigh(sigma)
-    support = L > (L[-1] * sigma.shape[-1] * torch.finfo(L.dtype).eps)
+    support = L > (L[-1] * sigma.shape[-1] * torch.finfo(L.dtype).eps)   # concept_erasure's threshold
     L = L.clamp_min(0.0)
     W = (V * torch.where(support, L.rsqrt(), 0.0)) @ V.mH
     W_inv = (V * torch.where(support, L.sqrt(), 0.0)) @ V.mH
